@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it: set up (idempotent), lint, then pytest.
+# Extra arguments go to pytest, e.g. scripts/test.sh -m 'not slow and not boot' -x
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+.venv/bin/ruff check vdiskfs emulator tests scripts
+exec .venv/bin/python -m pytest "$@"

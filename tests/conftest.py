@@ -1,0 +1,21 @@
+"""Shared fixtures. Images are built per test session with the reference tools."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+
+def _can_mount() -> bool:
+    return os.geteuid() == 0 and os.path.exists("/dev/fuse") and shutil.which("fusermount3")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if _can_mount():
+        return
+    skip = pytest.mark.skip(reason="needs root, /dev/fuse and fusermount3")
+    for item in items:
+        if "mount" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,58 @@
+"""Base class of format drivers: a node that maps guest offsets onto its ``file`` child."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from vdiskfs.block.node import BlockNode, Buffer, NodeKind
+from vdiskfs.block.registry import OpenContext
+from vdiskfs.errors import FormatError
+
+__all__ = ["FormatNode"]
+
+
+class FormatNode(BlockNode):
+    """A format node: constructed with its protocol child and the open context (cheap), then
+    :meth:`open` reads the headers through the child.
+
+    Subclasses implement :meth:`probe` and the private verbs; metadata reads go through
+    :meth:`read_metadata`, which turns "past the end of the file" into a :class:`FormatError`
+    naming the field instead of a range error deep in the stack.
+    """
+
+    kind = NodeKind.FORMAT
+    #: Whether the driver can write at all (``--rw``); read-only drivers refuse early.
+    supports_write: ClassVar[bool] = False
+
+    def __init__(self, file: BlockNode, ctx: OpenContext) -> None:
+        super().__init__(read_only=ctx.read_only, label=ctx.path)
+        self.ctx = ctx
+        self.add_child("file", file)
+
+    @classmethod
+    def probe(cls, head: bytes, tail: bytes, filename: str) -> int:
+        """Score how sure the driver is that these bytes are its format (0: not at all)."""
+        return 0
+
+    @property
+    def file(self) -> BlockNode:
+        return self.children[0].node
+
+    async def read_metadata(self, offset: int, length: int, what: str) -> bytes:
+        """Read ``length`` bytes of the structure ``what`` from the file child, checked."""
+        if offset < 0 or length < 0 or offset + length > self.file.size:
+            raise FormatError(
+                f"{what} ({length} bytes at {offset:#x}) lies outside the file "
+                f"(size {self.file.size})",
+                path=self.label,
+                field=what,
+                offset=offset,
+            )
+        return bytes(await self.file.pread(offset, length))
+
+    def format_error(self, message: str, *, field: str | None = None,
+                     offset: int | None = None) -> FormatError:
+        return FormatError(message, path=self.label, field=field, offset=offset)
+
+    async def _pread(self, offset: int, length: int) -> Buffer:
+        raise NotImplementedError

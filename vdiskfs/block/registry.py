@@ -1,0 +1,292 @@
+"""Drivers declare themselves here; opening a path builds the whole tree.
+
+A driver registers with :func:`register`; a format driver also implements
+``probe(head, tail, filename) -> score`` (0: not mine). As in QEMU's ``bdrv_probe_all``, the
+highest score wins, and ``raw`` scores lowest, so it wins only when nothing else matches; when raw
+was probed the caller is warned, because a guest can write another format's header into a raw
+disk and turn it into something else at the next open.
+
+Format drivers never open files themselves: they ask the :class:`OpenContext` for a child
+(backing file, external data file, extent), which resolves the name relative to the parent image,
+enforces the path policy, detects loops and bounds the chain depth.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Protocol, TypeVar
+
+from vdiskfs.errors import ChainError, FormatError, HostIOError, UnsupportedError, VdiskError
+
+if TYPE_CHECKING:
+    from vdiskfs.block.node import BlockNode
+
+__all__ = [
+    "FormatDriver",
+    "OpenContext",
+    "OpenOptions",
+    "driver_names",
+    "get_driver",
+    "open_image",
+    "probe",
+    "register",
+]
+
+log = logging.getLogger(__name__)
+
+#: Bytes of the image's start and end handed to ``probe``. VMDK descriptors are text of a few
+#: KiB; a fixed VHD is recognised by the 512-byte footer at its end.
+PROBE_HEAD = 64 * 1024
+PROBE_TAIL = 512
+
+
+class FormatDriver(Protocol):
+    """What a format driver class offers the registry (besides being a BlockNode)."""
+
+    driver: str
+
+    @classmethod
+    def probe(cls, head: bytes, tail: bytes, filename: str) -> int: ...
+
+    def __call__(self, file: BlockNode, ctx: OpenContext) -> BlockNode: ...
+
+
+_FORMATS: dict[str, FormatDriver] = {}
+
+T = TypeVar("T")
+
+
+def register(cls: T) -> T:
+    """Class decorator: make a format driver known by its ``driver`` name."""
+    name = cls.driver  # type: ignore[attr-defined]
+    if name in _FORMATS:
+        raise RuntimeError(f"format driver {name!r} registered twice")
+    _FORMATS[name] = cls  # type: ignore[assignment]
+    return cls
+
+
+def _load_drivers() -> None:
+    # Importing the package runs every driver module's @register.
+    import vdiskfs.drivers  # noqa: F401
+
+
+def driver_names() -> list[str]:
+    _load_drivers()
+    return sorted(_FORMATS)
+
+
+def get_driver(name: str) -> FormatDriver:
+    _load_drivers()
+    try:
+        return _FORMATS[name]
+    except KeyError:
+        known = ", ".join(sorted(_FORMATS))
+        raise UnsupportedError(f"unknown format {name!r} (known: {known})") from None
+
+
+def probe(head: bytes, tail: bytes, filename: str) -> tuple[FormatDriver, int]:
+    """Best-scoring format driver for these bytes; raw (score 1) when nothing else matches."""
+    _load_drivers()
+    best: tuple[FormatDriver, int] | None = None
+    for cls in _FORMATS.values():
+        score = cls.probe(head, tail, filename)
+        if score > 0 and (best is None or score > best[1]):
+            best = (cls, score)
+    if best is None:  # pragma: no cover - raw always answers
+        raise FormatError("no driver recognises the image", path=filename)
+    return best
+
+
+@dataclass
+class OpenOptions:
+    """What the user asked for when opening an image (``vdiskfs mount`` flags)."""
+
+    read_only: bool = True
+    #: Force the top image's format (``--format``); children use their own recorded format.
+    format: str | None = None
+    #: Open backing files; off only to inspect one layer on its own.
+    backing: bool = True
+    #: Longest backing chain accepted. QEMU has no limit; a hostile image must not make us
+    #: recurse or hold thousands of files open.
+    max_chain_depth: int = 64
+    #: Follow backing/extent references that lead outside the referring image's directory.
+    #: QEMU does; a forensic user may refuse it (``--no-follow-outside``).
+    follow_outside: bool = True
+    #: Callback for warnings meant for the user (probed raw, damaged partition entries...).
+    warn: Callable[[str], None] | None = None
+
+
+@dataclass
+class OpenContext:
+    """State shared by every open in one tree: options, the chain being opened, warnings."""
+
+    options: OpenOptions
+    #: The image this context opens children for (used to resolve relative names).
+    path: str
+    #: Real paths from the root image down to this one: a loop is a path seen twice.
+    chain: tuple[str, ...] = ()
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def read_only(self) -> bool:
+        return self.options.read_only
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+        log.warning("%s", message)
+        if self.options.warn is not None:
+            self.options.warn(message)
+
+    def resolve(self, reference: str, *, field_name: str) -> str:
+        """Turn a name recorded in the image into a path, relative to the image's directory."""
+        if "\0" in reference:
+            raise FormatError("reference contains a NUL byte", path=self.path, field=field_name)
+        if reference.startswith(("json:", "nbd:", "http:", "https:")):
+            raise UnsupportedError(
+                f"{reference!r}: protocol references are not supported",
+                path=self.path,
+                field=field_name,
+            )
+        if reference.startswith("file:"):
+            reference = reference[len("file:") :]
+        base = os.path.dirname(os.path.abspath(self.path))
+        resolved = os.path.normpath(os.path.join(base, reference))
+        if not self.options.follow_outside:
+            real_base = os.path.realpath(base)
+            real = os.path.realpath(resolved)
+            if os.path.commonpath([real_base, real]) != real_base:
+                raise ChainError(
+                    f"{reference!r} leads outside the image's directory {real_base} "
+                    "(refused by --no-follow-outside)",
+                    path=self.path,
+                    field=field_name,
+                    errno=errno.EPERM,
+                )
+        return resolved
+
+    async def open_child(
+        self,
+        reference: str,
+        *,
+        role: str,
+        field_name: str,
+        format: str | None = None,
+        read_only: bool = True,
+    ) -> BlockNode:
+        """Open a backing file, data file or extent named by the image, as a full subtree.
+
+        Children are read-only unless the parent asks otherwise (an external data file of an
+        image opened for writing).
+        """
+        path = self.resolve(reference, field_name=field_name)
+        if role == "backing" and len(self.chain) >= self.options.max_chain_depth:
+            raise ChainError(
+                f"backing chain deeper than {self.options.max_chain_depth} images",
+                path=self.path,
+                field=field_name,
+            )
+        real = os.path.realpath(path)
+        if real in self.chain:
+            raise ChainError(
+                f"backing chain loops: {reference!r} is already in the chain", path=self.path,
+                field=field_name,
+            )
+        try:
+            return await _open_tree(
+                path,
+                options=self.options,
+                format=format,
+                read_only=read_only,
+                chain=self.chain,
+                warnings=self.warnings,
+            )
+        except HostIOError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            raise FormatError(
+                f"{role} file {reference!r} not found (looked for {path})",
+                path=self.path,
+                field=field_name,
+            ) from None
+
+
+async def _read_probe_bytes(file: BlockNode) -> tuple[bytes, bytes]:
+    head = bytes(await file.pread(0, min(PROBE_HEAD, file.size)))
+    tail_len = min(PROBE_TAIL, file.size)
+    tail = bytes(await file.pread(file.size - tail_len, tail_len))
+    return head, tail
+
+
+async def _open_tree(
+    path: str,
+    *,
+    options: OpenOptions,
+    format: str | None,
+    read_only: bool,
+    chain: tuple[str, ...],
+    warnings: list[str],
+) -> BlockNode:
+    from vdiskfs.drivers.protocol.file import FileNode
+
+    file = FileNode(path, read_only=read_only)
+    await file.open()
+    try:
+        ctx = OpenContext(
+            options=_with_read_only(options, read_only),
+            path=path,
+            chain=(*chain, os.path.realpath(path)),
+            warnings=warnings,
+        )
+        if format is None:
+            head, tail = await _read_probe_bytes(file)
+            cls, _score = probe(head, tail, path)
+            if cls.driver == "raw":
+                ctx.warn(
+                    f"{path}: image format was not specified and probing guessed raw; "
+                    "give --format raw to silence this (a guest can write another format's "
+                    "header into a raw disk)"
+                )
+        else:
+            cls = get_driver(format)
+        node = cls(file, ctx)
+    except BaseException:
+        await file.aclose()
+        raise
+    try:
+        await node.open()
+    except BaseException:
+        # The format node owns the file child (and any child opened so far): close through it.
+        await node.aclose()
+        raise
+    node.warnings = warnings
+    return node
+
+
+def _with_read_only(options: OpenOptions, read_only: bool) -> OpenOptions:
+    return options if options.read_only == read_only else replace(options, read_only=read_only)
+
+
+async def open_image(path: str, options: OpenOptions | None = None) -> BlockNode:
+    """Open ``path`` as a tree: file protocol node, probed (or forced) format, its children.
+
+    Raises :class:`~vdiskfs.errors.VdiskError` naming the file and field on any problem; an
+    ``OSError`` from opening the top file is wrapped the same way.
+    """
+    options = options or OpenOptions()
+    try:
+        return await _open_tree(
+            path,
+            options=options,
+            format=options.format,
+            read_only=options.read_only,
+            chain=(),
+            warnings=[],
+        )
+    except VdiskError:
+        raise
+    except OSError as exc:
+        raise HostIOError.wrap(exc, path, "cannot open") from exc

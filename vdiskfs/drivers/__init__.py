@@ -1,3 +1,11 @@
 """Every driver module; importing this package registers the format drivers."""
 
-from vdiskfs.drivers.format import raw  # noqa: F401
+from vdiskfs.drivers.format import (
+    qcow2,  # noqa: F401
+    qed,  # noqa: F401
+    raw,  # noqa: F401
+    vdi,  # noqa: F401
+    vhdx,  # noqa: F401
+    vmdk,  # noqa: F401
+    vpc,  # noqa: F401
+)

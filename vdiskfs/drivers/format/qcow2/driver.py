@@ -1,0 +1,451 @@
+"""Format driver ``qcow2``: QEMU's copy-on-write image format, read side.
+
+The node owns the parsed header, the active L1 table, an LRU cache of decoded L2 slices and its
+children: ``file`` (the image), ``data-file`` (an external data file, when the image has one) and
+``backing``. Pure work lives beside it: :mod:`.header` parses, :mod:`.mapping` turns guest offsets
+into runs, :mod:`.compression` decodes clusters. The node does the I/O and the accounting.
+
+A read maps the request into runs (``_map``), merging neighbours of one kind -- data runs only
+when contiguous on the host, so each becomes one child read -- and then serves each run: data from
+the data file, zeros without I/O, the backing file (zeros past its end), or a decompressed
+cluster. A request inside one plain data cluster whose L2 slice is cached skips all of that
+(``_pread`` fast path): a few integer operations, two dict operations, one child read.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from vdiskfs.block.format import FormatNode
+from vdiskfs.block.node import BlockNode, BlockStatus, Buffer
+from vdiskfs.block.registry import OpenContext, register
+from vdiskfs.block.stats import Counters
+from vdiskfs.drivers.format.qcow2.compression import DecompressionError, decompress_cluster
+from vdiskfs.drivers.format.qcow2.header import (
+    MAGIC,
+    Header,
+    header_probe_length,
+    parse_header,
+)
+from vdiskfs.drivers.format.qcow2.l2cache import DEFAULT_SLICE_BYTES, L2SliceCache
+from vdiskfs.drivers.format.qcow2.mapping import (
+    L1E_OFFSET_MASK,
+    L2E_OFFSET_MASK,
+    OFLAG_COMPRESSED,
+    OFLAG_ZERO,
+    Geometry,
+    RunKind,
+    decode_table,
+)
+from vdiskfs.drivers.format.qcow2.snapshots import (
+    MAX_TABLE_SIZE,
+    NeedMoreData,
+    Snapshot,
+    parse_snapshot_table,
+)
+from vdiskfs.errors import FormatError, UnsupportedError
+
+__all__ = ["Qcow2Counters", "Qcow2Node"]
+
+#: Bytes read first when opening: the header and, for clusters up to 64 KiB, all extensions.
+_FIRST_READ = 64 * 1024
+#: A block-status call merges at most this many mapping runs (each at least a subcluster), so
+#: one call on a huge fragmented image stays short; the caller simply asks again.
+_STATUS_MERGE_RUNS = 1024
+#: Extended L2 bitmap of a cluster whose 32 subclusters are all allocated data.
+_ALL_ALLOCATED = 0xFFFFFFFF
+
+_DATA, _ZERO, _BACKING, _COMPRESSED = (
+    RunKind.DATA, RunKind.ZERO, RunKind.BACKING, RunKind.COMPRESSED,
+)
+_DATA_STATUS = BlockStatus.DATA | BlockStatus.ALLOCATED
+_ZERO_STATUS = BlockStatus.ZERO | BlockStatus.ALLOCATED
+_UNALLOCATED_ZERO = BlockStatus.ZERO
+_FROM_BACKING = BlockStatus(0)
+
+
+@dataclass(slots=True)
+class Qcow2Counters(Counters):
+    #: L2 slice lookups served from the cache (a task that waited for another's load counts).
+    l2_cache_hits: int = 0
+    #: L2 slices read from the image.
+    l2_cache_misses: int = 0
+    #: Slices dropped to make room (the cache holds at most 32 MiB of L2 entries).
+    l2_cache_evictions: int = 0
+    #: Reads of guest data from the data file, after merging host-contiguous clusters.
+    data_reads: int = 0
+    #: Compressed clusters read and decompressed.
+    compressed_clusters_read: int = 0
+    #: Reads passed to the backing file, and the bytes they asked for.
+    backing_reads: int = 0
+    backing_bytes: int = 0
+    #: Guest bytes served as zeros without I/O (zero clusters, unallocated without backing,
+    #: past the end of a shorter backing file).
+    zero_bytes_read: int = 0
+
+
+Run = tuple[RunKind, int, int, int]  # kind, guest offset, host offset (or L2 entry), length
+
+
+@register
+class Qcow2Node(FormatNode):
+    """A qcow2 image (version 2 or 3), opened read-only."""
+
+    driver = "qcow2"
+    counters_class = Qcow2Counters
+    counters: Qcow2Counters
+
+    def __init__(self, file: BlockNode, ctx: OpenContext) -> None:
+        super().__init__(file, ctx)
+        self.header: Header | None = None
+        self.geometry: Geometry | None = None
+        self.snapshots: list[Snapshot] = []
+        self.l2_cache: L2SliceCache | None = None
+        self._l1: array[int] = array("Q")
+        self._data: BlockNode = file
+        self._backing: BlockNode | None = None
+        # The last decompressed cluster, by its L2 entry: small sequential reads of a compressed
+        # cluster decompress it once.
+        self._compressed_entry = -1
+        self._compressed_data = b""
+        # Read fast path parameters, copied from the geometry by _init_fast_path. Until then a
+        # zero cluster size sends every read to the mapped path.
+        self._slices: OrderedDict[int, array[int]] = OrderedDict()
+        self._cluster_bits = self._cluster_size = self._cluster_mask = 0
+        self._l2_bits = self._l2_index_mask = 0
+        self._slice_bits = self._slice_mask = self._slice_shift = 0
+        self._extended = self._has_data_file = False
+        self._not_plain = 0
+
+    @classmethod
+    def probe(cls, head: bytes, tail: bytes, filename: str) -> int:
+        if len(head) >= 8 and head[:4] == MAGIC and int.from_bytes(head[4:8], "big") in (2, 3):
+            return 100
+        return 0
+
+    # -- open -------------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if not self.read_only:
+            raise UnsupportedError("qcow2 images can only be opened read-only", path=self.label)
+        file = self.file
+        head = await self.read_metadata(0, min(file.size, _FIRST_READ), "header")
+        wanted = min(file.size, header_probe_length(head))
+        if wanted > len(head):
+            head = await self.read_metadata(0, wanted, "header")
+        header = parse_header(head, file.size, self.label)
+        geometry = Geometry.from_header(header, self.label, DEFAULT_SLICE_BYTES)
+        self.header, self.geometry = header, geometry
+        self.size = header.virtual_size
+
+        if header.l1_size:
+            self._l1 = decode_table(
+                await self.read_metadata(header.l1_table_offset, header.l1_size * 8, "L1 table")
+            )
+        self.snapshots = await self._read_snapshots(header)
+
+        # As QEMU: room for every L2 entry of the disk, up to 32 MiB of them.
+        clusters = -(-header.size >> header.cluster_bits)
+        self.l2_cache = L2SliceCache(
+            L2SliceCache.capacity_for(clusters * geometry.entry_size, geometry.slice_bytes),
+            self.counters,
+        )
+        self._init_fast_path(geometry)
+
+        if header.has_data_file:
+            assert header.data_file is not None
+            # Always raw: a guest could write an image header into its own data.
+            self._data = self.add_child("data-file", await self.ctx.open_child(
+                header.data_file, role="data-file", field_name="data_file", format="raw",
+                read_only=self.read_only,
+            ))
+        if header.backing_file is not None and self.ctx.options.backing:
+            self._backing = self.add_child("backing", await self.ctx.open_child(
+                header.backing_file, role="backing", field_name="backing_file",
+                format=header.backing_format,
+            ))
+
+    async def _read_snapshots(self, header: Header) -> list[Snapshot]:
+        count = header.nb_snapshots
+        if not count:
+            return []
+        offset = header.snapshots_offset
+        # parse_header checked that the fixed part of every entry lies in the file.
+        available = min(self.file.size - offset, MAX_TABLE_SIZE)
+        wanted = min(available, count * 128)
+        while True:
+            data = await self.read_metadata(offset, wanted, "snapshot table")
+            try:
+                return parse_snapshot_table(data, count, offset, self.label)
+            except NeedMoreData as more:
+                if more.needed > available:
+                    raise FormatError(
+                        f"snapshot table of {count} entries runs past the end of the file",
+                        path=self.label,
+                        field="snapshot table",
+                        offset=offset,
+                    ) from None
+                wanted = min(available, max(more.needed, 2 * wanted))
+
+    def _init_fast_path(self, g: Geometry) -> None:
+        """Copy what the read fast path needs into plain attributes (no property calls)."""
+        assert self.l2_cache is not None
+        self._slices = self.l2_cache.slices
+        self._cluster_bits = g.cluster_bits
+        self._cluster_size = g.cluster_size
+        self._cluster_mask = g.cluster_size - 1
+        self._l2_bits = g.l2_bits
+        self._l2_index_mask = (1 << g.l2_bits) - 1
+        self._slice_bits = g.slice_bits
+        self._slice_mask = g.slice_entries - 1
+        self._slice_shift = g.slice_bytes.bit_length() - 1
+        self._extended = g.extended_l2
+        self._has_data_file = g.has_data_file
+        # A plain data cluster has neither of these bits; bit 0 in a v2 image is corruption,
+        # which the slow path reports.
+        self._not_plain = OFLAG_COMPRESSED | (0 if g.extended_l2 else OFLAG_ZERO)
+
+    async def _close(self) -> None:
+        if self.l2_cache is not None:
+            self.l2_cache.invalidate()
+        self._compressed_data = b""
+
+    # -- information ------------------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        """Facts named as ``qemu-img info --output=json`` names them."""
+        h = self.header
+        if h is None:
+            return {}
+        specific: dict[str, Any] = {
+            "compat": "0.10" if h.version == 2 else "1.1",
+            "compression-type": h.compression_name,
+            "refcount-bits": h.refcount_bits,
+        }
+        if h.version >= 3:
+            specific["lazy-refcounts"] = h.lazy_refcounts
+            specific["corrupt"] = h.corrupt
+            specific["extended-l2"] = h.extended_l2
+            if h.has_data_file:
+                specific["data-file"] = h.data_file
+                specific["data-file-raw"] = h.data_file_raw
+        out: dict[str, Any] = {
+            "cluster-size": h.cluster_size,
+            "dirty-flag": h.dirty,
+            "format-specific": {"type": "qcow2", "data": specific},
+        }
+        if h.backing_file is not None:
+            out["backing-filename"] = h.backing_file
+            if self._backing is not None:
+                out["full-backing-filename"] = self._backing.label
+            if h.backing_format is not None:
+                out["backing-filename-format"] = h.backing_format
+        if self.snapshots:
+            out["snapshots"] = [snapshot.info() for snapshot in self.snapshots]
+        return out
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    async def _pread(self, offset: int, length: int) -> Buffer:
+        # Fast path: the request lies in one cluster, its L2 slice is cached and the cluster is
+        # plain data. Everything else, including every error report, takes _pread_mapped.
+        in_cluster = offset & self._cluster_mask
+        if in_cluster + length <= self._cluster_size:
+            cluster = offset >> self._cluster_bits
+            l1_index = cluster >> self._l2_bits
+            if l1_index < len(self._l1):
+                l2_offset = self._l1[l1_index] & L1E_OFFSET_MASK
+                index = cluster & self._l2_index_mask
+                key = l2_offset + ((index >> self._slice_bits) << self._slice_shift)
+                table = self._slices.get(key) if l2_offset else None
+                if table is not None:
+                    if self._extended:
+                        at = (index & self._slice_mask) << 1
+                        entry = table[at] if table[at + 1] == _ALL_ALLOCATED else 0
+                    else:
+                        entry = table[index & self._slice_mask]
+                    host = entry & L2E_OFFSET_MASK
+                    if (
+                        host
+                        and not entry & self._not_plain
+                        and not host & self._cluster_mask
+                        and (not self._has_data_file or host == offset - in_cluster)
+                    ):
+                        start = host + in_cluster
+                        data = self._data
+                        if start + length <= data.size:
+                            self._slices.move_to_end(key)
+                            counters = self.counters
+                            counters.l2_cache_hits += 1
+                            counters.data_reads += 1
+                            return await data.pread(start, length)
+        return await self._pread_mapped(offset, length)
+
+    async def _pread_mapped(self, offset: int, length: int) -> Buffer:
+        runs = await self._map(offset, length)
+        counters = self.counters
+        if len(runs) == 1:
+            # One run: hand back the child's buffer without copying it.
+            kind, guest, host, n = runs[0]
+            if kind == _DATA:
+                return await self._read_data(host, n)
+            if kind == _ZERO:
+                counters.zero_bytes_read += n
+                return bytes(n)
+            if kind == _BACKING and self._backing is not None and guest + n <= self._backing.size:
+                counters.backing_reads += 1
+                counters.backing_bytes += n
+                return await self._backing.pread(guest, n)
+        out = bytearray(length)
+        view = memoryview(out)
+        for kind, guest, host, n in runs:
+            at = guest - offset
+            if kind == _DATA:
+                view[at : at + n] = await self._read_data(host, n)
+            elif kind == _ZERO:
+                counters.zero_bytes_read += n  # already zero
+            elif kind == _BACKING:
+                await self._read_backing(view[at : at + n], guest)
+            else:
+                cluster = await self._read_compressed(host)
+                start = guest & self._cluster_mask
+                view[at : at + n] = memoryview(cluster)[start : start + n]
+        return out
+
+    async def _map(self, offset: int, length: int) -> list[Run]:
+        """The runs covering ``[offset, offset + length)``, neighbours of one kind merged (data
+        only when contiguous on the host; compressed clusters never)."""
+        runs: list[Run] = []
+        pos = offset
+        end = offset + length
+        while pos < end:
+            kind, host, n = await self._next_run(pos, end - pos)
+            if runs:
+                last_kind, last_guest, last_host, last_n = runs[-1]
+                if kind == last_kind and kind != _COMPRESSED and (
+                    kind != _DATA or last_host + last_n == host
+                ):
+                    runs[-1] = (kind, last_guest, last_host, last_n + n)
+                    pos += n
+                    continue
+            runs.append((kind, pos, host, n))
+            pos += n
+        return runs
+
+    async def _next_run(self, offset: int, nbytes: int) -> tuple[RunKind, int, int]:
+        """One mapping run at ``offset``: find the L2 slice (cache or image), then ask the
+        geometry."""
+        g = self.geometry
+        assert g is not None and self.l2_cache is not None and self.header is not None
+        l1_index = offset >> g.l2_coverage_bits
+        if l1_index >= len(self._l1):
+            return g.unmapped_run(offset, nbytes)
+        l2_offset = self._l1[l1_index] & L1E_OFFSET_MASK
+        if not l2_offset:
+            return g.unmapped_run(offset, nbytes)
+        if l2_offset & self._cluster_mask:
+            raise FormatError(
+                f"L2 table offset {l2_offset:#x} is not cluster aligned",
+                path=self.label,
+                field=f"L1 entry {l1_index}",
+                offset=self.header.l1_table_offset + 8 * l1_index,
+            )
+        table = await self.l2_cache.get(g.slice_offset(l2_offset, offset), self._load_slice)
+        return g.next_run(table, offset, nbytes)
+
+    async def _load_slice(self, host_offset: int) -> array[int]:
+        assert self.geometry is not None
+        return decode_table(
+            await self.read_metadata(host_offset, self.geometry.slice_bytes, "L2 table")
+        )
+
+    async def _read_data(self, host: int, length: int) -> Buffer:
+        data = self._data
+        if host + length > data.size:
+            raise FormatError(
+                f"data cluster ({length} bytes at {host:#x}) lies past the end of the "
+                f"{'external data file' if data is not self.file else 'file'} "
+                f"(size {data.size})",
+                path=self.label,
+                field="L2 entry",
+                offset=host,
+            )
+        self.counters.data_reads += 1
+        return await data.pread(host, length)
+
+    async def _read_backing(self, out: memoryview, guest: int) -> None:
+        """Fill ``out`` with the backing file's bytes at ``guest``; zeros past its end."""
+        backing = self._backing
+        n = len(out)
+        present = 0
+        counters = self.counters
+        if backing is not None and guest < backing.size:
+            present = min(n, backing.size - guest)
+            out[:present] = await backing.pread(guest, present)
+            counters.backing_reads += 1
+            counters.backing_bytes += present
+        counters.zero_bytes_read += n - present
+
+    async def _read_compressed(self, entry: int) -> bytes:
+        if entry == self._compressed_entry:
+            return self._compressed_data
+        g, header, file = self.geometry, self.header, self.file
+        assert g is not None and header is not None
+        host, stored = g.compressed(entry)
+        if host >= file.size:
+            raise FormatError(
+                f"compressed cluster at {host:#x} lies past the end of the file "
+                f"(size {file.size})",
+                path=self.label,
+                field="L2 entry",
+                offset=host,
+            )
+        # The descriptor counts whole sectors, which may run past the end of the file; QEMU
+        # reads that tail as zeros, i.e. the stream ends before it. Read what exists.
+        stored = min(stored, file.size - host)
+        raw = await file.pread(host, stored)
+        try:
+            data = decompress_cluster(header.compression_type, bytes(raw), g.cluster_size)
+        except DecompressionError as exc:
+            raise FormatError(
+                f"compressed cluster ({stored} bytes at {host:#x}): {exc}",
+                path=self.label,
+                field="compressed cluster",
+                offset=host,
+            ) from None
+        self.counters.compressed_clusters_read += 1
+        self._compressed_entry, self._compressed_data = entry, data
+        return data
+
+    # -- block status -----------------------------------------------------------------------------
+
+    async def _block_status(self, offset: int, length: int) -> tuple[BlockStatus, int]:
+        kind, _host, n = await self._next_run(offset, length)
+        status, run = self._status(kind, offset, n)
+        end = offset + length
+        pos = offset + run
+        merged = 0
+        # Extend over following runs with the same status (a clipped run ends the extent).
+        while run == n and pos < end and merged < _STATUS_MERGE_RUNS:
+            kind, _host, n = await self._next_run(pos, end - pos)
+            next_status, run = self._status(kind, pos, n)
+            if next_status != status:
+                break
+            pos += run
+            merged += 1
+        return status, pos - offset
+
+    def _status(self, kind: RunKind, offset: int, n: int) -> tuple[BlockStatus, int]:
+        """Status of a run, clipped where an unallocated run crosses the backing file's end."""
+        if kind in (_DATA, _COMPRESSED):
+            return _DATA_STATUS, n
+        if kind == _ZERO:
+            return _ZERO_STATUS, n
+        backing = self._backing
+        if backing is None or offset >= backing.size:
+            # As QEMU's bdrv_co_block_status: unallocated with nothing below reads as zeros.
+            return _UNALLOCATED_ZERO, n
+        return _FROM_BACKING, min(n, backing.size - offset)

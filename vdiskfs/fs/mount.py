@@ -1,0 +1,150 @@
+"""Mounting and unmounting: the pyfuse3 session around a :class:`VdiskOperations`.
+
+pyfuse3 keeps one session per process, so one process serves one mount. The source field of the
+mount (``fsname``) is ``vdiskfs:<pid>``: ``vdiskfs unmount`` reads it from
+``/proc/self/mountinfo`` to wait for that daemon to finish closing the images (flushes, the
+qcow2 dirty bit) before it returns.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+
+import pyfuse3
+import trio
+
+from vdiskfs.errors import VdiskError
+from vdiskfs.fs.operations import VdiskOperations
+
+__all__ = ["MountInfo", "find_mount", "serve", "unmount"]
+
+log = logging.getLogger(__name__)
+
+FSTYPE = "fuse.vdiskfs"
+#: Concurrent FUSE requests in flight: enough for a queue depth of 32 and a loop device.
+MAX_TASKS = 64
+
+
+async def serve(
+    operations: VdiskOperations,
+    mountpoint: str,
+    *,
+    read_only: bool = True,
+    allow_other: bool = False,
+    debug: bool = False,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Mount ``operations`` at ``mountpoint`` and serve until unmounted or cancelled.
+
+    ``task_status.started()`` fires once the kernel has the mount, so
+    ``await nursery.start(serve, ...)`` returns when the files can be opened. On return or
+    cancellation the file system is unmounted (lazily if it is still busy).
+    """
+    options = set(pyfuse3.default_options)
+    options |= {f"fsname=vdiskfs:{os.getpid()}", "subtype=vdiskfs", "noatime"}
+    if read_only:
+        options.add("ro")
+    if allow_other:
+        options.add("allow_other")
+    if debug:
+        options.add("debug")
+    pyfuse3.init(operations, mountpoint, options)
+    try:
+        task_status.started()
+        await pyfuse3.main(min_tasks=1, max_tasks=MAX_TASKS)
+    finally:
+        pyfuse3.close(unmount=True)
+
+
+def terminate() -> None:
+    """End :func:`serve` gracefully from the trio thread (a signal handler task)."""
+    pyfuse3.terminate()
+
+
+@dataclass(frozen=True)
+class MountInfo:
+    mountpoint: str
+    source: str
+    fstype: str
+
+    @property
+    def daemon_pid(self) -> int | None:
+        prefix = "vdiskfs:"
+        if self.source.startswith(prefix) and self.source[len(prefix) :].isdigit():
+            return int(self.source[len(prefix) :])
+        return None
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo.
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and i + 3 < len(field) and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def find_mount(mountpoint: str) -> MountInfo | None:
+    """The mount at ``mountpoint`` (after resolving it), or None."""
+    target = os.path.realpath(mountpoint)
+    try:
+        with open("/proc/self/mountinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    found = None
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fields = left.split()
+        rest = right.split()
+        if len(fields) < 5 or len(rest) < 2:
+            continue
+        if _unescape(fields[4]) == target:
+            found = MountInfo(target, _unescape(rest[1]), rest[0])  # the last one is on top
+    return found
+
+
+def unmount(mountpoint: str, *, lazy: bool = False, timeout: float = 60.0) -> None:
+    """Unmount a vdiskfs mount and wait until its daemon has closed the images."""
+    info = find_mount(mountpoint)
+    if info is None:
+        raise VdiskError(f"{mountpoint}: not mounted", errno=errno.EINVAL)
+    if info.fstype != FSTYPE:
+        raise VdiskError(
+            f"{mountpoint}: not a vdiskfs mount (it is {info.fstype})", errno=errno.EINVAL
+        )
+    args = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [info.mountpoint]
+    proc = subprocess.run(args, capture_output=True, text=True)
+    if proc.returncode != 0:
+        message = proc.stderr.strip() or f"fusermount3 exited with {proc.returncode}"
+        raise VdiskError(f"{mountpoint}: {message}", errno=errno.EBUSY)
+    pid = info.daemon_pid
+    if pid is None or pid == os.getpid():
+        return
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            raise VdiskError(
+                f"{mountpoint}: unmounted, but daemon {pid} is still closing the images after "
+                f"{timeout:.0f} s",
+                errno=errno.EBUSY,
+            )
+        time.sleep(0.02)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

@@ -1,0 +1,314 @@
+"""The pyfuse3 request handlers: the FUSE boundary of the driver stack.
+
+This is one of the two places where the stack's errors leave it (the other is the virtio-blk
+device): a :class:`~vdiskfs.errors.VdiskError` becomes ``FUSEError(err.errno)`` here, once. Any
+other exception is a bug: it is logged with its traceback and the request fails with EIO, because
+an exception escaping a pyfuse3 handler would tear down the whole file system.
+
+Caching: a read-only image may keep the kernel's page cache across opens (``keep_cache``); a
+writable one drops it at open (all writes pass through this process, so the cache stays coherent
+while it is open); a file whose node something else writes (a running guest) uses ``direct_io``
+so no reader ever sees a stale page. Stats files use ``direct_io``: their content changes between
+reads and their size is not known in advance.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+from pyfuse3 import FUSEError
+
+from vdiskfs.errors import VdiskError
+from vdiskfs.fs.tree import (
+    DirEntry,
+    Entry,
+    Export,
+    FileSystemTree,
+    ImageEntry,
+    StatsEntry,
+    StatsSource,
+)
+
+__all__ = ["VdiskOperations"]
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+#: The tree never changes while mounted, so the kernel may cache names and attributes long.
+STATIC_TIMEOUT = 300.0
+
+
+def _boundary(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Translate the stack's errors to errnos for the kernel; never let a handler raise."""
+
+    @functools.wraps(handler)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await handler(*args, **kwargs)
+        except FUSEError:
+            raise
+        except VdiskError as exc:
+            log.warning("%s: %s", handler.__name__, exc)
+            raise FUSEError(exc.errno) from None
+        except OSError as exc:
+            log.warning("%s: %s", handler.__name__, exc)
+            raise FUSEError(exc.errno or errno.EIO) from None
+        except Exception:
+            log.exception("%s failed unexpectedly", handler.__name__)
+            raise FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+@dataclass(slots=True)
+class _Handle:
+    entry: ImageEntry | StatsEntry
+    #: Stats files: the rendering taken at the last read at offset 0.
+    snapshot: bytes = b""
+
+
+class VdiskOperations(pyfuse3.Operations):
+    """Serve a :class:`FileSystemTree` of exports and statistics files."""
+
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(
+        self,
+        exports: list[Export],
+        extra_stats: Mapping[str, StatsSource] | None = None,
+    ) -> None:
+        super().__init__()
+        self.tree = FileSystemTree(exports, extra_stats)
+        self.exports = exports
+        self._handles: dict[int, _Handle] = {}
+        self._next_fh = 1
+        self._uid = os.getuid()
+        self._gid = os.getgid()
+        self._mount_time_ns = time.time_ns()
+
+    # -- attributes -------------------------------------------------------------------------------
+
+    def _entry(self, inode: int) -> Entry:
+        try:
+            return self.tree.entries[inode]
+        except KeyError:
+            raise FUSEError(errno.ENOENT) from None
+
+    def _attributes(self, entry: Entry) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = entry.inode
+        attr.st_mode = entry.mode
+        attr.st_uid = self._uid
+        attr.st_gid = self._gid
+        attr.st_blksize = 4096
+        stamp = self._mount_time_ns
+        if isinstance(entry, DirEntry):
+            attr.st_nlink = 2 + sum(
+                isinstance(self.tree.entries[i], DirEntry) for i in entry.children.values()
+            )
+            attr.st_size = 0
+            timeout = STATIC_TIMEOUT
+        elif isinstance(entry, ImageEntry):
+            attr.st_nlink = 1
+            attr.st_size = entry.export.node.size
+            timeout = STATIC_TIMEOUT
+        else:
+            attr.st_nlink = 1
+            attr.st_size = len(entry.render())
+            stamp = time.time_ns()
+            timeout = 0.0
+        attr.st_blocks = (attr.st_size + 511) // 512
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = stamp
+        attr.entry_timeout = STATIC_TIMEOUT
+        attr.attr_timeout = timeout
+        return attr
+
+    @_boundary
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> Any:
+        return self._attributes(self._entry(inode))
+
+    @_boundary
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
+    ) -> Any:
+        parent = self._entry(parent_inode)
+        if not isinstance(parent, DirEntry):
+            raise FUSEError(errno.ENOTDIR)
+        inode = parent.children.get(os.fsdecode(name))
+        if inode is None:
+            raise FUSEError(errno.ENOENT)
+        return self._attributes(self.tree.entries[inode])
+
+    @_boundary
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> Any:
+        entry = self._entry(inode)
+        if fields.update_mode or fields.update_uid or fields.update_gid:
+            raise FUSEError(errno.EPERM)
+        if fields.update_size:
+            if not isinstance(entry, ImageEntry) or not entry.export.writable:
+                raise FUSEError(errno.EROFS if isinstance(entry, ImageEntry) else errno.EPERM)
+            if attr.st_size != entry.export.node.size:
+                # A disk has a fixed size; `truncate` would silently lose or invent data.
+                raise FUSEError(errno.EPERM)
+        # Time updates (touch) are accepted and forgotten: the tree has no stored times.
+        return self._attributes(entry)
+
+    @_boundary
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> Any:
+        stat = pyfuse3.StatvfsData()
+        total = sum(e.export.node.size for e in self.tree.images())
+        stat.f_bsize = stat.f_frsize = 4096
+        stat.f_blocks = (total + 4095) // 4096
+        stat.f_bfree = stat.f_bavail = 0
+        stat.f_files = len(self.tree.entries)
+        stat.f_ffree = stat.f_favail = 0
+        stat.f_namemax = 255
+        return stat
+
+    # -- directories ------------------------------------------------------------------------------
+
+    @_boundary
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if not isinstance(self._entry(inode), DirEntry):
+            raise FUSEError(errno.ENOTDIR)
+        return inode
+
+    @_boundary
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        directory = self._entry(fh)
+        assert isinstance(directory, DirEntry)
+        # Children are in a fixed insertion order, so the position is a stable cookie.
+        names = list(directory.children.items())
+        for position in range(start_id, len(names)):
+            name, inode = names[position]
+            attr = self._attributes(self.tree.entries[inode])
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), attr, position + 1):
+                break
+
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    # -- files ------------------------------------------------------------------------------------
+
+    @_boundary
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> Any:
+        entry = self._entry(inode)
+        if isinstance(entry, DirEntry):
+            raise FUSEError(errno.EISDIR)
+        wants_write = flags & os.O_ACCMODE != os.O_RDONLY
+        if isinstance(entry, StatsEntry):
+            if wants_write:
+                raise FUSEError(errno.EACCES)
+            info = pyfuse3.FileInfo(direct_io=True, keep_cache=False)
+        else:
+            export = entry.export
+            if wants_write and not export.writable:
+                raise FUSEError(errno.EROFS)
+            if flags & os.O_TRUNC and export.node.size:
+                raise FUSEError(errno.EPERM)
+            info = pyfuse3.FileInfo(
+                direct_io=export.direct_io,
+                keep_cache=not export.writable and not export.direct_io,
+            )
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = _Handle(entry)
+        info.fh = fh
+        return info
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        # The hot path: no decorator, the minimum of Python between the kernel and the node.
+        handle = self._handles.get(fh)
+        if handle is None:
+            raise FUSEError(errno.EBADF)
+        entry = handle.entry
+        if isinstance(entry, StatsEntry):
+            return self._read_stats(handle, entry, off, size)
+        node = entry.export.node
+        end = node.size
+        if off >= end:
+            return b""
+        if off + size > end:
+            size = end - off
+        try:
+            return await node.pread(off, size)  # type: ignore[return-value]
+        except VdiskError as exc:
+            log.warning("read %s at %d+%d: %s", entry.name, off, size, exc)
+            raise FUSEError(exc.errno) from None
+        except Exception:
+            log.exception("read %s at %d+%d failed unexpectedly", entry.name, off, size)
+            raise FUSEError(errno.EIO) from None
+
+    def _read_stats(self, handle: _Handle, entry: StatsEntry, off: int, size: int) -> bytes:
+        # A read from the start takes a fresh snapshot: `cat` always sees the numbers of now,
+        # and a reader continuing at an offset sees one consistent rendering.
+        if off == 0 or not handle.snapshot:
+            try:
+                handle.snapshot = entry.render()
+            except Exception:
+                log.exception("rendering %s failed", entry.name)
+                raise FUSEError(errno.EIO) from None
+        return handle.snapshot[off : off + size]
+
+    @_boundary
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        handle = self._handles.get(fh)
+        if handle is None:
+            raise FUSEError(errno.EBADF)
+        entry = handle.entry
+        if not isinstance(entry, ImageEntry) or not entry.export.writable:
+            raise FUSEError(errno.EROFS if isinstance(entry, ImageEntry) else errno.EACCES)
+        node = entry.export.node
+        if off >= node.size:
+            raise FUSEError(errno.ENOSPC)
+        # Like a block device: a write straddling the end writes what fits.
+        length = min(len(buf), node.size - off)
+        entry.export.dirty = True
+        await node.pwrite(off, buf if length == len(buf) else memoryview(buf)[:length])
+        return length
+
+    @_boundary
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        handle = self._handles.get(fh)
+        if handle is not None and isinstance(handle.entry, ImageEntry):
+            await self._flush_export(handle.entry.export)
+
+    @_boundary
+    async def flush(self, fh: int) -> None:
+        # close(2): make what this file wrote durable, as closing a block device does.
+        handle = self._handles.get(fh)
+        if handle is not None and isinstance(handle.entry, ImageEntry):
+            export = handle.entry.export
+            if export.dirty:
+                await self._flush_export(export)
+
+    async def _flush_export(self, export: Export) -> None:
+        if not export.writable:
+            return
+        export.dirty = False
+        try:
+            await export.node.flush()
+        except BaseException:
+            export.dirty = True
+            raise
+
+    async def release(self, fh: int) -> None:
+        self._handles.pop(fh, None)

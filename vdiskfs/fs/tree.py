@@ -1,0 +1,213 @@
+"""The mounted file system's tree: what appears under MOUNTPOINT, independent of pyfuse3.
+
+::
+
+    MOUNTPOINT/
+      <stem>.raw                 every image, as its guest sees it
+      <stem>-part<N>.raw         every partition: a raw window onto <stem>.raw
+      stats/
+        <stem>/
+          tree                   the node tree, one line per node
+          0-qcow2                one JSON object per node, pre-order from the top...
+          1-file
+          2-qcow2                ...so a backing file follows its parent's own children
+          3-file
+        <stem>-part<N>/0-raw     the partition window's own node
+        <extra>                  sources added by the embedder (the emulator's vm, virtio-blk)
+
+The tree is fixed when the file system is built: images are not added or removed while mounted,
+so inode numbers and readdir cookies are simply indexes and stay stable.
+"""
+
+from __future__ import annotations
+
+import json
+import stat
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from vdiskfs.block.node import BlockNode
+
+__all__ = [
+    "DirEntry",
+    "Export",
+    "FileSystemTree",
+    "ImageEntry",
+    "StatsEntry",
+    "node_stats_entries",
+    "render_json",
+]
+
+ROOT_INODE = 1
+StatsSource = Callable[[], Mapping[str, Any]]
+
+
+@dataclass
+class Export:
+    """One raw file of the mount: a whole image or a partition window.
+
+    ``direct_io`` bypasses the kernel page cache for this file: needed when something else (a
+    running guest) writes the node, so that readers never see stale pages.
+    """
+
+    name: str
+    node: BlockNode
+    writable: bool = False
+    direct_io: bool = False
+    #: Written since the last flush: closing the file flushes the tree only then.
+    dirty: bool = False
+
+
+@dataclass
+class DirEntry:
+    inode: int
+    name: str
+    children: dict[str, int] = field(default_factory=dict)
+    mode: int = stat.S_IFDIR | 0o555
+
+
+@dataclass
+class ImageEntry:
+    inode: int
+    name: str
+    export: Export
+
+    @property
+    def mode(self) -> int:
+        return stat.S_IFREG | (0o644 if self.export.writable else 0o444)
+
+
+@dataclass
+class StatsEntry:
+    """A read-only file whose content is rendered when it is read (live statistics)."""
+
+    inode: int
+    name: str
+    render: Callable[[], bytes]
+    mode: int = stat.S_IFREG | 0o444
+
+
+Entry = DirEntry | ImageEntry | StatsEntry
+
+
+def render_json(obj: Mapping[str, Any]) -> bytes:
+    return (json.dumps(obj, indent=2) + "\n").encode()
+
+
+def node_stats_entries(root: BlockNode) -> list[tuple[str, Callable[[], bytes]]]:
+    """Stats files for a node tree: ``tree`` plus ``<n>-<driver>`` per node, pre-order.
+
+    Only edges the tree owns are followed: a partition window does not repeat its disk's nodes.
+    """
+    order: list[tuple[int, str, BlockNode, int | None]] = []  # depth, role, node, parent index
+    parents: list[int] = []
+    for depth, role, node in _walk_owned(root):
+        del parents[depth:]
+        order.append((depth, role, node, parents[-1] if parents else None))
+        parents.append(len(order) - 1)
+    names = [f"{i}-{node.driver}" for i, (_, _, node, _) in enumerate(order)]
+    children: dict[int, list[str]] = {}
+    for i, (_, _, _, parent) in enumerate(order):
+        if parent is not None:
+            children.setdefault(parent, []).append(names[i])
+
+    def tree_text() -> bytes:
+        lines = []
+        for i, (depth, role, node, _) in enumerate(order):
+            what = f"({role}) " if role else ""
+            lines.append(f"{'  ' * depth}{names[i]}  {what}{node.label}  size={node.size}")
+        return ("\n".join(lines) + "\n").encode()
+
+    entries: list[tuple[str, Callable[[], bytes]]] = [("tree", tree_text)]
+    for i, (_depth, role, node, parent) in enumerate(order):
+        identity = {
+            "node": names[i],
+            "driver": node.driver,
+            "kind": str(node.kind),
+            "role": role or None,
+            "parent": names[parent] if parent is not None else None,
+            "children": children.get(i, []),
+            "filename": node.label,
+            "size": node.size,
+        }
+        entries.append((names[i], _stats_renderer(identity, node)))
+    return entries
+
+
+def _stats_renderer(identity: dict[str, Any], node: BlockNode) -> Callable[[], bytes]:
+    def render() -> bytes:
+        return render_json({**identity, "size": node.size, **node.stats_snapshot().as_dict()})
+
+    return render
+
+
+def _walk_owned(root: BlockNode) -> list[tuple[int, str, BlockNode]]:
+    out: list[tuple[int, str, BlockNode]] = []
+    stack: list[tuple[int, str, BlockNode]] = [(0, "", root)]
+    while stack:
+        depth, role, node = stack.pop()
+        out.append((depth, role, node))
+        for edge in reversed(node.children):
+            if edge.owned:
+                stack.append((depth + 1, edge.role, edge.node))
+    return out
+
+
+class FileSystemTree:
+    """Inodes of the mount, built once from the exports and the extra stats sources."""
+
+    def __init__(
+        self,
+        exports: list[Export],
+        extra_stats: Mapping[str, StatsSource] | None = None,
+    ) -> None:
+        self.entries: dict[int, Entry] = {}
+        self._next_inode = ROOT_INODE
+        self.root = self._add_dir("")
+        seen: set[str] = set()
+        for export in exports:
+            filename = f"{export.name}.raw"
+            if filename in seen:
+                raise ValueError(f"two exports named {filename}")
+            seen.add(filename)
+            self._link(self.root, ImageEntry(self._alloc(), filename, export))
+        stats_dir = self._add_dir("stats", parent=self.root)
+        for export in exports:
+            directory = self._add_dir(export.name, parent=stats_dir)
+            for name, render in node_stats_entries(export.node):
+                self._link(directory, StatsEntry(self._alloc(), name, render))
+        for path, source in (extra_stats or {}).items():
+            *dirs, name = path.split("/")
+            parent = stats_dir
+            for part in dirs:
+                existing = parent.children.get(part)
+                entry = self.entries[existing] if existing else None
+                parent = entry if isinstance(entry, DirEntry) else self._add_dir(part, parent)
+            self._link(parent, StatsEntry(self._alloc(), name, _source_renderer(source)))
+
+    def _alloc(self) -> int:
+        inode = self._next_inode
+        self._next_inode += 1
+        return inode
+
+    def _link(self, parent: DirEntry, entry: Entry) -> None:
+        if entry.name in parent.children:
+            raise ValueError(f"duplicate name {entry.name!r} under {parent.name or '/'}")
+        parent.children[entry.name] = entry.inode
+        self.entries[entry.inode] = entry
+
+    def _add_dir(self, name: str, parent: DirEntry | None = None) -> DirEntry:
+        entry = DirEntry(self._alloc(), name)
+        if parent is None:
+            self.entries[entry.inode] = entry
+        else:
+            self._link(parent, entry)
+        return entry
+
+    def images(self) -> list[ImageEntry]:
+        return [e for e in self.entries.values() if isinstance(e, ImageEntry)]
+
+
+def _source_renderer(source: StatsSource) -> Callable[[], bytes]:
+    return lambda: render_json(source())

@@ -1,0 +1,26 @@
+"""Partition tables: MBR (with logical partitions) and GPT, read through any block node.
+
+``await read_partition_table(node)`` returns a :class:`PartitionTable` whose partitions are
+numbered as Linux numbers them (``/dev/sdaN``), in bytes, ready to become windows over the disk::
+
+    table = await read_partition_table(disk)
+    for part in table.partitions:
+        window = RawNode(disk, offset=part.start, size=part.size, owned=False)
+
+Numbering: MBR primaries 1-4 by slot (empty slots leave gaps), the extended partition as a 1 KiB
+window at its slot number, logical partitions from 5 in EBR chain order; GPT entries by index + 1
+(unused entries leave gaps); at most 255. A damaged table never raises: what is skipped, cut or
+suspicious is in :attr:`PartitionTable.warnings` and logged. See :mod:`.mbr`, :mod:`.gpt` and
+:mod:`.scan` for the exact rules and where they follow or depart from Linux.
+"""
+
+from vdiskfs.partitions.model import MAX_PARTITION_NUMBER, Partition, PartitionTable
+from vdiskfs.partitions.scan import SECTOR_SIZES, read_partition_table
+
+__all__ = [
+    "MAX_PARTITION_NUMBER",
+    "SECTOR_SIZES",
+    "Partition",
+    "PartitionTable",
+    "read_partition_table",
+]

@@ -20,6 +20,7 @@ from vdiskfs import __version__
 from vdiskfs.block.node import BlockNode
 from vdiskfs.block.registry import OpenOptions, driver_names, open_image
 from vdiskfs.errors import VdiskError
+from vdiskfs.units import parse_size
 
 __all__ = ["main"]
 
@@ -43,6 +44,11 @@ def _build_parser() -> argparse.ArgumentParser:
     mount.add_argument("paths", nargs="+", metavar="IMAGE... MOUNTPOINT")
     mount.add_argument("-f", "--foreground", action="store_true",
                        help="stay attached and log to stderr")
+    mode = mount.add_mutually_exclusive_group()
+    mode.add_argument("--rw", action="store_true", help="make the raw files writable; writes "
+                      "go into the images")
+    mode.add_argument("--overlay", metavar="NEW.qcow2", help="writes go into NEW.qcow2 (created "
+                      "over IMAGE if missing, continued if it exists); IMAGE stays untouched")
     mount.add_argument("--format", metavar="FMT", choices=driver_names(),
                        help="force the format of every IMAGE instead of probing it")
     mount.add_argument("--no-partitions", dest="partitions", action="store_false",
@@ -62,6 +68,24 @@ def _build_parser() -> argparse.ArgumentParser:
     unmount.add_argument("-z", "--lazy", action="store_true",
                          help="detach now even if files are still open")
 
+    create = commands.add_parser(
+        "create", help="create a new image",
+        description="Create a qcow2 or raw image, as qemu-img create does.",
+    )
+    create.add_argument("-f", "--format", dest="fmt", default="qcow2", choices=["qcow2", "raw"])
+    create.add_argument("-b", "--backing", metavar="BACKING",
+                        help="backing file, relative to the new image's directory unless "
+                        "absolute (qcow2)")
+    create.add_argument("-F", "--backing-format", metavar="FMT",
+                        help="format of BACKING (probed and recorded when not given)")
+    create.add_argument("-o", "--options", metavar="OPTIONS", action="append", default=[],
+                        help="comma-separated key=value options: cluster_size, compat, "
+                        "refcount_bits, extended_l2, lazy_refcounts, compression_type, "
+                        "data_file, data_file_raw, preallocation")
+    create.add_argument("file", metavar="FILE")
+    create.add_argument("size", metavar="SIZE", nargs="?",
+                        help="virtual size (suffixes k, M, G, T); default: the backing file's")
+
     info = commands.add_parser("info", help="describe an image as qemu-img info does")
     info.add_argument("image", metavar="IMAGE")
     info.add_argument("--json", action="store_true", help="machine-readable output")
@@ -79,6 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "unmount": _cmd_unmount,
         "umount": _cmd_unmount,
         "info": _cmd_info,
+        "create": _cmd_create,
     }
     try:
         return handlers[args.command](args)
@@ -110,6 +135,8 @@ def _cmd_mount(args: argparse.Namespace) -> int:
         images=images,
         mountpoint=mountpoint,
         format=args.format,
+        writable=args.rw,
+        overlay=args.overlay,
         partitions=args.partitions,
         allow_other=args.allow_other,
         follow_outside=args.follow_outside,
@@ -146,6 +173,10 @@ def _cmd_mount(args: argparse.Namespace) -> int:
 def argv_of(args: argparse.Namespace) -> list[str]:
     """The mount arguments to hand to the background daemon."""
     argv: list[str] = []
+    if args.rw:
+        argv.append("--rw")
+    if args.overlay:
+        argv += ["--overlay", os.path.abspath(args.overlay)]
     if args.format:
         argv += ["--format", args.format]
     if not args.partitions:
@@ -166,6 +197,79 @@ def _cmd_unmount(args: argparse.Namespace) -> int:
     from vdiskfs.fs.mount import unmount
 
     unmount(args.mountpoint, lazy=args.lazy)
+    return 0
+
+
+_CREATE_OPTIONS = {
+    "cluster_size": "number",
+    "compat": "str",
+    "refcount_bits": "number",
+    "extended_l2": "bool",
+    "lazy_refcounts": "bool",
+    "compression_type": "str",
+    "data_file": "str",
+    "data_file_raw": "bool",
+    "preallocation": "str",
+}
+
+
+def _parse_create_options(texts: list[str], fmt: str) -> dict[str, object]:
+    allowed = _CREATE_OPTIONS if fmt == "qcow2" else {"preallocation": "str"}
+    out: dict[str, object] = {}
+    for item in ",".join(texts).split(","):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if key not in allowed or not sep:
+            raise VdiskError(f"invalid {fmt} option {item!r}; valid: {', '.join(allowed)}")
+        kind = allowed[key]
+        if kind == "bool":
+            if value not in ("on", "off", "true", "false"):
+                raise VdiskError(f"option {key}: expected on or off, not {value!r}")
+            out[key] = value in ("on", "true")
+        elif kind == "number":
+            out[key] = parse_size(value, what=key)
+        else:
+            out[key] = value
+    return out
+
+
+def _cmd_create(args: argparse.Namespace) -> int:
+    options = _parse_create_options(args.options, args.fmt)
+    if os.path.exists(args.file):
+        raise VdiskError(f"{args.file}: already exists; refusing to overwrite it")
+
+    async def backing_facts() -> tuple[int, str]:
+        # The backing name is relative to the new image's directory, as qemu-img does it.
+        path = os.path.join(os.path.dirname(os.path.abspath(args.file)), args.backing)
+        node = await open_image(path, OpenOptions(format=args.backing_format))
+        try:
+            return node.size, node.driver
+        finally:
+            await node.aclose()
+
+    size = parse_size(args.size) if args.size is not None else None
+    backing_format = args.backing_format
+    if args.backing is not None:
+        if args.fmt != "qcow2":
+            raise VdiskError(f"{args.fmt} images cannot have a backing file")
+        backing_size, probed = trio.run(backing_facts)
+        size = backing_size if size is None else size
+        backing_format = backing_format or probed
+    if size is None:
+        raise VdiskError("create needs a SIZE (or a backing file to take it from)")
+
+    if args.fmt == "raw":
+        from vdiskfs.drivers.format.raw import create_raw
+
+        trio.run(lambda: create_raw(args.file, size, **options))  # type: ignore[arg-type]
+    else:
+        from vdiskfs.drivers.format.qcow2.create import create_qcow2
+
+        trio.run(lambda: create_qcow2(args.file, size, backing_file=args.backing,
+                                      backing_format=backing_format,
+                                      **options))  # type: ignore[arg-type]
     return 0
 
 

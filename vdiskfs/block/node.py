@@ -28,6 +28,9 @@ from vdiskfs.errors import FormatError, NoSpaceError, RangeError, ReadOnlyError,
 
 __all__ = ["BlockNode", "BlockStatus", "Child", "FilterNode", "NodeKind"]
 
+# Plain ints for the per-request accounting (an IntEnum lookup costs more than the rest).
+_READ = int(Op.READ)
+
 Buffer = bytes | bytearray | memoryview
 
 
@@ -170,17 +173,17 @@ class BlockNode:
 
     async def pread(self, offset: int, length: int) -> Buffer:
         """Read exactly ``length`` bytes at ``offset``; the range must lie within :attr:`size`."""
-        self._check_read(Op.READ, offset, length)
-        if length == 0:
-            return b""
+        if offset < 0 or length <= 0 or offset + length > self.size:
+            self._check_read(Op.READ, offset, length)
+            return b""  # an empty read inside the node
         stats = self.stats
         cookie = stats.start()
         try:
             data = await self._pread(offset, length)
         except BaseException:
-            stats.fail(Op.READ, cookie)
+            stats.fail(_READ, cookie)
             raise
-        stats.done(Op.READ, length, cookie)
+        stats.done(_READ, length, cookie)
         return data
 
     async def pwrite(self, offset: int, data: Buffer) -> None:

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from vdiskfs.block.node import BlockNode
 
 __all__ = [
+    "PROTOCOL_ONLY",
     "FormatDriver",
     "OpenContext",
     "OpenOptions",
@@ -37,6 +38,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: The ``format`` that :meth:`OpenContext.open_child` gives to get the protocol node itself.
+PROTOCOL_ONLY = "file"
 
 #: Bytes of the image's start and end handed to ``probe``. VMDK descriptors are text of a few
 #: KiB; a fixed VHD is recognised by the 512-byte footer at its end.
@@ -116,6 +120,8 @@ class OpenOptions:
     #: Follow backing/extent references that lead outside the referring image's directory.
     #: QEMU does; a forensic user may refuse it (``--no-follow-outside``).
     follow_outside: bool = True
+    #: Take QEMU-compatible image locks (off only for tests of the locking itself).
+    locking: bool = True
     #: Callback for warnings meant for the user (probed raw, damaged partition entries...).
     warn: Callable[[str], None] | None = None
 
@@ -180,7 +186,8 @@ class OpenContext:
         """Open a backing file, data file or extent named by the image, as a full subtree.
 
         Children are read-only unless the parent asks otherwise (an external data file of an
-        image opened for writing).
+        image opened for writing). ``format=PROTOCOL_ONLY`` returns the protocol node itself,
+        with no format layer above it (a VMDK extent file).
         """
         path = self.resolve(reference, field_name=field_name)
         if role == "backing" and len(self.chain) >= self.options.max_chain_depth:
@@ -232,7 +239,7 @@ async def _open_tree(
 ) -> BlockNode:
     from vdiskfs.drivers.protocol.file import FileNode
 
-    file = FileNode(path, read_only=read_only)
+    file = FileNode(path, read_only=read_only, locking=options.locking)
     await file.open()
     try:
         ctx = OpenContext(
@@ -241,6 +248,13 @@ async def _open_tree(
             chain=(*chain, os.path.realpath(path)),
             warnings=warnings,
         )
+        if file.lock_warning is not None:
+            ctx.warn(file.lock_warning)
+        if format == PROTOCOL_ONLY:
+            # The protocol node alone, without a format layer: what QEMU opens for the extent
+            # files of a VMDK (bdrv_open_child with no format), which grow as grains are added.
+            file.warnings = warnings
+            return file
         if format is None:
             head, tail = await _read_probe_bytes(file)
             cls, _score = probe(head, tail, path)
@@ -252,6 +266,12 @@ async def _open_tree(
                 )
         else:
             cls = get_driver(format)
+        if not read_only and not getattr(cls, "supports_write", False):
+            raise UnsupportedError(
+                f"{cls.driver}: writing is not supported; open the image read-only",
+                path=path,
+                errno=errno.EROFS,
+            )
         node = cls(file, ctx)
     except BaseException:
         await file.aclose()

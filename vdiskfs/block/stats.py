@@ -52,11 +52,13 @@ _HAS_BYTES = frozenset({Op.READ, Op.WRITE, Op.ZERO, Op.DISCARD})
 HISTOGRAM_BOUNDARIES_NS: tuple[int, ...] = tuple(1 << (10 + 2 * i) for i in range(11))
 _NBINS = len(HISTOGRAM_BOUNDARIES_NS) + 1
 _NOPS = len(Op)
+_now = time.perf_counter_ns
 
 
 def _bin(elapsed_ns: int) -> int:
-    # 1 << 10 is the first boundary; each further bin spans two more bits.
-    index = (elapsed_ns.bit_length() - 10) >> 1
+    # Latencies below 1 << 10 have at most 10 bits: bin 0. Each further bin spans two bits:
+    # 11-12 bits -> 1, 13-14 -> 2, ...
+    index = (elapsed_ns.bit_length() - 9) >> 1
     if index < 0:
         return 0
     return index if index < _NBINS else _NBINS - 1
@@ -140,20 +142,22 @@ class NodeStats:
     def start(self) -> int:
         """Begin a request; returns the cookie to hand to :meth:`done` or :meth:`fail`."""
         self.in_flight += 1
-        return time.perf_counter_ns()
+        return _now()
 
-    def done(self, op: Op, nbytes: int, cookie: int) -> None:
-        now = time.perf_counter_ns()
+    def done(self, op: int, nbytes: int, cookie: int) -> None:
+        # The hot path of every request: plain ints and local names only.
+        now = _now()
         elapsed = now - cookie
         self.in_flight -= 1
         self.ops[op] += 1
         self.bytes[op] += nbytes
         self.total_time_ns[op] += elapsed
-        self.histograms[op][_bin(elapsed)] += 1
+        index = (elapsed.bit_length() - 9) >> 1
+        self.histograms[op][index if 0 <= index < _NBINS else (0 if index < 0 else _NBINS - 1)] += 1
         self._last_done_ns = now
 
-    def fail(self, op: Op, cookie: int) -> None:
-        now = time.perf_counter_ns()
+    def fail(self, op: int, cookie: int) -> None:
+        now = _now()
         self.in_flight -= 1
         self.failed[op] += 1
         self.total_time_ns[op] += now - cookie

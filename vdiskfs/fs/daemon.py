@@ -28,6 +28,7 @@ from vdiskfs.errors import VdiskError
 from vdiskfs.fs.mount import serve, terminate
 from vdiskfs.fs.operations import VdiskOperations
 from vdiskfs.fs.tree import Export
+from vdiskfs.overlay import open_overlay
 
 __all__ = ["MountRequest", "image_stem", "open_exports", "run_foreground", "spawn_daemon"]
 
@@ -40,6 +41,8 @@ class MountRequest:
     mountpoint: str
     format: str | None = None
     writable: bool = False
+    #: A qcow2 file that takes the writes; the single IMAGE becomes its read-only backing file.
+    overlay: str | None = None
     partitions: bool = True
     allow_other: bool = False
     follow_outside: bool = True
@@ -73,13 +76,19 @@ async def open_exports(
         follow_outside=request.follow_outside,
         warn=warn,
     )
+    if request.overlay is not None and len(request.images) != 1:
+        raise VdiskError("--overlay takes exactly one IMAGE")
     roots: list[BlockNode] = []
     exports: list[Export] = []
     try:
         for path in request.images:
-            node = await open_image(path, options)
+            if request.overlay is not None:
+                node = await open_overlay(path, request.overlay, options)
+            else:
+                node = await open_image(path, options)
             roots.append(node)
-            exports.append(Export(image_stem(path), node, writable=request.writable))
+            writable = request.writable or request.overlay is not None
+            exports.append(Export(image_stem(path), node, writable=writable))
         if request.partitions:
             exports = await _with_partitions(exports, warn)
     except BaseException:
@@ -151,7 +160,7 @@ async def run_foreground(
                         await serve(
                             operations,
                             mountpoint,
-                            read_only=not request.writable,
+                            read_only=not (request.writable or request.overlay),
                             allow_other=request.allow_other,
                             debug=request.debug,
                             task_status=task_status,

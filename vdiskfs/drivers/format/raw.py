@@ -6,14 +6,15 @@ node, as nbdkit's offset and partition filters are.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from vdiskfs.block.format import FormatNode
 from vdiskfs.block.node import BlockNode, BlockStatus, Buffer
 from vdiskfs.block.registry import OpenContext, OpenOptions, register
-from vdiskfs.errors import RangeError
+from vdiskfs.errors import HostIOError, RangeError, UnsupportedError
 
-__all__ = ["RawNode"]
+__all__ = ["RawNode", "create_raw"]
 
 
 @register
@@ -77,3 +78,32 @@ class RawNode(FormatNode):
         # Raw has no backing file: everything is allocated here.
         kind = BlockStatus.ZERO if status & BlockStatus.ZERO else BlockStatus.DATA
         return kind | BlockStatus.ALLOCATED, run
+
+
+async def create_raw(path: str, size: int, *, preallocation: str = "off") -> None:
+    """A new raw image: sparse (``off``), allocated (``falloc``) or written with zeros (``full``).
+
+    The file must not exist; on failure no partial file is left behind.
+    """
+    if preallocation not in ("off", "falloc", "full"):
+        raise UnsupportedError(
+            f"preallocation={preallocation!r} (valid: off, falloc, full)", path=path
+        )
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise HostIOError.wrap(exc, path, "cannot create") from exc
+    try:
+        if preallocation == "falloc" and size:
+            os.posix_fallocate(fd, 0, size)
+        elif preallocation == "full":
+            chunk = bytes(1 << 20)
+            for offset in range(0, size, len(chunk)):
+                os.pwrite(fd, chunk[: min(len(chunk), size - offset)], offset)
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+    except OSError as exc:
+        os.close(fd)
+        os.unlink(path)
+        raise HostIOError.wrap(exc, path, "cannot create") from exc
+    os.close(fd)

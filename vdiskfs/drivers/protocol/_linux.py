@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
+import struct
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -20,3 +22,20 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if _fallocate(fd, mode, offset, length) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+# struct flock on x86_64/aarch64 Linux: short l_type, short l_whence, (pad), off_t l_start,
+# off_t l_len, pid_t l_pid, (pad) -- 32 bytes. Open file description locks need l_pid == 0.
+_FLOCK = struct.Struct("hhxxxxqqixxxx")
+
+
+def ofd_lock(fd: int, offset: int, lock_type: int) -> None:
+    """Set (F_RDLCK/F_WRLCK) or release (F_UNLCK) an OFD lock on one byte, without waiting."""
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(lock_type, os.SEEK_SET, offset, 1, 0))
+
+
+def ofd_conflicts(fd: int, offset: int) -> bool:
+    """Whether another open file description holds any lock on one byte (F_OFD_GETLK)."""
+    answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK,
+                         _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0))
+    return _FLOCK.unpack(answer)[0] != fcntl.F_UNLCK

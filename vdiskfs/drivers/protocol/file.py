@@ -4,11 +4,19 @@ Every request is one positional system call (``os.pread``/``os.pwrite``), so con
 never race on a shared file position. The calls run inline on the trio thread: measured here, a
 worker-thread hop (``trio.to_thread.run_sync``) costs more than a page-cache read of 128 KiB
 (``scripts/bench/file_inline_vs_thread.py``).
+
+Image locking is QEMU's (``block/file-posix.c``), so vdiskfs and QEMU see each other: open file
+description locks on byte ``100 + i`` for each permission bit ``i`` the opener holds, and on
+``200 + i`` for each one it does not share with others. A writer holds read, write, unchanged
+write and resize and shares only read and unchanged write; a reader holds read and does not
+share write or resize. A writer that meets a conflict is refused; a reader is warned and then
+shares everything (QEMU's ``-U``), because looking at an image in use is still useful.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
 from dataclasses import dataclass
@@ -17,9 +25,24 @@ from typing import Any
 from vdiskfs.block.node import BlockNode, BlockStatus, Buffer, NodeKind
 from vdiskfs.block.stats import Counters
 from vdiskfs.drivers.protocol import _linux
-from vdiskfs.errors import HostIOError
+from vdiskfs.errors import HostIOError, LockedError
 
 __all__ = ["FileNode"]
+
+# QEMU's permissions (include/block/block-common.h) and lock byte bases (block/file-posix.c).
+PERM_CONSISTENT_READ = 0x1
+PERM_WRITE = 0x2
+PERM_WRITE_UNCHANGED = 0x4
+PERM_RESIZE = 0x8
+PERM_ALL = 0xF
+PERM_NAMES = {
+    PERM_CONSISTENT_READ: "consistent read",
+    PERM_WRITE: "write",
+    PERM_WRITE_UNCHANGED: "write unchanged",
+    PERM_RESIZE: "resize",
+}
+LOCK_PERM_BASE = 100
+LOCK_SHARED_BASE = 200
 
 
 @dataclass(slots=True)
@@ -39,11 +62,14 @@ class FileNode(BlockNode):
     counters_class = FileCounters
     counters: FileCounters
 
-    def __init__(self, path: str, *, read_only: bool = True) -> None:
+    def __init__(self, path: str, *, read_only: bool = True, locking: bool = True) -> None:
         super().__init__(read_only=read_only, label=path)
         self.path = path
         self.fd = -1
         self.is_block_device = False
+        self.locking = locking
+        #: Set when a read-only open found the image in use by a writer (see module doc).
+        self.lock_warning: str | None = None
 
     async def open(self) -> None:
         flags = (os.O_RDONLY if self.read_only else os.O_RDWR) | os.O_CLOEXEC
@@ -55,17 +81,72 @@ class FileNode(BlockNode):
             self.is_block_device = stat.S_ISBLK(st.st_mode)
             self.size = os.lseek(self.fd, 0, os.SEEK_END) if self.is_block_device else st.st_size
         except OSError as exc:
-            if self.fd >= 0:
-                os.close(self.fd)
-                self.fd = -1
+            self._close_fd()
             raise HostIOError.wrap(exc, self.path, "cannot open") from exc
+        if self.locking:
+            try:
+                self._take_locks()
+            except BaseException:
+                self._close_fd()
+                raise
         # A writable regular file grows when a format driver allocates past its end.
         self.growable = not self.read_only and not self.is_block_device
 
-    async def _close(self) -> None:
+    def _close_fd(self) -> None:
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
             os.close(fd)
+
+    def _take_locks(self) -> None:
+        if self.read_only:
+            perm, shared = PERM_CONSISTENT_READ, PERM_ALL & ~(PERM_WRITE | PERM_RESIZE)
+        else:
+            perm = PERM_ALL
+            shared = PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED
+        try:
+            # Lock first, then test: two openers racing both see each other's bytes.
+            self._apply_locks(perm, shared)
+            conflict = self._find_conflict(perm, shared)
+        except OSError as exc:
+            if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                return  # a file system without OFD locks (some network file systems)
+            raise HostIOError.wrap(exc, self.path, "cannot lock") from exc
+        if conflict is None:
+            return
+        if not self.read_only:
+            self._apply_locks(0, PERM_ALL)
+            raise LockedError(
+                f'failed to get "{conflict}" lock: is another process (QEMU, vdiskfs) '
+                "using the image?",
+                path=self.path,
+            )
+        # Reading an image that something writes: allowed, with a warning, sharing everything.
+        self._apply_locks(perm, PERM_ALL)
+        self.lock_warning = (
+            f'{self.path}: another process is using the image ("{conflict}" lock held); '
+            "reading it anyway, but what it shows may change or be inconsistent"
+        )
+
+    def _apply_locks(self, perm: int, shared: int) -> None:
+        for bit in PERM_NAMES:
+            _linux.ofd_lock(self.fd, LOCK_PERM_BASE + bit.bit_length() - 1,
+                            fcntl.F_RDLCK if perm & bit else fcntl.F_UNLCK)
+            _linux.ofd_lock(self.fd, LOCK_SHARED_BASE + bit.bit_length() - 1,
+                            fcntl.F_UNLCK if shared & bit else fcntl.F_RDLCK)
+
+    def _find_conflict(self, perm: int, shared: int) -> str | None:
+        """The first permission another opener denies us, as QEMU's raw_check_lock_bytes."""
+        for bit, name in PERM_NAMES.items():
+            index = bit.bit_length() - 1
+            if perm & bit and _linux.ofd_conflicts(self.fd, LOCK_SHARED_BASE + index):
+                return name
+            if not shared & bit and _linux.ofd_conflicts(self.fd, LOCK_PERM_BASE + index):
+                return f"shared {name}"
+        return None
+
+    async def _close(self) -> None:
+        # Closing the descriptor releases its OFD locks.
+        self._close_fd()
 
     def info(self) -> dict[str, Any]:
         try:

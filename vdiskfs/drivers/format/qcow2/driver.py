@@ -122,7 +122,9 @@ class Qcow2Node(FormatNode):
 
     @classmethod
     def probe(cls, head: bytes, tail: bytes, filename: str) -> int:
-        if len(head) >= 8 and head[:4] == MAGIC and int.from_bytes(head[4:8], "big") in (2, 3):
+        # As QEMU's qcow2_probe: any version >= 2 is ours, so that an unsupported version is
+        # refused by name at open instead of silently showing up as a raw disk.
+        if len(head) >= 8 and head[:4] == MAGIC and int.from_bytes(head[4:8], "big") >= 2:
             return 100
         return 0
 

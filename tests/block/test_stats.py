@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import json
+
+from vdiskfs.block.stats import HISTOGRAM_BOUNDARIES_NS, NodeStats, Op, _bin
+
+
+def test_histogram_bins_follow_boundaries() -> None:
+    assert _bin(0) == 0
+    assert _bin(HISTOGRAM_BOUNDARIES_NS[0] - 1) == 0
+    for i, boundary in enumerate(HISTOGRAM_BOUNDARIES_NS):
+        assert _bin(boundary) == i + 1, boundary
+        assert _bin(boundary - 1) == i
+    assert _bin(10**15) == len(HISTOGRAM_BOUNDARIES_NS)
+
+
+def test_accounting_and_snapshot_names() -> None:
+    stats = NodeStats()
+    cookie = stats.start()
+    assert stats.in_flight == 1
+    stats.done(Op.READ, 4096, cookie)
+    stats.fail(Op.WRITE, stats.start())
+    stats.invalid_request(Op.DISCARD)
+    snap = stats.snapshot({"l2_cache_hits": 3}).as_dict()
+    assert snap["rd_operations"] == 1 and snap["rd_bytes"] == 4096
+    assert snap["failed_wr_operations"] == 1 and snap["wr_operations"] == 0
+    assert snap["invalid_unmap_operations"] == 1
+    assert snap["in_flight"] == 0 and snap["l2_cache_hits"] == 3
+    assert sum(snap["rd_latency_histogram"]) == 1
+    assert "flush_bytes" not in snap  # QEMU has no bytes for flush
+    json.dumps(snap)  # plain JSON types only

@@ -1,0 +1,128 @@
+"""The file protocol node: conformance, holes, zeroing, growth, and QEMU-compatible locking."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.conformance import check_block_node
+from tests.support.images import create, random_bytes
+from vdiskfs.block.node import BlockStatus
+from vdiskfs.drivers.protocol.file import FileNode
+from vdiskfs.errors import HostIOError, LockedError
+
+
+async def _open(path: Path, read_only: bool = True) -> FileNode:
+    node = FileNode(str(path), read_only=read_only)
+    await node.open()
+    return node
+
+
+async def test_conformance(tmp_path: Path) -> None:
+    data = random_bytes(1, 2 * 1024 * 1024 + 77)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    await check_block_node(lambda: _open(path), data)
+
+
+async def test_holes_zero_and_growth(tmp_path: Path) -> None:
+    path = tmp_path / "sparse"
+    with open(path, "wb") as f:
+        f.truncate(4 << 20)
+        f.seek(1 << 20)
+        f.write(b"x" * 4096)
+    node = await _open(path, read_only=False)
+    try:
+        status, run = await node.block_status(0, node.size)
+        assert status & BlockStatus.ZERO and run == 1 << 20
+        status, run = await node.block_status(1 << 20, node.size - (1 << 20))
+        assert status & BlockStatus.DATA and run >= 4096
+        await node.zero(1 << 20, 4096)
+        assert await node.pread(1 << 20, 4096) == bytes(4096)
+        # A writable file grows when written past its end (a qcow2 allocating clusters).
+        assert node.growable
+        await node.pwrite(node.size + 10, b"tail")
+        assert node.size == (4 << 20) + 14
+        await node.zero(node.size, 100)  # zeroing past the end extends with a hole
+        assert node.size == (4 << 20) + 114
+        await node.flush()
+        assert node.counters.sync_calls == 1
+        assert node.counters.syscalls >= node.counters.pread_calls + node.counters.pwrite_calls
+    finally:
+        await node.aclose()
+    assert path.stat().st_size == (4 << 20) + 114
+
+
+async def test_missing_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(HostIOError, match=r"missing.*No such file"):
+        await _open(tmp_path / "missing")
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    return create(tmp_path / "locked.qcow2", "1M")
+
+
+def _qemu_io_write(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["qemu-io", "-c", "write 0 4k", str(path)], capture_output=True,
+                          text=True)
+
+
+async def test_reader_blocks_qemu_writer(image: Path) -> None:
+    node = await _open(image)
+    try:
+        proc = _qemu_io_write(image)
+        assert proc.returncode != 0 and 'Failed to get "write" lock' in proc.stderr
+    finally:
+        await node.aclose()
+    assert _qemu_io_write(image).returncode == 0  # released on close
+
+
+async def test_second_writer_refused_reader_warned(image: Path) -> None:
+    writer = await _open(image, read_only=False)
+    try:
+        with pytest.raises(LockedError, match=r'locked\.qcow2.*"write" lock'):
+            await _open(image, read_only=False)
+        reader = await _open(image)
+        assert reader.lock_warning is not None and "another process" in reader.lock_warning
+        await reader.aclose()
+        proc = subprocess.run(["qemu-img", "info", str(image)], capture_output=True, text=True)
+        assert proc.returncode != 0 and "lock" in proc.stderr
+    finally:
+        await writer.aclose()
+
+
+@pytest.fixture
+def qemu_writer(image: Path, tmp_path: Path) -> Iterator[Path]:
+    sock = tmp_path / "nbd.sock"
+    proc = subprocess.Popen(
+        ["qemu-storage-daemon",
+         "--blockdev", f"driver=file,node-name=f,filename={image}",
+         "--blockdev", "driver=qcow2,node-name=q,file=f",
+         "--nbd-server", f"addr.type=unix,addr.path={sock}",
+         "--export", "type=nbd,id=e,node-name=q,writable=on"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not sock.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        yield image
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+async def test_qemu_writer_refuses_our_writer_and_warns_our_reader(qemu_writer: Path) -> None:
+    with pytest.raises(LockedError, match="another process"):
+        await _open(qemu_writer, read_only=False)
+    reader = await _open(qemu_writer)
+    try:
+        assert reader.lock_warning is not None
+    finally:
+        await reader.aclose()

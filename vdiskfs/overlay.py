@@ -1,0 +1,54 @@
+"""Overlays: a new qcow2 image over an image that must not change (``--overlay``).
+
+The overlay records its backing file by a path relative to its own directory (when the two are
+on the same tree, which on POSIX is always expressible) and the backing file's format, so that
+``qemu-img commit``/``rebase`` and QEMU itself can use it later. Opening an existing overlay
+continues it, after checking that it really is an overlay of that image.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+from vdiskfs.block.node import BlockNode
+from vdiskfs.block.registry import OpenOptions, open_image
+from vdiskfs.errors import VdiskError
+
+__all__ = ["open_overlay"]
+
+
+async def open_overlay(image: str, overlay: str, options: OpenOptions) -> BlockNode:
+    """Open ``overlay`` writable with ``image`` as its read-only backing file.
+
+    ``options.format`` is the format of ``image``. A missing overlay is created first, of the
+    image's virtual size; if opening it then fails, the new file is removed again.
+    """
+    from vdiskfs.drivers.format.qcow2.create import create_qcow2
+
+    created = False
+    if not os.path.exists(overlay):
+        base = await open_image(image, replace(options, read_only=True))
+        try:
+            size, fmt = base.size, base.driver
+        finally:
+            await base.aclose()
+        reference = os.path.relpath(os.path.abspath(image),
+                                    os.path.dirname(os.path.abspath(overlay)))
+        await create_qcow2(overlay, size, backing_file=reference, backing_format=fmt)
+        created = True
+    try:
+        node = await open_image(overlay, replace(options, read_only=False, format="qcow2"))
+    except BaseException:
+        if created:
+            os.unlink(overlay)
+        raise
+    backing = node.child("backing")
+    if backing is None or os.path.realpath(backing.label) != os.path.realpath(image):
+        await node.aclose()
+        found = backing.label if backing is not None else "no backing file"
+        raise VdiskError(
+            f"exists but is not an overlay of {image} (its backing file: {found})",
+            path=overlay,
+        )
+    return node

@@ -10,9 +10,8 @@ import pytest
 from tests.support.conformance import check_block_node
 from tests.support.images import create, info, qemu_img, qemu_io, random_bytes, reference_raw
 from vdiskfs.block.node import BlockStatus
-from vdiskfs.block.registry import OpenOptions, open_image
+from vdiskfs.block.registry import open_image
 from vdiskfs.drivers.format.vdi import DISCARDED, UNALLOCATED
-from vdiskfs.errors import UnsupportedError
 
 MIB = 1 << 20
 
@@ -107,9 +106,3 @@ async def test_discarded_block_reads_zero(tmp_path: Path,
         assert await node.block_status(MIB, MIB) == (BlockStatus.ZERO, MIB)
     finally:
         await node.aclose()
-
-
-async def test_writable_open_refused(vdi_images: dict[str, tuple[Path, bytes]]) -> None:
-    path, _ = vdi_images["dynamic"]
-    with pytest.raises(UnsupportedError, match="writing is not supported"):
-        await open_image(str(path), OpenOptions(read_only=False))

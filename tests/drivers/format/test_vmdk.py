@@ -23,7 +23,6 @@ from vdiskfs.block.registry import OpenOptions, open_image
 from vdiskfs.drivers.format.vmdk import VmdkNode
 from vdiskfs.drivers.format.vmdk.descriptor import looks_like_descriptor, parse_descriptor
 from vdiskfs.drivers.format.vmdk.mapping import Run, RunKind, SparseGeometry, map_grain_table
-from vdiskfs.errors import UnsupportedError
 
 MiB = 1 << 20
 # Writes with qemu-io patterns: data, data spanning grains and grain tables, zeros.
@@ -293,11 +292,6 @@ async def test_compressed_grain_cache(vmdk_images: dict[str, Image]) -> None:
         assert counters["compressed_bytes_read"] > 0
     finally:
         await node.aclose()
-
-
-async def test_writable_open_is_refused(vmdk_images: dict[str, Image]) -> None:
-    with pytest.raises(UnsupportedError, match="writing is not supported"):
-        await _open(vmdk_images["monolithicSparse"].path, read_only=False)
 
 
 @pytest.mark.parametrize("subformat", ["twoGbMaxExtentSparse", "twoGbMaxExtentFlat"])

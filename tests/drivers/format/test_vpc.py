@@ -31,7 +31,6 @@ from vdiskfs.drivers.format.vpc.structs import (
     ParentLocator,
     parent_candidates,
 )
-from vdiskfs.errors import UnsupportedError
 
 MiB = 1 << 20
 BLOCK = 64 * 1024
@@ -265,11 +264,6 @@ def test_parent_candidates_order() -> None:
         3: b"\x00alias-record",
     }
     assert parent_candidates(header, data) == ["../base/p.vhd", "/srv/my vms/p.vhd", "p.vhd"]
-
-
-async def test_writable_open_is_refused(vpc_images: dict[str, Image]) -> None:
-    with pytest.raises(UnsupportedError, match="writing is not supported"):
-        await _open(vpc_images["dynamic"].path, read_only=False)
 
 
 def test_builder_footer_roundtrip(vpc_images: dict[str, Image]) -> None:

@@ -1,4 +1,4 @@
-"""Format driver ``qed``: the QEMU Enhanced Disk format (read-only).
+"""Format driver ``qed``: the QEMU Enhanced Disk format.
 
 Layout (all little-endian; see QEMU's block/qed.h)::
 
@@ -16,23 +16,54 @@ clusters. Every table and cluster offset met while reading is checked as QEMU's
 ``qed_check_cluster_offset`` does (cluster aligned, past the header, inside the file): a bad
 one is a :class:`FormatError` naming the table entry.
 
-``QED_F_NEED_CHECK`` marks an image that was not closed cleanly. QEMU repairs it on a writable
-open and reads it as is when read-only; vdiskfs, read-only, does the latter and warns: the
-checks above make a dangling entry an error, never a read of bytes outside the file.
-
 L2 tables are read in pages of at most :data:`L2_PAGE_ENTRIES` entries through an LRU cache on
 the node, so a hostile 1 GiB table (64 MiB clusters, 16 per table) costs one 32 KiB read per
 page touched, not a 1 GiB allocation.
+
+Writes follow QEMU's ``qed_aio_write_alloc`` path, one allocating write at a time:
+
+* a write to an allocated cluster goes in place;
+* otherwise new clusters are taken at the end of the file (QEMU's ``s->file_size``, the file
+  size rounded down to a cluster), filled with the data and, around it, the bytes the cluster
+  read as before (copy-on-write from the backing file, or zeros), in one write;
+* then the L2 entries are written; when the L1 entry had no table, a new zeroed table is taken
+  at the end of the file, written with the entries and flushed, and only then is the L1 entry
+  written. Metadata is written through: :meth:`~QedNode.flush` only flushes the file.
+
+Crash safety is QEMU's. With a backing file the new clusters are flushed before the L2 entry
+that points at them (a crash can only leak them). Without one that flush is skipped, as QEMU
+skips it: a cluster is always new space at the end of the file, so if its data did not reach the
+disk it reads as zeros, what the unallocated cluster read, or lies past the end of the file --
+which ``QED_F_NEED_CHECK`` covers: it is set (and, unlike QEMU, flushed) before the first
+allocation, and the check it demands clears entries that point past the end. QEMU clears the
+flag from a timer five seconds after the last allocating write and on close; vdiskfs has no
+timer and clears it on the first flush at least :attr:`QedNode.need_check_delay` seconds after
+the last allocation, and on close.
+
+A writable open of an image with ``QED_F_NEED_CHECK`` runs QEMU's ``qed_check`` with repair:
+table and cluster entries that point outside the file are cleared, then the flag; an image with
+a cluster used twice is refused (QEMU opens it and leaves the flag set). A read-only open reads
+the image as is and warns: the checks above make a dangling entry an error, never a read of
+bytes outside the file.
+
+Two deliberate differences from QEMU 7.2: a partial write into a zero cluster fills the rest of
+the new cluster with zeros (QEMU copies the backing file's bytes there, which the guest never
+saw), and zeroing (``zero()``) marks whole unallocated clusters as zero clusters only when a
+backing file shows through them -- without one they read as zeros already.
 """
 
 from __future__ import annotations
 
 import array
+import dataclasses
 import os
 import struct
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
+
+import trio
 
 from vdiskfs.block.format import FormatNode
 from vdiskfs.block.node import BlockNode, BlockStatus, Buffer
@@ -44,6 +75,7 @@ from vdiskfs.drivers.format.runs import (
     RunKind,
     coalesce,
     first_run,
+    le_bytes,
     le_table,
     read_runs,
     run_status,
@@ -72,6 +104,11 @@ MAX_BACKING_NAME = 4095
 L2_PAGE_ENTRIES = 4096
 #: L2 pages the node keeps (4 MiB at most).
 L2_CACHE_PAGES = 128
+#: QEMU's QED_NEED_CHECK_TIMEOUT: seconds after the last allocating write before the
+#: need-check flag is cleared.
+NEED_CHECK_TIMEOUT = 5.0
+#: Tables are written back in whole 512-byte sectors, as QEMU does.
+SECTOR_SIZE = 512
 
 _HEADER = struct.Struct("<IIIIQQQQQII")
 assert _HEADER.size == 64
@@ -96,6 +133,9 @@ class QedHeader:
     @classmethod
     def parse(cls, data: bytes) -> QedHeader:
         return cls(*_HEADER.unpack_from(data))
+
+    def pack(self) -> bytes:
+        return _HEADER.pack(*dataclasses.astuple(self))
 
 
 def _is_power_of_two(value: int) -> bool:
@@ -134,9 +174,18 @@ class QedGeometry:
     def l2_page_entries(self) -> int:
         return min(L2_PAGE_ENTRIES, self.table_entries)
 
+    def is_valid_cluster(self, offset: int) -> bool:
+        """QEMU's ``qed_check_cluster_offset``."""
+        return (offset % self.cluster_size == 0 and self.header_bytes <= offset
+                and offset < self.file_size)
+
+    def is_valid_table(self, offset: int) -> bool:
+        """QEMU's ``qed_check_table_offset``: all ``table_size`` clusters inside the file."""
+        return self.is_valid_cluster(offset) and offset + self.table_bytes <= self.file_size
+
     def check_cluster(self, offset: int, field: str) -> None:
         """QEMU's ``qed_check_cluster_offset``, raising instead of returning false."""
-        if offset % self.cluster_size or offset < self.header_bytes or offset >= self.file_size:
+        if not self.is_valid_cluster(offset):
             raise FormatError(
                 f"cluster offset {offset:#x} is not a cluster-aligned offset between the header "
                 f"({self.header_bytes} bytes) and the end of the file ({self.file_size} bytes)",
@@ -272,26 +321,57 @@ def map_range(geom: QedGeometry, l1: array.array[int],
         offset += n
 
 
+def split_at_tables(geom: QedGeometry, run: Run) -> Iterator[Run]:
+    """Cut ``run`` where one L2 table's reach ends: an allocation updates one table."""
+    span = 1 << geom.l1_shift
+    offset = run.offset
+    while offset < run.end:
+        end = min(run.end, (offset // span + 1) * span)
+        yield Run(run.kind, offset, end - offset)
+        offset = end
+
+
 @dataclass(slots=True)
 class QedCounters(RunCounters):
     l2_cache_hits: int = 0
     l2_cache_misses: int = 0
+    #: Data clusters and L2 tables allocated by writes.
+    clusters_allocated: int = 0
+    l2_tables_allocated: int = 0
+    #: Bytes written around partial-cluster writes into new clusters: the backing file's
+    #: bytes or zeros (copy-on-write).
+    cow_bytes: int = 0
+    #: Unallocated clusters marked as zero clusters by ``zero()``.
+    zero_clusters_marked: int = 0
+    #: Times the need-check flag was set and cleared in the header.
+    need_check_set: int = 0
+    need_check_cleared: int = 0
+    #: Table entries cleared by the repair of a writable open of a need-check image.
+    entries_repaired: int = 0
 
 
 @register
 class QedNode(FormatNode):
-    """A QED image with its optional backing file, read-only."""
+    """A QED image with its optional backing file."""
 
     driver = "qed"
     counters_class = QedCounters
     counters: QedCounters
-    supports_write: ClassVar[bool] = False
+    supports_write: ClassVar[bool] = True
 
     def __init__(self, file: BlockNode, ctx: OpenContext) -> None:
         super().__init__(file, ctx)
         self._l2_cache: LruCache[L2PageKey, array.array[int]] = LruCache(L2_CACHE_PAGES)
+        #: Bumped by every L2 update: a page loaded while one ran may be stale and is not cached.
+        self._l2_generation = 0
+        #: One allocating write at a time, as QEMU's ``allocating_acb``.
+        self._alloc_lock = trio.Lock()
+        self._last_allocation = 0.0
+        #: Seconds after the last allocation before a flush clears the need-check flag.
+        self.need_check_delay = NEED_CHECK_TIMEOUT
         self.backing_filename: str | None = None
         self.backing_format: str | None = None
+        self._writable_open = False
 
     @classmethod
     def probe(cls, head: bytes, tail: bytes, filename: str) -> int:
@@ -304,9 +384,6 @@ class QedNode(FormatNode):
         return self.child("backing")
 
     async def open(self) -> None:
-        if not self.read_only:
-            raise UnsupportedError("qed: writing is not supported yet (open read-only)",
-                                   path=self.label)
         self.header = QedHeader.parse(await self.read_metadata(0, _HEADER.size, "header"))
         header = self.header
         self.geometry = validate_header(header, label=self.label, file_size=self.file.size)
@@ -315,12 +392,11 @@ class QedNode(FormatNode):
         l1_entries = -(-header.image_size // (1 << geom.l1_shift))
         self.l1 = le_table(
             await self.read_metadata(header.l1_table_offset, 8 * l1_entries, "l1_table"), 8)
-        if header.features & F_NEED_CHECK:
-            self.ctx.warn(
-                f"{self.label}: QED image was not closed cleanly (need-check flag set); reading "
-                "it as is, without repair (table entries pointing outside the file are errors)"
-            )
         if header.features & F_BACKING_FILE:
+            if not self.read_only and not self.ctx.options.backing:
+                raise UnsupportedError(
+                    "an image with a backing file cannot be written without it: new clusters "
+                    "must be filled with its bytes", path=self.label, field="backing_filename")
             raw_name = await self.read_metadata(
                 header.backing_filename_offset, header.backing_filename_size, "backing_filename")
             self.backing_filename = os.fsdecode(raw_name)
@@ -335,6 +411,26 @@ class QedNode(FormatNode):
                 )
                 self.add_child("backing", backing)
         self.size = header.image_size
+        #: Where the next cluster is allocated: QEMU's ``s->file_size``.
+        self._file_end = geom.file_size
+        if self.read_only:
+            if header.features & F_NEED_CHECK:
+                self.ctx.warn(
+                    f"{self.label}: QED image was not closed cleanly (need-check flag set); "
+                    "reading it as is, without repair (table entries pointing outside the file "
+                    "are errors)")
+            return
+        if header.autoclear_features:
+            # QEMU knocks out autoclear bits it does not know (it knows none): the features
+            # they announced are no longer maintained once this program writes.
+            self.header = dataclasses.replace(header, autoclear_features=0)
+            await self._write_header()
+            await self.file.flush()
+        if self.header.features & F_NEED_CHECK:
+            await self._check_and_repair()
+        # From here on, closing flushes and marks the image clean; a refused open leaves the
+        # flag as it found it.
+        self._writable_open = True
 
     def info(self) -> dict[str, Any]:
         info: dict[str, Any] = {"cluster-size": self.header.cluster_size}
@@ -345,6 +441,8 @@ class QedNode(FormatNode):
             if self.backing_format is not None:
                 info["backing-filename-format"] = self.backing_format
         return info
+
+    # -- mapping and reads ------------------------------------------------------------------------
 
     async def _load_l2_pages(self, keys: list[L2PageKey]) -> dict[L2PageKey, array.array[int]]:
         geom = self.geometry
@@ -357,10 +455,14 @@ class QedNode(FormatNode):
             if page is None:
                 self.counters.l2_cache_misses += 1
                 l2_offset, number = key
+                generation = self._l2_generation
                 raw = await self.read_metadata(l2_offset + number * page_bytes, page_bytes,
                                                "l2_table")
                 page = le_table(raw, 8)
-                self._l2_cache.put(key, page)
+                # An update that ran while this page was read may not be in it: use it for
+                # this request only.
+                if generation == self._l2_generation:
+                    self._l2_cache.put(key, page)
             else:
                 self.counters.l2_cache_hits += 1
             pages[key] = page
@@ -382,5 +484,262 @@ class QedNode(FormatNode):
         run = first_run(await self._map(offset, window))
         return run_status(run, self.backing)
 
+    # -- writes -----------------------------------------------------------------------------------
+
+    async def _pwrite(self, offset: int, data: Buffer) -> None:
+        view = memoryview(data)
+        runs = coalesce(await self._map(offset, len(view)))
+        if all(run.kind is RunKind.DATA for run in runs):
+            await self._write_in_place(runs, offset, view)
+            return
+        async with self._alloc_lock:
+            # Mapped again under the lock: the allocating write before may have mapped these.
+            runs = coalesce(await self._map(offset, len(view)))
+            for run in runs:
+                chunk = view[run.offset - offset : run.end - offset]
+                if run.kind is RunKind.DATA:
+                    await self.file.pwrite(run.host_offset, chunk)
+                    continue
+                for piece in split_at_tables(self.geometry, run):
+                    await self._allocate(piece, chunk[piece.offset - run.offset :
+                                                      piece.end - run.offset])
+            self._last_allocation = time.monotonic()
+
+    async def _write_in_place(self, runs: list[Run], offset: int, data: memoryview) -> None:
+        for run in runs:
+            await self.file.pwrite(run.host_offset, data[run.offset - offset : run.end - offset])
+
+    async def _allocate(self, run: Run, data: Buffer) -> None:
+        """Write ``data`` (the guest range of ``run``, which one L2 table maps and which is not
+        allocated) into new clusters, then map them: QEMU's ``qed_aio_write_alloc``."""
+        geom = self.geometry
+        start = run.offset - run.offset % geom.cluster_size
+        end = -(-run.end // geom.cluster_size) * geom.cluster_size
+        count = (end - start) // geom.cluster_size
+        await self._set_need_check()
+        host = self._allocate_clusters(count)
+        head = await self._cow_bytes(run.kind, start, run.offset - start)
+        tail = await self._cow_bytes(run.kind, run.end, end - run.end)
+        await self.file.pwrite(host, b"".join((head, data, tail)))
+        self.counters.clusters_allocated += count
+        if self.backing is not None:
+            # QEMU: without this flush a crash could leave the L2 entry pointing at a cluster
+            # whose copied-on-write backing bytes never reached the disk.
+            await self.file.flush()
+        await self._update_l2(start, count, host)
+
+    def _allocate_clusters(self, count: int) -> int:
+        """QEMU's ``qed_alloc_clusters``: reserve space at the end of the file."""
+        offset = self._file_end
+        self._file_end += count * self.geometry.cluster_size
+        self.geometry = dataclasses.replace(self.geometry, file_size=self._file_end)
+        return offset
+
+    async def _cow_bytes(self, kind: RunKind, offset: int, length: int) -> bytes:
+        """The ``length`` bytes at guest ``offset`` of a cluster about to be allocated, as it
+        read before: zeros for a zero cluster, else the backing file's (zeros past its end)."""
+        if length == 0:
+            return b""
+        self.counters.cow_bytes += length
+        backing = self.backing
+        if kind is RunKind.ZERO or backing is None or offset >= backing.size:
+            return bytes(length)
+        stored = min(length, backing.size - offset)
+        data = bytes(await backing.pread(offset, stored))
+        return data + bytes(length - stored)
+
+    async def _update_l2(self, start: int, count: int, value: int) -> None:
+        """Point the L2 entries of the ``count`` clusters from guest ``start`` at ``value``
+        (consecutive clusters from there; or the zero-cluster marker for every one), creating
+        the L2 table first when the L1 entry has none."""
+        geom = self.geometry
+        l1_index = start >> geom.l1_shift
+        first = (start >> geom.l2_shift) & (geom.table_entries - 1)
+        page_entries = geom.l2_page_entries
+        keys_needed = range(first // page_entries, (first + count - 1) // page_entries + 1)
+        l2_offset = self.l1[l1_index]
+        new_table = l2_offset == 0
+        if new_table:
+            l2_offset = self._allocate_clusters(geom.table_size)
+            # Zeros past the end of the file cost no write: the file just grows.
+            await self.file.zero(l2_offset, geom.table_bytes)
+            pages = {(l2_offset, n): array.array("Q", bytes(8 * page_entries))
+                     for n in keys_needed}
+            self.counters.l2_tables_allocated += 1
+        else:
+            pages = await self._load_l2_pages([(l2_offset, n) for n in keys_needed])
+        step = 0 if value == ZERO_CLUSTER else geom.cluster_size
+        for i in range(count):
+            page, in_page = divmod(first + i, page_entries)
+            pages[(l2_offset, page)][in_page] = value + i * step
+        self._l2_generation += 1
+        try:
+            for (table, number), page in pages.items():
+                self._l2_cache.put((table, number), page)
+                lo = max(first, number * page_entries) - number * page_entries
+                hi = min(first + count, (number + 1) * page_entries) - number * page_entries
+                await self._write_table_span(table + 8 * page_entries * number, page, lo, hi)
+        except BaseException:
+            # The cache may now hold entries the file does not: read them again.
+            self._l2_cache.clear()
+            raise
+        if new_table:
+            # The table must be on disk before the L1 entry that points at it.
+            await self.file.flush()
+            self.l1[l1_index] = l2_offset
+            await self._write_table_span(self.header.l1_table_offset, self.l1, l1_index,
+                                         l1_index + 1)
+
+    async def _write_table_span(self, table_offset: int, table: array.array[int], lo: int,
+                                hi: int) -> None:
+        """Write entries ``[lo, hi)`` of ``table`` (stored at ``table_offset``) in whole
+        sectors, as far as ``table`` reaches."""
+        per_sector = SECTOR_SIZE // 8
+        lo -= lo % per_sector
+        hi = min(len(table), -(-hi // per_sector) * per_sector)
+        await self.file.pwrite(table_offset + 8 * lo, le_bytes(table[lo:hi]))
+
+    async def _zero(self, offset: int, length: int, may_unmap: bool) -> None:
+        runs = coalesce(await self._map(offset, length))
+        if all(run.kind is RunKind.DATA for run in runs):
+            for run in runs:
+                await self.file.zero(run.host_offset, run.length, may_unmap=may_unmap)
+            return
+        async with self._alloc_lock:
+            for run in coalesce(await self._map(offset, length)):
+                if run.kind is RunKind.DATA:
+                    await self.file.zero(run.host_offset, run.length, may_unmap=may_unmap)
+                elif run.kind is RunKind.BACKING:
+                    for piece in split_at_tables(self.geometry, run):
+                        await self._zero_unallocated(piece)
+            self._last_allocation = time.monotonic()
+
+    async def _zero_unallocated(self, run: Run) -> None:
+        """Make the unallocated ``run`` (within one L2 table) read as zeros: whole clusters
+        become zero clusters, partial ones are allocated with zeros, as QEMU does."""
+        backing = self.backing
+        if backing is None or run.offset >= backing.size:
+            return  # it reads as zeros already
+        cluster_size = self.geometry.cluster_size
+        first = -(-run.offset // cluster_size) * cluster_size
+        # The image's last cluster counts as whole when the range reaches the image's end.
+        last = run.end if run.end == self.size else run.end - run.end % cluster_size
+        if first >= last:
+            await self._allocate(run, bytes(run.length))
+            return
+        if run.offset < first:
+            await self._allocate(Run(run.kind, run.offset, first - run.offset),
+                                 bytes(first - run.offset))
+        count = -(-(last - first) // cluster_size)
+        await self._set_need_check()
+        await self._update_l2(first, count, ZERO_CLUSTER)
+        self.counters.zero_clusters_marked += count
+        if last < run.end:
+            await self._allocate(Run(run.kind, last, run.end - last), bytes(run.end - last))
+
+    # -- the need-check flag ----------------------------------------------------------------------
+
+    async def _write_header(self) -> None:
+        # Only the 64-byte header: the backing file name after it is never rewritten.
+        await self.file.pwrite(0, self.header.pack())
+
+    async def _set_need_check(self) -> None:
+        """Set the flag before the first metadata update it protects: QEMU's
+        ``qed_should_set_need_check`` (never with a backing file, whose flush before each L2
+        update keeps the tables consistent)."""
+        if self.backing is not None or self.header.features & F_NEED_CHECK:
+            return
+        self.header = dataclasses.replace(self.header,
+                                          features=self.header.features | F_NEED_CHECK)
+        await self._write_header()
+        # QEMU does not flush here; then a reordering disk may write the L2 entry first.
+        await self.file.flush()
+        self.counters.need_check_set += 1
+
+    async def _clear_need_check(self) -> None:
+        """QEMU's ``qed_need_check_timer_entry``: everything on disk, then the flag cleared."""
+        await self.file.flush()
+        self.header = dataclasses.replace(self.header,
+                                          features=self.header.features & ~F_NEED_CHECK)
+        await self._write_header()
+        self.counters.need_check_cleared += 1
+
+    async def _flush(self) -> None:
+        # Tables are written through; the base class flushes the file after this.
+        async with self._alloc_lock:
+            if (self.header.features & F_NEED_CHECK
+                    and time.monotonic() - self._last_allocation >= self.need_check_delay):
+                await self._clear_need_check()
+
     async def _close(self) -> None:
         self._l2_cache.clear()
+        if not self._writable_open:
+            return
+        # QEMU's bdrv_qed_close: a clean shutdown needs no check at the next open.
+        await self.file.flush()
+        if self.header.features & F_NEED_CHECK:
+            await self._clear_need_check()
+            await self.file.flush()
+
+    # -- check and repair -------------------------------------------------------------------------
+
+    async def _check_and_repair(self) -> None:
+        """QEMU's ``qed_check`` with ``fix``, run on a writable open of an image whose
+        need-check flag is set: clear entries that point outside the file, then the flag.
+
+        Clusters referenced twice cannot be repaired: the open is refused.
+        """
+        geom = self.geometry
+        cluster_size = geom.cluster_size
+        used = bytearray(-(-(geom.file_size // cluster_size) // 8))
+        referenced_twice = 0
+
+        def mark(offset: int, count: int) -> bool:
+            fresh = True
+            for cluster in range(offset // cluster_size, offset // cluster_size + count):
+                byte, bit = divmod(cluster, 8)
+                if used[byte] >> bit & 1:
+                    fresh = False
+                used[byte] |= 1 << bit
+            return fresh
+
+        mark(self.header.l1_table_offset, geom.table_size)
+        repaired = 0
+        page_entries = geom.l2_page_entries
+        page_bytes = 8 * page_entries
+        for l1_index, l2_offset in enumerate(self.l1):
+            if not l2_offset:
+                continue
+            if not geom.is_valid_table(l2_offset):
+                self.l1[l1_index] = 0
+                await self._write_table_span(self.header.l1_table_offset, self.l1, l1_index,
+                                             l1_index + 1)
+                repaired += 1
+                continue
+            if not mark(l2_offset, geom.table_size):
+                referenced_twice += 1
+                continue
+            for number in range(geom.table_entries // page_entries):
+                page_offset = l2_offset + number * page_bytes
+                page = le_table(await self.read_metadata(page_offset, page_bytes, "l2_table"), 8)
+                for index, entry in enumerate(page):
+                    if entry in (0, ZERO_CLUSTER):
+                        continue
+                    if not geom.is_valid_cluster(entry):
+                        page[index] = 0
+                        await self._write_table_span(page_offset, page, index, index + 1)
+                        repaired += 1
+                    elif not mark(entry, 1):
+                        referenced_twice += 1
+        self._l2_cache.clear()
+        self.counters.entries_repaired += repaired
+        if referenced_twice:
+            raise self.format_error(
+                f"{referenced_twice} clusters or tables are used twice: writing would corrupt "
+                "data further (the need-check flag stays set); open the image read-only",
+                field="l2_table")
+        await self._clear_need_check()
+        await self.file.flush()
+        self.ctx.warn(f"{self.label}: QED image was not closed cleanly; checked it"
+                      + (f" and cleared {repaired} table entries pointing outside the file"
+                         if repaired else ", no repair needed"))

@@ -32,6 +32,7 @@ __all__ = [
     "RunKind",
     "coalesce",
     "first_run",
+    "le_bytes",
     "le_table",
     "read_runs",
     "run_status",
@@ -174,7 +175,9 @@ class LruCache(Generic[K, V]):
 
     Used for metadata tables (qed L2 pages, vhdx BAT pages and sector bitmaps). Two concurrent
     misses on one key may both load it: harmless while the tables are read-only, and the later
-    ``put`` simply replaces an equal value. Writes will need a per-table lock.
+    ``put`` simply replaces an equal value. A writable node must not let a load that raced an
+    update put a stale page back: qed and vhdx count their updates and cache a loaded page only
+    when none happened while it was read.
     """
 
     def __init__(self, capacity: int) -> None:
@@ -214,3 +217,12 @@ def le_table(data: bytes, itemsize: int) -> array.array[int]:
     if sys.byteorder == "big":  # pragma: no cover - little-endian hosts only in CI
         table.byteswap()
     return table
+
+
+def le_bytes(table: array.array[int]) -> bytes:
+    """Encode entries of a table as :func:`le_table` decodes them: little-endian, for writing a
+    block map, an L2 table or a BAT back to the image."""
+    if sys.byteorder == "big":  # pragma: no cover - little-endian hosts only in CI
+        table = array.array(table.typecode, table)
+        table.byteswap()
+    return table.tobytes()

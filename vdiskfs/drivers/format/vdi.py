@@ -1,4 +1,4 @@
-"""Format driver ``vdi``: VirtualBox Disk Images, version 1.1, static and dynamic (read-only).
+"""Format driver ``vdi``: VirtualBox Disk Images, version 1.1, static and dynamic.
 
 Layout (all little-endian)::
 
@@ -18,33 +18,58 @@ the file.
 
 The block map is small (4 bytes per MiB of disk) and is read whole on open, as QEMU does; only
 the entries the disk size needs are read, however large ``blocks_in_image`` claims to be.
-Writes (allocating blocks at the end of the data area, updating the map, then the header's
-``blocks_allocated``) are a later step; :func:`map_range` already reports what a writer needs.
+
+Writes. A static image has every block allocated: writes go in place. A write to a block that
+is not allocated (never, or discarded) takes data block number ``blocks_allocated`` -- the next
+one after the data area's used blocks, as QEMU's ``vdi_co_pwritev`` -- zeroes it and writes the
+data into it, then updates the block map and ``blocks_allocated`` *in memory*. They reach the
+file at :meth:`~VdiNode.flush` (and close), in an order that makes every crash a leak, never a
+block shared by two guest blocks or a map entry pointing at data never written:
+
+1. the file is flushed: the new blocks' data is durable;
+2. the header, with the new ``blocks_allocated``, is written and flushed;
+3. the changed block map sectors are written (the base class then flushes the file).
+
+A crash before 2 loses the allocations (the next session reuses the same data blocks, zeroing
+them first); between 2 and 3 it leaves ``blocks_allocated`` higher than the map uses: the top
+blocks leak. QEMU writes the header and then the map too, but per request and without flushes;
+writing the map first would be worse, as the next allocation would hand out a block the map
+already uses. ``qemu-img check`` reports such a leak as "allocated blocks mismatch" (it counts it
+as a corruption and cannot repair vdi); vdiskfs repairs it on the next writable open by lowering
+``blocks_allocated`` when the unused blocks are the top ones, which is how a crash leaves them.
+
+Zeroing a range (:meth:`~vdiskfs.block.node.BlockNode.zero`) never allocates: an unallocated
+block already reads as zeros (vdi has no backing file), an allocated one is zeroed in place.
+QEMU has no write-zeroes for vdi and writes zero buffers, allocating; the guest sees the same.
 """
 
 from __future__ import annotations
 
 import array
+import dataclasses
 import struct
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import trio
+
 from vdiskfs.block.format import FormatNode
-from vdiskfs.block.node import BlockStatus, Buffer
-from vdiskfs.block.registry import register
+from vdiskfs.block.node import BlockNode, BlockStatus, Buffer
+from vdiskfs.block.registry import OpenContext, register
 from vdiskfs.drivers.format.runs import (
     Run,
     RunCounters,
     RunKind,
     coalesce,
     first_run,
+    le_bytes,
     le_table,
     read_runs,
     run_status,
 )
-from vdiskfs.errors import FormatError, UnsupportedError
+from vdiskfs.errors import FormatError, NoSpaceError, UnsupportedError
 
 __all__ = ["VdiCounters", "VdiGeometry", "VdiHeader", "VdiNode", "map_range"]
 
@@ -68,6 +93,10 @@ PRE_HEADER_SIZE = 0x48
 
 _HEADER = struct.Struct("<64sIIIII256sIIIIIIIQIIII16s16s16s16s56s")
 assert _HEADER.size == 512
+#: Offset of ``blocks_allocated`` in the 512-byte header (after ``blocks_in_image``).
+BLOCKS_ALLOCATED_OFFSET = 0x184
+#: Block map entries per 512-byte sector: the unit in which the map is written back.
+BMAP_SECTOR_ENTRIES = SECTOR_SIZE // 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,18 +265,49 @@ def map_range(geom: VdiGeometry, bmap: array.array[int], offset: int,
 
 @dataclass(slots=True)
 class VdiCounters(RunCounters):
-    """vdi's counters are the run counters: its block map is read whole on open, so it has no
-    cache to count hits and misses of."""
+    """The run counters (the block map is read whole on open: no cache to count), and what
+    writes did."""
+
+    #: Data blocks allocated by writes.
+    blocks_allocated: int = 0
+    #: Header and block-map write-backs (at flush or close), and the map sectors written.
+    metadata_writebacks: int = 0
+    bmap_sectors_written: int = 0
+
+
+def unused_top_blocks(bmap: array.array[int], blocks_allocated: int) -> int | None:
+    """How many data blocks at the top of ``[0, blocks_allocated)`` the map does not use, or
+    None when allocating would be unsafe: a data block used twice, or an entry at or past
+    ``blocks_allocated`` (the next allocation would hand that block out again).
+
+    A crash between writing the header and the block map (see the module docstring) leaves
+    unused top blocks; lowering ``blocks_allocated`` by this many repairs the image.
+    """
+    used = [entry for entry in bmap if entry < DISCARDED]
+    if len(set(used)) != len(used):
+        return None
+    top = max(used, default=-1) + 1
+    if top > blocks_allocated:
+        return None
+    return blocks_allocated - top
 
 
 @register
 class VdiNode(FormatNode):
-    """A VirtualBox VDI image (version 1.1, static or dynamic), read-only."""
+    """A VirtualBox VDI image (version 1.1, static or dynamic)."""
 
     driver = "vdi"
     counters_class = VdiCounters
     counters: VdiCounters
-    supports_write: ClassVar[bool] = False
+    supports_write: ClassVar[bool] = True
+
+    def __init__(self, file: BlockNode, ctx: OpenContext) -> None:
+        super().__init__(file, ctx)
+        #: Serialises allocations and metadata write-back (QEMU's ``bmap_lock`` write side).
+        self._alloc_lock = trio.Lock()
+        #: Block-map sectors changed in memory and not yet written back.
+        self._dirty_bmap_sectors: set[int] = set()
+        self._header_dirty = False
 
     @classmethod
     def probe(cls, head: bytes, tail: bytes, filename: str) -> int:
@@ -256,15 +316,14 @@ class VdiNode(FormatNode):
         return 0
 
     async def open(self) -> None:
-        if not self.read_only:
-            raise UnsupportedError("vdi: writing is not supported yet (open read-only)",
-                                   path=self.label)
         raw = await self.read_metadata(0, _HEADER.size, "header")
+        self._raw_header = bytearray(raw)
         self.header = VdiHeader.parse(raw)
         disk_size = validate_header(self.header, label=self.label, file_size=self.file.size)
         blocks = -(-disk_size // self.header.block_size)
         table = await self.read_metadata(self.header.offset_bmap, 4 * blocks, "block_map")
         self.bmap = le_table(table, 4)
+        self.blocks_allocated = self.header.blocks_allocated
         self.geometry = VdiGeometry(
             disk_size=disk_size,
             block_size=self.header.block_size,
@@ -273,14 +332,126 @@ class VdiNode(FormatNode):
             label=self.label,
         )
         self.size = disk_size
+        if not self.read_only:
+            await self._prepare_for_writes()
+
+    async def _prepare_for_writes(self) -> None:
+        """Refuse a map that allocation would corrupt further; repair a crash's leak."""
+        unused = unused_top_blocks(self.bmap, self.blocks_allocated)
+        if unused is None:
+            raise self.format_error(
+                "the block map uses a data block twice, or one at or past blocks_allocated "
+                f"({self.blocks_allocated}): allocating would hand out a block in use; open the "
+                "image read-only", field="block_map")
+        if unused:
+            # Only a crash between the header and block-map writes leaves this (see above).
+            self.blocks_allocated -= unused
+            await self._write_header()
+            await self.file.flush()
+            self.ctx.warn(f"{self.label}: {unused} data blocks at the end were allocated but "
+                          "unused (an interrupted write); blocks_allocated lowered to "
+                          f"{self.blocks_allocated}")
 
     def info(self) -> dict[str, Any]:
         return {"cluster-size": self.header.block_size}
 
+    def _map(self, offset: int, length: int) -> list[Run]:
+        return coalesce(map_range(self.geometry, self.bmap, offset, length))
+
     async def _pread(self, offset: int, length: int) -> Buffer:
-        runs = coalesce(map_range(self.geometry, self.bmap, offset, length))
-        return await read_runs(runs, self.file, None, self.counters)
+        return await read_runs(self._map(offset, length), self.file, None, self.counters)
 
     async def _block_status(self, offset: int, length: int) -> tuple[BlockStatus, int]:
         run = first_run(map_range(self.geometry, self.bmap, offset, length))
         return run_status(run, None)
+
+    # -- writes -----------------------------------------------------------------------------------
+
+    async def _pwrite(self, offset: int, data: Buffer) -> None:
+        runs = self._map(offset, len(data))
+        if any(run.kind is not RunKind.DATA for run in runs):
+            async with self._alloc_lock:
+                # Mapped again under the lock: a concurrent writer may have allocated meanwhile.
+                runs = self._map(offset, len(data))
+                await self._write_runs(runs, offset, memoryview(data))
+            return
+        await self._write_runs(runs, offset, memoryview(data))
+
+    async def _write_runs(self, runs: list[Run], offset: int, data: memoryview) -> None:
+        for run in runs:
+            chunk = data[run.offset - offset : run.end - offset]
+            if run.kind is RunKind.DATA:
+                await self.file.pwrite(run.host_offset, chunk)
+            else:
+                await self._allocate(run, chunk)
+
+    async def _allocate(self, run: Run, chunk: memoryview) -> None:
+        """Give the blocks of ``run`` (unallocated, consecutive) consecutive new data blocks,
+        write ``chunk`` into them over zeros, and map them (in memory; see :meth:`_flush`)."""
+        block_size = self.geometry.block_size
+        first_block = run.offset // block_size
+        count = (run.end - 1) // block_size - first_block + 1
+        index = self.blocks_allocated
+        if index + count > self.header.blocks_in_image:
+            # Only an image with holes in its data area gets here (a static one with a
+            # discarded block): vdiskfs allocates at the end only, as QEMU does.
+            raise NoSpaceError(
+                f"no data block left to allocate: {index} of {self.header.blocks_in_image} are "
+                "taken (discarded blocks are not reused)", path=self.label)
+        start = self.geometry.offset_data + index * block_size
+        # The data blocks may hold a crashed session's bytes: zero them (past the end of the
+        # file this only extends it), then write the data into them.
+        await self.file.zero(start, count * block_size)
+        await self.file.pwrite(start + run.offset - first_block * block_size, chunk)
+        for i in range(count):
+            self.bmap[first_block + i] = index + i
+            self._dirty_bmap_sectors.add((first_block + i) // BMAP_SECTOR_ENTRIES)
+        self.blocks_allocated = index + count
+        self._header_dirty = True
+        self.counters.blocks_allocated += count
+        self.geometry = dataclasses.replace(self.geometry, file_size=self.file.size)
+
+    async def _zero(self, offset: int, length: int, may_unmap: bool) -> None:
+        # Unallocated blocks read as zeros already; allocated ones are zeroed in place.
+        for run in self._map(offset, length):
+            if run.kind is RunKind.DATA:
+                await self.file.zero(run.host_offset, run.length, may_unmap=may_unmap)
+
+    # -- metadata write-back ----------------------------------------------------------------------
+
+    async def _flush(self) -> None:
+        async with self._alloc_lock:
+            if not self._header_dirty and not self._dirty_bmap_sectors:
+                return
+            self.counters.metadata_writebacks += 1
+            # The order is the crash-safety argument of the module docstring.
+            await self.file.flush()
+            if self._header_dirty:
+                await self._write_header()
+                await self.file.flush()
+                self._header_dirty = False
+            await self._write_bmap_sectors()
+
+    async def _write_header(self) -> None:
+        struct.pack_into("<I", self._raw_header, BLOCKS_ALLOCATED_OFFSET, self.blocks_allocated)
+        await self.file.pwrite(0, bytes(self._raw_header))
+
+    async def _write_bmap_sectors(self) -> None:
+        sectors = sorted(self._dirty_bmap_sectors)
+        # Neighbouring sectors go out in one write.
+        i = 0
+        while i < len(sectors):
+            j = i
+            while j + 1 < len(sectors) and sectors[j + 1] == sectors[j] + 1:
+                j += 1
+            first = sectors[i] * BMAP_SECTOR_ENTRIES
+            end = min((sectors[j] + 1) * BMAP_SECTOR_ENTRIES, len(self.bmap))
+            await self.file.pwrite(self.header.offset_bmap + 4 * first,
+                                   le_bytes(self.bmap[first:end]))
+            self.counters.bmap_sectors_written += j - i + 1
+            i = j + 1
+        self._dirty_bmap_sectors.clear()
+
+    async def _close(self) -> None:
+        if not self.read_only:
+            await self.flush()

@@ -10,6 +10,10 @@ The first MiB of a VHDX file (MS-VHDX section 2.2)::
 Of the two headers, the valid one (signature, CRC-32C, version 1) with the higher sequence
 number is active, as QEMU's ``vhdx_parse_header`` picks it; two valid headers with one sequence
 number are corrupt unless identical (Disk2VHD writes them so).
+
+A writer updates the headers as the spec's two-header scheme intends: it writes the
+*inactive* header with the next sequence number and flushes, so a torn write leaves the
+previous header active (:func:`encode_header` builds the 4 KiB).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ __all__ = [
     "SIGNATURE",
     "VhdxHeader",
     "choose_header",
+    "encode_header",
 ]
 
 MIB = 1 << 20
@@ -76,6 +81,17 @@ class VhdxHeader:
     def has_log(self) -> bool:
         """Whether the log must be searched for entries to replay (QEMU's test)."""
         return self.log_guid != NIL_GUID and self.log_length != 0
+
+
+def encode_header(header: VhdxHeader) -> bytes:
+    """The 4 KiB of ``header`` as stored (reserved bytes zero), with its CRC-32C."""
+    block = bytearray(HEADER_SIZE)
+    _HEADER.pack_into(
+        block, 0, HEADER_SIGNATURE, 0, header.sequence_number, header.file_write_guid.bytes_le,
+        header.data_write_guid.bytes_le, header.log_guid.bytes_le, header.log_version,
+        header.version, header.log_length, header.log_offset)
+    struct.pack_into("<I", block, 4, crc32c_zeroed(block, 4))
+    return bytes(block)
 
 
 def header_problem(data: bytes) -> str | None:

@@ -1,4 +1,5 @@
-"""The VHDX metadata log, replayed in memory so a read-only open never writes (MS-VHDX 2.3).
+"""The VHDX metadata log: replayed in memory so a read-only open never writes, and written by a
+writable open (MS-VHDX 2.3).
 
 VHDX updates its metadata (BAT, metadata region) through a write-ahead log: a circular buffer
 of entries, each a header, descriptors, and 4 KiB data sectors. When the active header's log
@@ -13,6 +14,9 @@ file -- serves the file's bytes with the replayed sectors laid over them. Everyt
 (region table, metadata, BAT, and payload reads) sees the replayed file; the file itself is
 never touched. An entry's ``last_file_offset`` can extend the file: the overlay reads as zeros
 past the real end.
+
+:func:`encode_entry` builds one entry of full 4 KiB data sectors, what the driver writes to
+journal its BAT updates (see driver.py); :func:`max_data_sectors` says how many fit the log.
 
 Bounds: the log is read whole, so a log longer than :data:`MAX_REPLAY_LOG` is refused (QEMU's
 default log is 1 MiB); the descriptors of one replay are bounded by :data:`MAX_DESCRIPTORS`.
@@ -35,10 +39,13 @@ from vdiskfs.errors import FormatError, UnsupportedError
 
 __all__ = [
     "MAX_REPLAY_LOG",
+    "SECTOR",
     "LogEntry",
     "LogReplayNode",
     "ReplayOverlay",
+    "encode_entry",
     "find_active_sequence",
+    "max_data_sectors",
 ]
 
 SECTOR = 4096
@@ -130,6 +137,48 @@ def _parse_entry(log: bytes, position: int, log_guid: uuid.UUID) -> LogEntry | N
         else:
             return None
     return LogEntry(position, entry_length, sequence, tail, flushed, last, tuple(descriptors))
+
+
+def _descriptor_sectors(count: int) -> int:
+    """Sectors holding the entry header (two descriptor slots) and ``count`` descriptors."""
+    return -(-(count + 2) // 128)
+
+
+def max_data_sectors(log_length: int) -> int:
+    """Most 4 KiB data sectors one entry can carry in a log of ``log_length`` bytes."""
+    total = log_length // SECTOR
+    count = max(0, total - 1)
+    while count and _descriptor_sectors(count) + count > total:
+        count -= 1
+    return count
+
+
+def encode_entry(updates: list[tuple[int, bytes]], *, sequence: int, tail: int,
+                 log_guid: uuid.UUID, flushed_file_offset: int, last_file_offset: int) -> bytes:
+    """One log entry writing each ``(file_offset, 4 KiB)`` of ``updates``, checksummed.
+
+    A data sector keeps the 4 KiB minus its first 8 and last 4 bytes, which travel in the
+    descriptor; their place in the sector holds the signature and the sequence number, so a
+    torn entry is detected (QEMU's ``vhdx_log_raw_to_le_sector``).
+    """
+    count = len(updates)
+    descriptor_sectors = _descriptor_sectors(count)
+    entry = bytearray((descriptor_sectors + count) * SECTOR)
+    _ENTRY_HEADER.pack_into(entry, 0, ENTRY_SIGNATURE, 0, len(entry), tail, sequence, count, 0,
+                            log_guid.bytes_le, flushed_file_offset, last_file_offset)
+    for i, (file_offset, data) in enumerate(updates):
+        if len(data) != SECTOR or file_offset % SECTOR:
+            raise ValueError("log updates are whole, aligned 4 KiB sectors")
+        leading = struct.unpack_from("<Q", data, 0)[0]
+        trailing = struct.unpack_from("<I", data, SECTOR - 4)[0]
+        _DESCRIPTOR.pack_into(entry, _ENTRY_HEADER.size + i * _DESCRIPTOR.size, DATA_DESCRIPTOR,
+                              trailing, leading, file_offset, sequence)
+        base = (descriptor_sectors + i) * SECTOR
+        entry[base : base + SECTOR] = (DATA_SECTOR_SIGNATURE + struct.pack("<I", sequence >> 32)
+                                       + data[8 : SECTOR - 4]
+                                       + struct.pack("<I", sequence & 0xFFFFFFFF))
+    struct.pack_into("<I", entry, 4, crc32c_zeroed(entry, 4))
+    return bytes(entry)
 
 
 def find_active_sequence(log: bytes, log_guid: uuid.UUID) -> list[LogEntry]:

@@ -25,7 +25,7 @@ This module only parses: it never opens a file. Every function is pure and bound
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from vdiskfs.errors import FormatError, UnsupportedError
@@ -40,8 +40,10 @@ __all__ = [
     "Descriptor",
     "ExtentLine",
     "is_descriptor_text",
+    "locate_cid",
     "looks_like_descriptor",
     "parse_descriptor",
+    "replacement_cid",
 ]
 
 #: The most descriptor bytes read: QEMU reads at most 1 MiB - 1; real descriptors are < 2 KiB.
@@ -84,6 +86,8 @@ _EXTENT_RE = re.compile(
     r'(?:\s+"(?P<name>[^"]*)")?(?:\s+(?P<offset>\S+))?\s*$'
 )
 _VERSION_LINE_RE = re.compile(rb"^version=[123]\r?$")
+# The CID line (not parentCID): its hexadecimal digits are group 1.
+_CID_LINE_RE = re.compile(rb"^[ \t]*CID[ \t]*=[ \t]*\"?(?:0[xX])?([0-9A-Fa-f]+)", re.MULTILINE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,3 +289,35 @@ def parse_descriptor(data: bytes, label: str) -> Descriptor:
         extents=tuple(extents),
         ddb=ddb,
     )
+
+
+def locate_cid(data: bytes) -> tuple[int, int] | None:
+    """Where the hexadecimal digits of the ``CID`` line lie in descriptor ``data``, as
+    ``(start, end)`` byte offsets; None without a CID line (before the first NUL)."""
+    nul = data.find(b"\0")
+    text = data if nul < 0 else data[:nul]
+    match = _CID_LINE_RE.search(text)
+    if match is None:
+        return None
+    return match.start(1), match.end(1)
+
+
+def replacement_cid(digits: bytes, old: int, random_below: Callable[[int], int]
+                    ) -> tuple[int, bytes]:
+    """A new CID for an image whose content changed, and its text of exactly ``len(digits)``
+    hexadecimal digits (so the descriptor is rewritten in place, no byte around it moving).
+
+    QEMU gives an image a random new CID on the first write after each open
+    (``vmdk_pwritev``); ``random_below(n)`` draws from ``[0, n)``. The new CID differs from
+    ``old`` and is never ``ffffffff``, which a child's ``parentCID`` uses for "no parent".
+    """
+    width = len(digits)
+    if width == 0:
+        raise ValueError("a CID has at least one digit")
+    # Without a leading zero the value keeps its width however the reader pads it.
+    low = 1 << (4 * (width - 1)) if width < 8 else 0
+    high = min(1 << (4 * width), 1 << 32)
+    while True:
+        cid = low + random_below(high - low)
+        if cid != old and cid != NO_PARENT_CID:
+            return cid, f"{cid:0{width}x}".encode()

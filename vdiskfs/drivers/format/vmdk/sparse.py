@@ -4,7 +4,7 @@ Layout, from VMware's "Virtual Disk Format 5.0" and QEMU's ``block/vmdk.c``::
 
     sector 0          SparseExtentHeader (little endian)
     descriptorOffset  embedded text descriptor (monolithicSparse, streamOptimized)
-    rgdOffset         redundant grain directory and its grain tables (unused for reading)
+    rgdOffset         redundant grain directory and its grain tables (kept in step by writes)
     gdOffset          grain directory: one u32 per grain table, the table's sector
     ...               grain tables: numGTEsPerGT u32 entries, each a grain's sector
     grainOffset       grains
@@ -109,6 +109,17 @@ class SparseHeader:
     @property
     def zero_grain(self) -> bool:
         return bool(self.flags & FLAG_ZERO_GRAIN)
+
+    @property
+    def has_redundant_gd(self) -> bool:
+        """Whether writes must keep a redundant grain directory and tables up to date (QEMU
+        uses ``rgdOffset`` only when the flag says it is valid)."""
+        return bool(self.flags & FLAG_RGD) and self.rgd_offset != 0
+
+    @property
+    def gt_bytes(self) -> int:
+        """Bytes a grain table occupies in the file (whole sectors)."""
+        return -(-self.gtes_per_gt * 4 // SECTOR) * SECTOR
 
     @property
     def gd_at_end(self) -> bool:

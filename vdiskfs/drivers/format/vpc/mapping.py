@@ -9,14 +9,23 @@ the block's data; vdiskfs does the same, so its bytes equal ``qemu-img convert``
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from vdiskfs.drivers.format.runs import Run, RunKind
 from vdiskfs.drivers.format.vpc.structs import BAT_UNALLOCATED, SECTOR
 from vdiskfs.errors import FormatError
 
-__all__ = ["BlockGeometry", "block_window", "check_bat", "map_block"]
+__all__ = [
+    "BlockGeometry",
+    "block_window",
+    "check_bat",
+    "check_block_layout",
+    "map_block",
+    "merge_ranges",
+    "sectors_present",
+    "set_sectors",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,3 +101,63 @@ def _run(present: bool, start: int, end: int, data_start: int, block_size: int) 
     if present:
         return Run(RunKind.DATA, start, end - start, data_start + start % block_size)
     return Run(RunKind.BACKING, start, end - start)
+
+
+def merge_ranges(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, disjoint ``[start, end)`` ranges covering the same bytes (empty ones dropped)."""
+    out: list[tuple[int, int]] = []
+    for start, end in sorted(r for r in ranges if r[1] > r[0]):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
+
+
+def check_block_layout(bat: Sequence[int], geometry: BlockGeometry,
+                       metadata: Sequence[tuple[int, int]], bat_offset: int,
+                       label: str) -> int:
+    """Before writing through the BAT: no block may overlap another or the image's metadata
+    (``metadata``: sorted disjoint ranges, from :func:`merge_ranges`) -- a hostile entry
+    would otherwise turn guest writes into writes over the BAT or another block. Returns the
+    end of the last block (0 without any)."""
+    span = geometry.bitmap_size + geometry.block_size
+    blocks = sorted((entry, index) for index, entry in enumerate(bat)
+                    if entry != BAT_UNALLOCATED)
+    previous_end = 0
+    previous_index = -1
+    meta = 0
+    for entry, index in blocks:
+        start = entry * SECTOR
+        end = start + span
+        if start < previous_end:
+            raise FormatError(
+                f"BAT entries {previous_index} and {index} place overlapping blocks",
+                path=label, field="BAT", offset=bat_offset + 4 * index,
+            )
+        while meta < len(metadata) and metadata[meta][1] <= start:
+            meta += 1
+        if meta < len(metadata) and metadata[meta][0] < end:
+            raise FormatError(
+                f"BAT entry {index} places a block (sector {entry}) over the image's metadata "
+                f"at {metadata[meta][0]:#x}",
+                path=label, field="BAT", offset=bat_offset + 4 * index,
+            )
+        previous_end, previous_index = end, index
+    return previous_end
+
+
+def sectors_present(bitmap: bytes | bytearray, first: int, end: int) -> bool:
+    """Whether the bitmap marks every sector in ``[first, end)`` present."""
+    return all(bitmap[s >> 3] & (0x80 >> (s & 7)) for s in range(first, end))
+
+
+def set_sectors(bitmap: bytearray, first: int, end: int) -> bool:
+    """Mark sectors ``[first, end)`` present; whether any bit changed."""
+    changed = False
+    for sector in range(first, end):
+        mask = 0x80 >> (sector & 7)
+        if not bitmap[sector >> 3] & mask:
+            bitmap[sector >> 3] |= mask
+            changed = True
+    return changed

@@ -54,7 +54,8 @@ def _image(kind: str, directory: Path) -> Path:
         "qcow2-l2ext": {"extended_l2": True, "cluster_size": 32768},
         "qcow2-chain": {"backing": "base.qcow2", "backing_fmt": "qcow2"},
         "qcow2-zstd": {"compression_type": "zstd"},
-        "qcow2-datafile": {"data_file": "disk.data", "data_file_raw": True},
+        # qemu-img takes a relative data file name against its working directory.
+        "qcow2-datafile": {"data_file": str(directory / "disk.data"), "data_file_raw": True},
     }[kind]
     path = create(directory / "disk.qcow2", SIZE, **options)
     cmds = ["write -P 0x21 1M 3M", "write -z 6M 2M", "write -P 0x22 15M 100k"]
@@ -230,11 +231,11 @@ def test_fio_verify(tmp_path: Path) -> None:
     image = create(tmp_path / "fio.qcow2", "64M")
     with mounted(image, mountpoint=tmp_path / "mnt", options=("--rw",)) as mnt:
         subprocess.run(
-            ["fio", "--name=verify", f"--filename={mnt / 'fio.raw'}", "--rw=randrw",
-             "--bs=4k-64k", "--numjobs=4", "--size=12M", "--offset_increment=16M",
+            ["fio", "--name=verify", f"--filename={mnt / 'fio.raw'}", "--rw=randwrite",
+             "--bsrange=4k-64k", "--numjobs=4", "--size=12M", "--offset_increment=16M",
              "--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--ioengine=psync",
-             "--randseed=3", "--group_reporting"],
-            check=True, capture_output=True, text=True,
+             "--randseed=3", "--group_reporting", "--verify_state_save=0"],
+            check=True, capture_output=True, text=True, cwd=tmp_path,
         )
     _check_clean(image, "qcow2")
 
@@ -256,7 +257,7 @@ def _kill_during_storm(image: Path, fmt: str, tmp_path: Path,
                 ["fio", "--name=storm", f"--filename={mnt / (image.stem + '.raw')}",
                  "--rw=randwrite", "--bs=4k-128k", "--offset=8M", "--size=12M",
                  "--ioengine=psync", "--numjobs=2", "--time_based", "--runtime=30"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path,
             )
             time.sleep(1.5)
             os.kill(pid, signal.SIGKILL)  # type: ignore[arg-type]

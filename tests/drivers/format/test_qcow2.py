@@ -27,7 +27,7 @@ from vdiskfs.drivers.format.qcow2.mapping import (
     Geometry,
     RunKind,
 )
-from vdiskfs.errors import FormatError, UnsupportedError
+from vdiskfs.errors import FormatError
 
 ALL = sorted(RECIPES)
 KiB = 1024
@@ -326,12 +326,6 @@ async def test_dirty_image_reads_without_writing(qcow2_images: Qcow2Images) -> N
     finally:
         await node.aclose()
     assert image.path.read_bytes() == before
-
-
-async def test_read_write_open_is_refused(qcow2_images: Qcow2Images) -> None:
-    image = qcow2_images.get("v3")
-    with pytest.raises(UnsupportedError, match=r"disk\.qcow2: qcow2 images can only be opened"):
-        await _open(image, read_only=False)
 
 
 def test_probe() -> None:

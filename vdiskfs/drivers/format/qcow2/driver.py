@@ -1,9 +1,10 @@
-"""Format driver ``qcow2``: QEMU's copy-on-write image format, read side.
+"""Format driver ``qcow2``: QEMU's copy-on-write image format.
 
 The node owns the parsed header, the active L1 table, an LRU cache of decoded L2 slices and its
 children: ``file`` (the image), ``data-file`` (an external data file, when the image has one) and
 ``backing``. Pure work lives beside it: :mod:`.header` parses, :mod:`.mapping` turns guest offsets
-into runs, :mod:`.compression` decodes clusters. The node does the I/O and the accounting.
+into runs, :mod:`.compression` decodes clusters. The node does the I/O and the accounting; opened
+for writing, it hands writes, zeroing, discards, flushes and close to its :mod:`.writer`.
 
 A read maps the request into runs (``_map``), merging neighbours of one kind -- data runs only
 when contiguous on the host, so each becomes one child read -- and then serves each run: data from
@@ -46,7 +47,8 @@ from vdiskfs.drivers.format.qcow2.snapshots import (
     Snapshot,
     parse_snapshot_table,
 )
-from vdiskfs.errors import FormatError, UnsupportedError
+from vdiskfs.drivers.format.qcow2.writer import Qcow2Writer
+from vdiskfs.errors import FormatError
 
 __all__ = ["Qcow2Counters", "Qcow2Node"]
 
@@ -85,6 +87,41 @@ class Qcow2Counters(Counters):
     #: Guest bytes served as zeros without I/O (zero clusters, unallocated without backing,
     #: past the end of a shorter backing file).
     zero_bytes_read: int = 0
+    # -- writing (all zero on a read-only node) --
+    #: Write steps that went to clusters the image owns, without metadata changes.
+    in_place_writes: int = 0
+    #: Write steps that allocated clusters or changed their L2 entries (then linked them).
+    allocating_writes: int = 0
+    #: Host clusters allocated for guest data, and new L2 tables.
+    clusters_allocated: int = 0
+    l2_tables_allocated: int = 0
+    #: Allocations that copied data on write, and the bytes copied (read from the backing
+    #: file, an old or compressed cluster, or zeros written into a reused cluster).
+    cow_operations: int = 0
+    cow_bytes: int = 0
+    #: Clusters or subclusters marked zero instead of written.
+    zero_clusters_written: int = 0
+    #: Writes whose whole (sub)clusters of zeros became zero clusters.
+    zero_writes_detected: int = 0
+    #: Clusters deallocated by discard; host clusters whose refcount was decremented.
+    clusters_discarded: int = 0
+    clusters_freed: int = 0
+    #: Writers that waited for an allocation in flight on the same clusters.
+    allocation_waits: int = 0
+    #: Refcount blocks allocated, and refcount tables replaced by larger ones.
+    refcount_blocks_allocated: int = 0
+    refcount_table_growths: int = 0
+    #: Metadata writes (L2 slices, refcount blocks and table, L1 entries) and the syncs that
+    #: order them.
+    metadata_writebacks: int = 0
+    metadata_flushes: int = 0
+    l2_cache_writebacks: int = 0
+    refcount_cache_hits: int = 0
+    refcount_cache_misses: int = 0
+    refcount_cache_evictions: int = 0
+    refcount_cache_writebacks: int = 0
+    #: Dirty images whose refcounts were rebuilt when opened for writing.
+    refcount_rebuilds: int = 0
 
 
 Run = tuple[RunKind, int, int, int]  # kind, guest offset, host offset (or L2 entry), length
@@ -92,9 +129,10 @@ Run = tuple[RunKind, int, int, int]  # kind, guest offset, host offset (or L2 en
 
 @register
 class Qcow2Node(FormatNode):
-    """A qcow2 image (version 2 or 3), opened read-only."""
+    """A qcow2 image (version 2 or 3)."""
 
     driver = "qcow2"
+    supports_write = True
     counters_class = Qcow2Counters
     counters: Qcow2Counters
 
@@ -119,6 +157,8 @@ class Qcow2Node(FormatNode):
         self._slice_bits = self._slice_mask = self._slice_shift = 0
         self._extended = self._has_data_file = False
         self._not_plain = 0
+        #: The write half, on a writable node only.
+        self._writer: Qcow2Writer | None = None
 
     @classmethod
     def probe(cls, head: bytes, tail: bytes, filename: str) -> int:
@@ -131,8 +171,6 @@ class Qcow2Node(FormatNode):
     # -- open -------------------------------------------------------------------------------------
 
     async def open(self) -> None:
-        if not self.read_only:
-            raise UnsupportedError("qcow2 images can only be opened read-only", path=self.label)
         file = self.file
         head = await self.read_metadata(0, min(file.size, _FIRST_READ), "header")
         wanted = min(file.size, header_probe_length(head))
@@ -148,6 +186,10 @@ class Qcow2Node(FormatNode):
                 await self.read_metadata(header.l1_table_offset, header.l1_size * 8, "L1 table")
             )
         self.snapshots = await self._read_snapshots(header)
+        if not self.read_only:
+            # Before any cache exists: a dirty image gets its refcounts rebuilt here.
+            self._writer = Qcow2Writer(self)
+            header = self.header = await self._writer.prepare(header)
 
         # As QEMU: room for every L2 entry of the disk, up to 32 MiB of them.
         clusters = -(-header.size >> header.cluster_bits)
@@ -156,6 +198,8 @@ class Qcow2Node(FormatNode):
             self.counters,
         )
         self._init_fast_path(geometry)
+        if self._writer is not None:
+            await self._writer.open()
 
         if header.has_data_file:
             assert header.data_file is not None
@@ -211,9 +255,13 @@ class Qcow2Node(FormatNode):
         self._not_plain = OFLAG_COMPRESSED | (0 if g.extended_l2 else OFLAG_ZERO)
 
     async def _close(self) -> None:
-        if self.l2_cache is not None:
-            self.l2_cache.invalidate()
-        self._compressed_data = b""
+        try:
+            if self._writer is not None and self.l2_cache is not None:
+                await self._writer.close()
+        finally:
+            if self.l2_cache is not None:
+                self.l2_cache.invalidate()
+            self._compressed_data = b""
 
     # -- information ------------------------------------------------------------------------------
 
@@ -283,11 +331,41 @@ class Qcow2Node(FormatNode):
                             counters = self.counters
                             counters.l2_cache_hits += 1
                             counters.data_reads += 1
-                            return await data.pread(start, length)
+                            writer = self._writer
+                            if writer is None:
+                                return await data.pread(start, length)
+                            # The cluster may be freed by a concurrent write: keep it until
+                            # this read is done.
+                            token = writer.io_begin()
+                            try:
+                                return await data.pread(start, length)
+                            finally:
+                                writer.io_end(token)
         return await self._pread_mapped(offset, length)
 
     async def _pread_mapped(self, offset: int, length: int) -> Buffer:
-        runs = await self._map(offset, length)
+        writer = self._writer
+        if writer is None:
+            return await self._read_runs(await self._map(offset, length), offset, length)
+        token = writer.io_begin()
+        try:
+            return await self._read_runs(await self._map(offset, length), offset, length)
+        finally:
+            writer.io_end(token)
+
+    async def _reads_as_zero(self, offset: int, length: int) -> bool:
+        """Whether the guest range reads as zeros by its mapping alone (zero clusters,
+        unallocated with no backing data below), without reading anything."""
+        backing = self._backing
+        for kind, guest, _host, _n in await self._map(offset, length):
+            if kind == _ZERO:
+                continue
+            if kind == _BACKING and (backing is None or guest >= backing.size):
+                continue
+            return False
+        return True
+
+    async def _read_runs(self, runs: list[Run], offset: int, length: int) -> Buffer:
         counters = self.counters
         if len(runs) == 1:
             # One run: hand back the child's buffer without copying it.
@@ -421,6 +499,25 @@ class Qcow2Node(FormatNode):
         self.counters.compressed_clusters_read += 1
         self._compressed_entry, self._compressed_data = entry, data
         return data
+
+    # -- writing: the writer does it -------------------------------------------------------------
+
+    async def _pwrite(self, offset: int, data: Buffer) -> None:
+        assert self._writer is not None
+        await self._writer.pwrite(offset, data)
+
+    async def _zero(self, offset: int, length: int, may_unmap: bool) -> None:
+        assert self._writer is not None
+        await self._writer.zero(offset, length, may_unmap=may_unmap)
+
+    async def _discard(self, offset: int, length: int) -> None:
+        assert self._writer is not None
+        await self._writer.discard(offset, length)
+
+    async def _flush(self) -> None:
+        # The metadata, in order; the base class then syncs the children.
+        assert self._writer is not None
+        await self._writer.flush()
 
     # -- block status -----------------------------------------------------------------------------
 

@@ -52,6 +52,9 @@ class Snapshot:
     disk_size: int | None
     #: Instruction count for record/replay (None: not recorded).
     icount: int | None
+    #: Bytes from the start of the table to the end of this entry (the last entry's value is
+    #: the table's length, which a refcount rebuild counts).
+    entry_end: int = 0
 
     def info(self) -> dict[str, Any]:
         """The entry as ``qemu-img info --output=json`` lists it."""
@@ -113,6 +116,7 @@ def parse_snapshot_table(data: bytes, count: int, table_offset: int,
                 vm_state_size=vm_state_size,
                 disk_size=disk_size,
                 icount=None if icount == _NO_ICOUNT else icount,
+                entry_end=entry_end,
             )
         )
         pos = entry_end

@@ -1,0 +1,328 @@
+"""Crash safety of qcow2 writes, without processes: a :class:`~tests.support.faulty.FaultyFile`
+between the qcow2 node and its file stops everything after the N-th write, as if the process had
+been killed there, and then builds the file a power cut could leave (everything flushed, plus any
+subset of the writes since). For many N: ``qemu-img check`` finds no corruption (leaks are
+allowed), and every byte written before the last completed flush, and not since, reads back --
+through QEMU. Lazy refcounts leave the image dirty instead, which opening it for writing
+repairs. Running out of space is an error to the writer and leaves a consistent image."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.support.faulty import LAST, SUFFIX, CrashedError, FaultyFile, crash_images
+from tests.support.images import qemu_img, qemu_io, reference_raw
+from tests.support.qcow2_images import Qcow2Images
+from tests.support.workload import (
+    Operation,
+    assert_check_clean,
+    make_workload,
+    qemu_check,
+)
+from vdiskfs.block.registry import OpenContext, OpenOptions, open_image
+from vdiskfs.drivers.format.qcow2 import Qcow2Node
+from vdiskfs.drivers.protocol.file import FileNode
+from vdiskfs.errors import NoSpaceError, VdiskError
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+@pytest.fixture(scope="session")
+def qcow2_images(tmp_path_factory: pytest.TempPathFactory) -> Qcow2Images:
+    return Qcow2Images(tmp_path_factory.mktemp("qcow2-crash"))
+
+
+async def _open(path: Path, **fault: object) -> tuple[Qcow2Node, FaultyFile]:
+    file = FileNode(str(path), read_only=False)
+    await file.open()
+    faulty = FaultyFile(file, **fault)  # type: ignore[arg-type]
+    await faulty.open()
+    ctx = OpenContext(OpenOptions(read_only=False), path=str(path), chain=(str(path),))
+    node = Qcow2Node(faulty, ctx)
+    try:
+        await node.open()
+    except BaseException:
+        await node.aclose()
+        raise
+    return node, faulty
+
+
+class _Run:
+    """The model of one run: the disk as of the last completed flush, and what was touched
+    since (whose contents a crash leaves undecided)."""
+
+    def __init__(self, initial: bytes) -> None:
+        self.model = bytearray(initial)
+        self.flushed = bytes(initial)
+        self.touched: list[tuple[int, int]] = []
+
+    async def apply(self, node: Qcow2Node, op: Operation) -> None:
+        if op.kind == "flush":
+            await node.flush()
+            self.flushed = bytes(self.model)
+            self.touched.clear()
+            return
+        self.touched.append((op.offset, op.length))
+        if op.kind == "write":
+            data = op.data()
+            await node.pwrite(op.offset, data)
+            self.model[op.offset : op.offset + op.length] = data
+        elif op.kind == "zero":
+            await node.zero(op.offset, op.length, may_unmap=op.may_unmap)
+            self.model[op.offset : op.offset + op.length] = bytes(op.length)
+        else:
+            await node.discard(op.offset, op.length)
+            self.model[op.offset : op.offset + op.length] = await node.pread(op.offset,
+                                                                              op.length)
+
+    def check(self, content: bytes) -> None:
+        """Every byte not touched since the last flush is as flushed."""
+        untouched = bytearray(b"\1") * len(self.flushed)
+        for offset, length in self.touched:
+            untouched[offset : offset + length] = bytes(length)
+        for pos in range(0, len(self.flushed), 4096):
+            mask = untouched[pos : pos + 4096]
+            got = content[pos : pos + 4096]
+            want = self.flushed[pos : pos + 4096]
+            if got != want:
+                bad = [i for i, m in enumerate(mask) if m and got[i] != want[i]]
+                assert not bad, f"flushed byte at {pos + bad[0]} lost after the crash"
+
+
+async def _workload_until_crash(path: Path, ops: list[Operation], crash_after: int | None,
+                                initial: bytes) -> tuple[_Run, FaultyFile, bool]:
+    node, faulty = await _open(path, crash_after=crash_after)
+    run = _Run(initial)
+    try:
+        for op in ops:
+            await run.apply(node, op)
+    except CrashedError:
+        pass
+    finally:
+        # Once crashed, closing writes nothing more: the filter refuses it. (Closing may also
+        # be where the crash happens: writing back, or clearing the dirty bit.)
+        with contextlib.suppress(CrashedError):
+            await node.aclose()
+    return run, faulty, faulty.crashed
+
+
+def _crash_image(directory: Path, name: str, content: bytes) -> Path:
+    # Beside the original, so that a relative backing file name still resolves.
+    path = directory / name
+    path.write_bytes(content)
+    return path
+
+
+async def _sweep(image: Path, work: Path, *, seed: int, count: int, crashes: int,
+                 subsets: int = 2, lazy: bool = False) -> int:
+    """Run a workload once, logging every write and sync below the qcow2 node; then check the
+    power-cut images of ``crashes`` points of it (before each sync, where most is in flight,
+    and elsewhere), ``subsets`` random ones each. Returns how many images were checked."""
+    initial = reference_raw(image, work / "initial.raw").read_bytes()
+    # Beside the image, so that a relative backing file name still resolves.
+    victim = image.parent / "victim.qcow2"
+    shutil.copy(image, victim)
+    node, faulty = await _open(victim)
+    assert node.header is not None
+    ops = make_workload(node.size, seed, count=count, cluster_size=node.header.cluster_size,
+                        flush_every=7, large=256 * KiB)
+    model = bytearray(initial)
+    flushes: list[tuple[int, bytes]] = [(0, bytes(model))]  # (log length, model) per flush
+    started: list[tuple[int, int, int]] = []  # (log length, offset, length) per change
+    run = _Run(initial)
+    try:
+        for op in ops:
+            if op.kind != "flush":
+                started.append((len(faulty.log), op.offset, op.length))
+            await run.apply(node, op)
+            if op.kind == "flush":
+                flushes.append((len(faulty.log), bytes(run.model)))
+    finally:
+        await node.aclose()
+    log = faulty.log
+    rng = random.Random(seed)
+    # Just before a sync is where the most writes are in flight.
+    syncs = [at for at, entry in enumerate(log) if entry is None]
+    points = set(rng.sample(syncs, min(len(syncs), crashes * 2 // 3)))
+    points |= set(rng.sample(range(1, len(log)), min(len(log) - 1, crashes - len(points))))
+    checked = 0
+    for subset in range(subsets):
+        keep = (LAST, SUFFIX, 0.5)[subset % 3]
+        for point, content in crash_images(faulty.initial, log, sorted(points), rng, keep):
+            flushed_at, flushed = max(f for f in flushes if f[0] <= point)
+            expect = _Run(flushed)
+            expect.touched = [(o, n) for at, o, n in started if flushed_at <= at < point]
+            crashed = _crash_image(image.parent, f"crash-{point}-{subset}.qcow2", content)
+            if lazy:
+                await _repair_and_check(crashed, expect, work)
+            else:
+                report = qemu_check(crashed)
+                assert report.get("corruptions", 0) == 0, (point, subset, report)
+                assert report.get("check-errors", 0) == 0, (point, subset, report)
+                expect.check(reference_raw(crashed, work / "crashed.raw").read_bytes())
+            crashed.unlink()
+            checked += 1
+    return checked
+
+
+async def _repair_and_check(image: Path, run: _Run, work: Path) -> None:
+    """A lazy-refcount image after a crash: dirty; a writable open rebuilds its refcounts."""
+    node = await open_image(str(image), OpenOptions(read_only=False))
+    await node.aclose()
+    assert_check_clean(image)
+    run.check(reference_raw(image, work / "crashed.raw").read_bytes())
+
+
+@pytest.mark.parametrize("name", ["v3", "cluster_512", "extended_l2_backing", "snapshots"])
+async def test_crash_anywhere(qcow2_images: Qcow2Images, name: str, tmp_path: Path) -> None:
+    image = _copy(qcow2_images, name, tmp_path)
+    checked = await _sweep(image, tmp_path, seed=1, count=40, crashes=20)
+    assert checked >= 30
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["refcount_1", "refcount_64", "chain_3", "zlib_write", "v2",
+                                  "cluster_2m", "zstd_convert"])
+async def test_crash_anywhere_more(qcow2_images: Qcow2Images, name: str,
+                                   tmp_path: Path) -> None:
+    image = _copy(qcow2_images, name, tmp_path)
+    await _sweep(image, tmp_path, seed=2, count=60, crashes=30, subsets=3)
+
+
+async def test_a_killed_run_is_one_of_the_logged_crashes(qcow2_images: Qcow2Images,
+                                                         tmp_path: Path) -> None:
+    """Killing the run for real (every request refused after the N-th write) leaves exactly
+    what the log of an uninterrupted run says it would: the sweep above checks the real
+    thing."""
+    image = _copy(qcow2_images, "v3", tmp_path)
+    ops = make_workload(4 * MiB, 5, count=20, flush_every=5, large=256 * KiB)
+    initial = reference_raw(image, tmp_path / "initial.raw").read_bytes()
+    full = image.parent / "full.qcow2"
+    shutil.copy(image, full)
+    _run, reference, crashed = await _workload_until_crash(full, ops, None, initial)
+    assert not crashed
+    writes = [at for at, entry in enumerate(reference.log) if entry is not None]
+    for crash_after in (3, len(writes) // 2, len(writes) - 2):
+        killed = image.parent / "killed.qcow2"
+        shutil.copy(image, killed)
+        _run, faulty, crashed = await _workload_until_crash(killed, ops, crash_after, initial)
+        assert crashed
+        point = writes[crash_after]  # the write that was refused
+        assert faulty.log == reference.log[:point]
+        [(_, logged)] = crash_images(reference.initial, reference.log, [point],
+                                     random.Random(9), keep=1.0)
+        assert faulty.crash_image(random.Random(9), keep=1.0) == logged
+        report = qemu_check(_crash_image(image.parent, "c.qcow2", logged))
+        assert report.get("corruptions", 0) == 0, report
+
+
+async def test_crash_while_the_refcount_table_grows(tmp_path: Path) -> None:
+    """512-byte clusters, 64-bit refcounts: new refcount blocks and a refcount table that moves
+    (the header switched to it) in the middle of the run."""
+    image = tmp_path / "disk.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512,refcount_bits=64", image,
+             "6M")
+    # The first table's 64 blocks cover 2 MiB of file: start just short of that.
+    qemu_io(image, "write -q -P 0x21 0 1900k")
+    work = tmp_path / "work"
+    work.mkdir()
+    await _sweep(image, work, seed=4, count=30, crashes=30)
+
+
+async def test_crash_with_lazy_refcounts_is_repaired(tmp_path: Path) -> None:
+    image = tmp_path / "disk.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on,cluster_size=4k", image,
+             "3M")
+    qemu_io(image, "write -q -P 0x33 0 1M")
+    work = tmp_path / "work"
+    work.mkdir()
+    await _sweep(image, work, seed=3, count=30, crashes=10, lazy=True)
+
+
+async def test_lazy_crash_leaves_the_image_dirty(tmp_path: Path) -> None:
+    image = tmp_path / "disk.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", image, "3M")
+    node, faulty = await _open(image)
+    flushed = random.Random(1).randbytes(200_000)
+    await node.pwrite(1000, flushed)
+    await node.flush()
+    await node.pwrite(2 * MiB, b"x" * 100)
+    faulty.crashed = True  # killed here
+    with contextlib.suppress(CrashedError):
+        await node.aclose()
+    crashed = _crash_image(tmp_path, "crashed.qcow2", faulty.crash_image(random.Random(1), 1.0))
+    # Read-only: readable as is, and untouched.
+    before = crashed.read_bytes()
+    node = await open_image(str(crashed))
+    assert node.info()["dirty-flag"] is True
+    await node.pread(0, node.size)
+    await node.aclose()
+    assert crashed.read_bytes() == before
+    # Writable: repaired first, then clean.
+    node = await open_image(str(crashed), OpenOptions(read_only=False))
+    assert node.stats_snapshot().driver["refcount_rebuilds"] == 1
+    assert await node.pread(1000, len(flushed)) == flushed
+    await node.aclose()
+    assert_check_clean(crashed)
+
+
+def _copy(qcow2_images: Qcow2Images, name: str, tmp_path: Path) -> Path:
+    image = qcow2_images.get(name)
+    target = tmp_path / name
+    shutil.copytree(image.path.parent, target)
+    return target / image.path.name
+
+
+# -- out of space --------------------------------------------------------------------------------
+
+
+async def test_out_of_space_is_an_error_and_the_image_stays_valid(
+        qcow2_images: Qcow2Images, tmp_path: Path) -> None:
+    path = _copy(qcow2_images, "chain_3", tmp_path)
+    limit = path.stat().st_size + 300 * KiB
+    node, _faulty = await _open(path, space_limit=limit)
+    rng = random.Random(7)
+    with pytest.raises(NoSpaceError):
+        for _ in range(200):
+            await node.pwrite(rng.randrange(node.size - 70_000), rng.randbytes(70_000))
+    # Writes in place still work, and the node keeps serving reads.
+    await node.pread(0, node.size)
+    with contextlib.suppress(NoSpaceError):
+        await node.aclose()
+    assert_check_clean(path, leaks_allowed=True)
+
+
+def _can_mount_tmpfs() -> bool:
+    return os.geteuid() == 0 and shutil.which("mount") is not None
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs root to mount a tmpfs")
+async def test_host_out_of_space_on_a_small_tmpfs(tmp_path: Path) -> None:
+    mountpoint = tmp_path / "small"
+    mountpoint.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3M", "tmpfs", str(mountpoint)],
+                   check=True)
+    try:
+        path = mountpoint / "disk.qcow2"
+        qemu_img("create", "-q", "-f", "qcow2", path, "64M")
+        node = await open_image(str(path), OpenOptions(read_only=False))
+        rng = random.Random(8)
+        with pytest.raises(NoSpaceError):
+            for i in range(100):
+                await node.pwrite(i * 1 * MiB + 4096, rng.randbytes(300 * KiB))
+                if i % 4 == 3:
+                    await node.flush()
+        with contextlib.suppress(VdiskError):
+            await node.aclose()
+        report = qemu_check(path)
+        assert report.get("corruptions", 0) == 0 and report.get("check-errors", 0) == 0, report
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=True)

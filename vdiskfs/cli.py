@@ -1,4 +1,4 @@
-"""The ``vdiskfs`` command line: mount, unmount, info.
+"""The ``vdiskfs`` command line: mount, unmount, info, create, boot.
 
 Every error the stack raises on purpose is a :class:`~vdiskfs.errors.VdiskError` that names the
 file and field; here it becomes one line on stderr and exit status 1. Anything else is a bug and
@@ -86,6 +86,15 @@ def _build_parser() -> argparse.ArgumentParser:
     create.add_argument("size", metavar="SIZE", nargs="?",
                         help="virtual size (suffixes k, M, G, T); default: the backing file's")
 
+    boot = commands.add_parser(
+        "boot", help="boot a Linux guest whose disks are served by the driver stack",
+        description="Boot a Linux kernel under KVM with a serial console and every --disk as "
+        "a virtio-blk device served by the vdiskfs stack.",
+    )
+    from emulator.cli import add_boot_arguments
+
+    add_boot_arguments(boot)
+
     info = commands.add_parser("info", help="describe an image as qemu-img info does")
     info.add_argument("image", metavar="IMAGE")
     info.add_argument("--json", action="store_true", help="machine-readable output")
@@ -104,6 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "umount": _cmd_unmount,
         "info": _cmd_info,
         "create": _cmd_create,
+        "boot": _cmd_boot,
     }
     try:
         return handlers[args.command](args)
@@ -191,6 +201,12 @@ def argv_of(args: argparse.Namespace) -> list[str]:
     argv.append("--")
     argv += [os.path.abspath(p) for p in args.paths]
     return argv
+
+
+def _cmd_boot(args: argparse.Namespace) -> int:
+    from emulator.cli import run_boot
+
+    return run_boot(args)
 
 
 def _cmd_unmount(args: argparse.Namespace) -> int:

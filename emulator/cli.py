@@ -1,0 +1,124 @@
+"""``vdiskfs boot``: the command-line face of the emulator.
+
+``vdiskfs/cli.py`` wires the ``boot`` sub-command to :func:`add_boot_arguments` and
+:func:`run_boot`; ``python -m emulator`` uses them directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import trio
+
+from emulator.kvm.vm import KvmError
+from emulator.loader.cmdline import CmdlineError
+from emulator.vmm import DiskConfig, VmConfig, Vmm
+from vdiskfs.errors import VdiskError
+from vdiskfs.units import parse_size
+
+__all__ = ["add_boot_arguments", "parse_disk", "parse_memory", "run_boot"]
+
+log = logging.getLogger("vdiskfs.boot")
+
+_DISK_OPTIONS = ("format", "readonly", "overlay")
+
+
+def parse_memory(text: str) -> int:
+    """``256M``, ``1G``, ``262144K`` or a bare number of MiB (as QEMU's ``-m``), in bytes."""
+    try:
+        size = parse_size(text + "M" if text.strip().isdigit() else text, what="memory size")
+    except VdiskError as exc:
+        raise argparse.ArgumentTypeError(f"{exc.message} (e.g. 256M, 1G)") from None
+    if size < 32 << 20:
+        raise argparse.ArgumentTypeError("the guest needs at least 32M of memory")
+    if size > 64 << 30:
+        raise argparse.ArgumentTypeError("at most 64G of guest memory")
+    return size
+
+
+def parse_disk(text: str) -> DiskConfig:
+    """``IMAGE[,format=F][,readonly=on][,overlay=NEW.qcow2]`` (``,,`` is a literal comma)."""
+    parts = [p.replace("\0", ",") for p in text.replace(",,", "\0").split(",")]
+    path, options = parts[0], parts[1:]
+    if not path:
+        raise argparse.ArgumentTypeError("--disk needs an image path")
+    disk = DiskConfig(path)
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or key not in _DISK_OPTIONS:
+            raise argparse.ArgumentTypeError(
+                f"--disk option {option!r}: expected one of "
+                + ", ".join(f"{k}=..." for k in _DISK_OPTIONS))
+        if key == "format":
+            disk.format = value
+        elif key == "readonly":
+            if value not in ("on", "off"):
+                raise argparse.ArgumentTypeError(f"readonly={value}: expected on or off")
+            disk.read_only = value == "on"
+        else:
+            disk.overlay = value
+    return disk
+
+
+def add_boot_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``vdiskfs boot``."""
+    parser.add_argument("--kernel", required=True, metavar="VMLINUX_OR_BZIMAGE",
+                        help="kernel to boot: an ELF vmlinux or a bzImage (gzip, xz, lzma, "
+                        "bzip2, zstd or lz4 payload)")
+    parser.add_argument("--initrd", metavar="FILE", help="initial ramdisk")
+    parser.add_argument("--append", default="", metavar="ARGS",
+                        help="kernel command line (console=ttyS0 and the virtio_mmio.device= "
+                        "arguments are added)")
+    parser.add_argument("--memory", "-m", type=parse_memory, default=256 << 20, metavar="SIZE",
+                        help="guest RAM (default 256M)")
+    parser.add_argument("--disk", type=parse_disk, action="append", default=[],
+                        metavar="IMAGE[,format=F][,readonly=on][,overlay=NEW.qcow2]",
+                        help="a virtio-blk disk served by the vdiskfs stack (/dev/vda, "
+                        "/dev/vdb... in order); repeatable")
+    parser.add_argument("--mount", metavar="MOUNTPOINT",
+                        help="while the guest runs, show the disks (read-only) and live "
+                        "statistics of every layer, the virtio devices and the VM there")
+    parser.add_argument("--stats", metavar="FILE",
+                        help="write all statistics as JSON to FILE when the guest ends")
+    parser.add_argument("--serial", default="stdio", metavar="stdio|FILE",
+                        help="where the serial console goes (stdio: this terminal, with "
+                        "input; Ctrl-A x quits)")
+    parser.add_argument("--verbose", "-v", action="store_true",
+                        help="log the VMM's decisions to stderr")
+    # Developer switches to exercise the fallback paths.
+    parser.add_argument("--virtio-notify", choices=("ioeventfd", "exit"), default="ioeventfd",
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--virtio-irq", choices=("irqfd", "ioctl"), default="irqfd",
+                        help=argparse.SUPPRESS)
+
+
+def run_boot(args: argparse.Namespace) -> int:
+    """Boot the guest; the exit status (0 when the guest powered off or rebooted)."""
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="vdiskfs boot: %(message)s", stream=sys.stderr)
+    config = VmConfig(
+        kernel=args.kernel,
+        initrd=args.initrd,
+        append=args.append,
+        memory=args.memory,
+        disks=list(args.disk),
+        serial=args.serial,
+        mountpoint=args.mount,
+        stats_file=args.stats,
+        virtio_notify=args.virtio_notify,
+        virtio_irq=args.virtio_irq,
+    )
+    vmm = Vmm(config)
+    try:
+        outcome = trio.run(vmm.run)
+    except (VdiskError, KvmError, CmdlineError) as exc:
+        print(f"vdiskfs boot: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"vdiskfs boot: error: {exc}", file=sys.stderr)
+        return 1
+    if outcome.status != 0 or args.verbose:
+        print(f"vdiskfs boot: {outcome}", file=sys.stderr)
+    return outcome.status

@@ -1,0 +1,210 @@
+"""Work-arounds for an emulated KVM: the ``kvm_pvm`` module ("pagetable-based virtual machine").
+
+Where /dev/kvm is PVM (the VMM itself runs in a VM without hardware virtualization), an
+unmodified guest kernel runs largely inside KVM's instruction emulator, and three things differ
+from hardware KVM (measured, see ``/work/shared/notes/kvm-here.md`` and ``emulator/NOTES.md``):
+
+- ``KVM_SET_CPUID2`` does not hide CPU features from the guest: it reads the host's CPUID. The
+  features the emulator cannot run are hidden on the kernel command line instead
+  (:data:`CMDLINE_MASKS`).
+- A few instructions stop the vCPU with an emulation failure although the guest needs them:
+  ``int3`` (the kernel's self-test and its live text patching), ``fwait``, and the fences. The
+  VMM completes them itself (:func:`classify`): skip a no-op, or skip ``int3`` and inject the
+  breakpoint exception the guest expects. Re-entering without a fix-up fails again.
+- A ``syscall`` from guest user mode is only half done: RCX, R11 and RIP (= LSTAR) are set,
+  but the vCPU stays in user mode, so fetching the kernel's entry point faults. The VMM
+  finishes the job (:class:`SyscallCompleter`): a hardware breakpoint on the guest's
+  page-fault entry catches exactly that fault, and the VMM switches to the kernel's CS/SS
+  (from STAR), restores the user RSP and masks RFLAGS (FMASK), as the instruction would have.
+
+On hardware KVM none of this is applied.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from emulator.kvm import abi
+
+if TYPE_CHECKING:
+    from emulator.kvm.vcpu import Vcpu
+    from emulator.memory import GuestMemory
+
+__all__ = ["CMDLINE_MASKS", "Fixup", "SyscallCompleter", "classify"]
+
+#: Kernel arguments hiding what PVM's emulator lacks: PKU, FSGSBASE, the mitigations (page
+#: table isolation among them), and via clearcpuid the bits for SMAP (308), SMEP (295),
+#: FSGSBASE (288), PCID (145), INVPCID (298), CX16 (141), XSAVE (154), POPCNT (151), RDRAND
+#: (158) and RDSEED (306). kvm-here.md's "noxsave" and "nopti" are left out: clearcpuid=154 and
+#: mitigations=off do the same, and the kernel hands arguments it does not register on to
+#: init (``init=/bin/sh`` would try to run a script called "noxsave").
+CMDLINE_MASKS: tuple[str, ...] = (
+    "nopku",
+    "nofsgsbase",
+    "mitigations=off",
+    "clearcpuid=308,295,288,145,298,141,154,151,158,306",
+)
+
+#: Breakpoint exception vector.
+BP_VECTOR = 3
+
+
+@dataclass(frozen=True)
+class Fixup:
+    """What the VMM does for an instruction the emulator refused."""
+
+    name: str
+    #: Bytes to advance RIP by.
+    length: int
+    #: Exception vector to inject after advancing (a trap, so RIP points past it), or None.
+    inject: int | None = None
+
+
+_FENCES = {
+    b"\x0f\xae\xe8": "lfence",
+    b"\x0f\xae\xf0": "mfence",
+    b"\x0f\xae\xf8": "sfence",
+}
+
+
+def classify(instruction: bytes) -> Fixup | None:
+    """The fix-up for the instruction at the failing RIP, or None when there is none."""
+    if instruction[:1] == b"\xcc":
+        return Fixup("int3", 1, inject=BP_VECTOR)
+    if instruction[:1] == b"\x9b":
+        return Fixup("fwait", 1)
+    fence = _FENCES.get(bytes(instruction[:3]))
+    if fence is not None:
+        return Fixup(fence, 3)
+    return None
+
+
+MSR_STAR = 0xC000_0081
+MSR_LSTAR = 0xC000_0082
+MSR_SYSCALL_MASK = 0xC000_0084
+#: Start of the kernel half of the x86_64 address space.
+KERNEL_SPACE = 0xFFFF_8000_0000_0000
+PAGE_FAULT_VECTOR = 14
+#: Page-fault error code bits: the access came from user mode; it was an instruction fetch.
+PF_USER = 1 << 2
+PF_INSTRUCTION = 1 << 4
+X86_CR0_PG = 1 << 31
+#: Exits between checks that the breakpoint still sits on the guest's page-fault entry.
+RECHECK_EVERY = 4096
+_IDT_GATE = struct.Struct("<HHBBHII")
+_PF_FRAME = struct.Struct("<6Q")  # error code, RIP, CS, RFLAGS, RSP, SS
+
+
+class SyscallCompleter:
+    """Finishes the user-mode ``syscall`` instructions that PVM leaves in user mode.
+
+    Cost: three debug exits per guest page fault (the breakpoint, then a single step over the
+    entry's first instruction with the breakpoint off, since the resume flag is not honoured
+    here), one per system call.
+    """
+
+    def __init__(self, vcpu: Vcpu, memory: GuestMemory) -> None:
+        self.vcpu = vcpu
+        self.memory = memory
+        #: The guest's page-fault entry point while a breakpoint is on it.
+        self.handler: int | None = None
+        self._stepping = False
+        self._polls = 0
+        self.completed = 0
+        self.breakpoint_hits = 0
+
+    def stats(self) -> dict[str, int]:
+        return {"syscalls_completed": self.completed,
+                "page_fault_breakpoints": self.breakpoint_hits}
+
+    def poll(self) -> None:
+        """After a VM exit: put the breakpoint on the page-fault entry once the guest kernel
+        has its IDT (then re-check now and then)."""
+        self._polls += 1
+        if self._stepping or (self.handler is not None and self._polls % RECHECK_EVERY):
+            return
+        handler = self._page_fault_entry()
+        if handler is not None and handler != self.handler:
+            self.handler = handler
+            self._arm()
+
+    def _arm(self) -> None:
+        assert self.handler is not None
+        self.vcpu.set_guest_debug(abi.KVM_GUESTDBG_ENABLE | abi.KVM_GUESTDBG_USE_HW_BP,
+                                  (self.handler,))
+
+    def _read_virtual(self, address: int, length: int) -> bytes | None:
+        gpa = self.vcpu.translate(address)
+        if gpa is None or (gpa & 0xFFF) + length > 0x1000 or not self.memory.contains(gpa, length):
+            return None
+        return self.memory.read(gpa, length)
+
+    def _page_fault_entry(self) -> int | None:
+        sregs = self.vcpu.get_sregs()
+        if not sregs.cr0 & X86_CR0_PG or sregs.idt.base < KERNEL_SPACE:
+            return None
+        if sregs.idt.limit < 16 * (PAGE_FAULT_VECTOR + 1) - 1:
+            return None
+        gate = self._read_virtual(sregs.idt.base + 16 * PAGE_FAULT_VECTOR, 16)
+        if gate is None:
+            return None
+        low, _selector, _ist, attributes, middle, high, _ = _IDT_GATE.unpack(gate)
+        handler = low | middle << 16 | high << 32
+        return handler if attributes & 0x80 and handler >= KERNEL_SPACE else None
+
+    def on_debug_exit(self) -> None:
+        """A KVM_EXIT_DEBUG: the breakpoint, or the end of the step over it."""
+        if self._stepping:
+            self._stepping = False
+            self._arm()
+            return
+        regs = self.vcpu.get_regs()
+        if regs.rip != self.handler:
+            return
+        self.breakpoint_hits += 1
+        if self._complete_syscall(regs):
+            return  # RIP is now the kernel's syscall entry, away from the breakpoint
+        self._stepping = True
+        self.vcpu.set_guest_debug(abi.KVM_GUESTDBG_ENABLE | abi.KVM_GUESTDBG_SINGLESTEP)
+
+    def _complete_syscall(self, regs: abi.KvmRegs) -> bool:
+        frame = self._read_virtual(regs.rsp, _PF_FRAME.size)
+        if frame is None:
+            return False
+        error, rip, cs, _rflags, user_rsp, ss = _PF_FRAME.unpack(frame)
+        lstar = self.vcpu.get_msr(MSR_LSTAR)
+        if (rip != lstar or cs & 3 != 3 or ss & 3 != 3
+                or error & (PF_USER | PF_INSTRUCTION) != PF_USER | PF_INSTRUCTION):
+            return False
+        sregs = self.vcpu.get_sregs()
+        if sregs.cr2 != lstar:
+            return False
+        # What SYSCALL does (Intel SDM vol. 2B): CS and SS from STAR[47:32], CPL 0, flat.
+        kernel_cs = (self.vcpu.get_msr(MSR_STAR) >> 32) & 0xFFFC
+        _flat(sregs.cs, kernel_cs, segment_type=0xB, long_mode=True)
+        _flat(sregs.ss, kernel_cs + 8, segment_type=0x3, long_mode=False)
+        self.vcpu.set_sregs(sregs)
+        # PVM already put the return address in RCX and the user RFLAGS in R11.
+        regs.rip = lstar
+        regs.rsp = user_rsp
+        regs.rflags = (regs.r11 & ~self.vcpu.get_msr(MSR_SYSCALL_MASK)) | 0x2
+        self.vcpu.set_regs(regs)
+        self.completed += 1
+        return True
+
+
+def _flat(segment: abi.KvmSegment, selector: int, *, segment_type: int, long_mode: bool) -> None:
+    segment.selector = selector
+    segment.base = 0
+    segment.limit = 0xFFFFFFFF
+    segment.type = segment_type
+    segment.present = 1
+    segment.dpl = 0
+    segment.s = 1
+    segment.l = int(long_mode)
+    segment.db = int(not long_mode)
+    segment.g = 1
+    segment.avl = 0
+    segment.unusable = 0

@@ -1,0 +1,342 @@
+"""Booting the test kernel on disks served by the vdiskfs stack (acceptance of the emulator).
+
+Each boot goes all the way: the kernel probes the GPT through the stack, mounts the ext4 root,
+runs /sbin/init (scripts/guest/init.sh: md5sums a partition against the host's value, writes a
+file, powers off). Where /dev/kvm is the emulated kvm_pvm, guest system calls work only thanks
+to the VMM's SyscallCompleter (emulator/NOTES.md); with VDISKFS_BOOT_NO_USERSPACE=1 the tests
+accept a guest that stops at its first system call instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.emulator.guest import BootResult, RootDisk, boot, is_pvm, stop_group
+from vdiskfs.block.registry import driver_names, get_driver
+
+pytestmark = [pytest.mark.boot, pytest.mark.slow]
+
+MEMORY = "64M"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _md5_range(path: Path, offset: int, size: int) -> str:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return hashlib.md5(f.read(size)).hexdigest()
+
+
+def _extract(path: Path, offset: int, size: int, out: Path) -> Path:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        out.write_bytes(f.read(size))
+    return out
+
+
+def _guest_file(partition: Path) -> str:
+    """The file the test guest's init writes, read back from the ext4 partition."""
+    return subprocess.run(["debugfs", "-R", "cat /vdiskfs-guest-was-here", str(partition)],
+                          capture_output=True, text=True).stdout
+
+
+def _root_partition_of(image: Path, disk: RootDisk, tmp_path: Path) -> Path:
+    """Partition 1 of any image format, as QEMU reads it."""
+    raw = tmp_path / f"{image.stem}-converted.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(image), str(raw)], check=True)
+    return _extract(raw, disk.root_offset, disk.root_size, tmp_path / f"{image.stem}-p1.ext4")
+
+
+def _superblock(partition: Path) -> dict[str, str]:
+    text = subprocess.run(["dumpe2fs", "-h", str(partition)], capture_output=True, text=True,
+                          check=True).stdout
+    return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in
+                                                  text.splitlines()) if v}
+
+
+def _assert_kernel_ran_init_from_disk(result: BootResult, *, writable: bool) -> None:
+    out = result.output
+    assert "vda: vda1 vda2" in out, out[-3000:]  # the GPT was probed through the stack
+    assert "EXT4-fs (vda1): mounted filesystem" in out, out[-3000:]
+    mode = "" if writable else " readonly"
+    assert f"VFS: Mounted root (ext4 filesystem){mode} on device" in out, out[-3000:]
+    assert "Run /sbin/init as init process" in out, out[-3000:]
+    if os.environ.get("VDISKFS_BOOT_NO_USERSPACE"):
+        # The kernel read and mapped /sbin/init (and its /bin/sh) from ext4; the first system
+        # call faulted. A panic is a non-zero exit with a one-line reason.
+        assert result.returncode == 2, result.stderr
+        assert re.search(r"^vdiskfs boot: panic: guest panic: Attempted to kill init!",
+                         result.stderr, re.M), result.stderr
+        return
+    assert result.returncode == 0, result.stderr + out[-3000:]
+    assert "VDISKFS-GUEST: init running" in out
+    assert "VDISKFS-GUEST: md5 ok /dev/vda2" in out, out[-3000:]
+    assert "reboot: System halted" in out
+
+
+def _assert_layers_counted(stats: dict, disk: str, *, writes: bool) -> None:
+    layers = {k: v for k, v in stats[disk].items() if re.fullmatch(r"\d+-\w+", k)}
+    assert layers, stats[disk].keys()
+    for name, layer in layers.items():
+        assert layer["rd_operations"] > 0 and layer["rd_bytes"] > 0, name
+        if writes:
+            assert layer["wr_operations"] > 0 and layer["wr_bytes"] > 0, name
+        else:
+            assert layer["wr_operations"] == 0, name
+    blk = stats[disk]["virtio-blk"]
+    assert blk["read_requests"] > 0 and blk["read_bytes"] > 0
+    assert (blk["write_requests"] > 0) == writes
+    assert blk["malformed_chains"] == 0 and blk["status_ioerr"] == 0
+    vm = stats["vm"]
+    assert vm["exits_total"] > 0 and vm["exits"]["io"] > 0
+    assert vm["console_milestones_s"]["run_init"] > 0
+
+
+def test_ext4_root_read_write_on_a_raw_gpt_disk(guest_kernel: Path, root_disk: RootDisk,
+                                                tmp_path: Path) -> None:
+    data_before = _md5_range(root_disk.path, root_disk.data_offset, root_disk.data_size)
+    assert data_before == root_disk.data_md5
+    sb_before = _superblock(_extract(root_disk.path, root_disk.root_offset, root_disk.root_size,
+                                     tmp_path / "before.ext4"))
+    assert sb_before["Mount count"] == "0"
+
+    result = boot(
+        "--kernel", str(guest_kernel), "--memory", MEMORY,
+        "--disk", f"{root_disk.path},format=raw",
+        "--append", f"root=/dev/vda1 rw vdiskfs.md5dev=/dev/vda2 vdiskfs.md5={data_before}",
+        stats=tmp_path / "stats.json",
+    )
+    _assert_kernel_ran_init_from_disk(result, writable=True)
+
+    partition = _extract(root_disk.path, root_disk.root_offset, root_disk.root_size,
+                         tmp_path / "after.ext4")
+    sb_after = _superblock(partition)
+    assert int(sb_after["Mount count"]) > 0
+    assert sb_after["Last mount time"] != sb_before["Last mount time"]
+    fsck = subprocess.run(["e2fsck", "-fn", str(partition)], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    assert _md5_range(root_disk.path, root_disk.data_offset, root_disk.data_size) == data_before
+    if not os.environ.get("VDISKFS_BOOT_NO_USERSPACE"):
+        assert "written by the vdiskfs test guest" in _guest_file(partition)
+
+    assert result.stats is not None
+    _assert_layers_counted(result.stats, "root", writes=True)
+    assert result.stats["vm"]["outcome"]["status"] == result.returncode
+    if is_pvm() and not os.environ.get("VDISKFS_BOOT_NO_USERSPACE"):
+        assert result.stats["vm"]["pvm_syscalls_completed"] > 0
+
+
+@pytest.mark.skipif("qcow2" not in driver_names(), reason="no qcow2 driver")
+def test_bzimage_with_a_read_only_qcow2_root(guest_kernel: Path, root_disk: RootDisk,
+                                             tmp_path: Path) -> None:
+    image = tmp_path / "root.qcow2"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(root_disk.path),
+                    str(image)], check=True)
+    before = _sha256(image)
+    result = boot(
+        "--kernel", str(guest_kernel.parent / "bzImage"), "--memory", MEMORY,
+        "--disk", f"{image},readonly=on",
+        "--append", f"root=/dev/vda1 ro vdiskfs.md5dev=/dev/vda2 vdiskfs.md5={root_disk.data_md5}",
+        stats=tmp_path / "stats.json",
+    )
+    _assert_kernel_ran_init_from_disk(result, writable=False)
+    assert _sha256(image) == before
+    check = subprocess.run(["qemu-img", "check", str(image)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout
+    assert result.stats is not None
+    assert result.stats["root"]["0-qcow2"]["rd_operations"] > 0
+    _assert_layers_counted(result.stats, "root", writes=False)
+
+
+def _qcow2_writable() -> bool:
+    return "qcow2" in driver_names() and bool(getattr(get_driver("qcow2"), "supports_write",
+                                                      False))
+
+
+@pytest.mark.skipif(not _qcow2_writable(), reason="the qcow2 driver cannot write yet")
+def test_ext4_root_read_write_on_qcow2(guest_kernel: Path, root_disk: RootDisk,
+                                       tmp_path: Path) -> None:
+    image = tmp_path / "root.qcow2"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(root_disk.path),
+                    str(image)], check=True)
+    result = boot(
+        "--kernel", str(guest_kernel), "--memory", MEMORY, "--disk", str(image),
+        "--append", f"root=/dev/vda1 rw vdiskfs.md5dev=/dev/vda2 vdiskfs.md5={root_disk.data_md5}",
+        stats=tmp_path / "stats.json",
+    )
+    _assert_kernel_ran_init_from_disk(result, writable=True)
+    check = subprocess.run(["qemu-img", "check", str(image)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout
+    partition = _root_partition_of(image, root_disk, tmp_path)
+    assert int(_superblock(partition)["Mount count"]) > 0
+    fsck = subprocess.run(["e2fsck", "-fn", str(partition)], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout
+    if not os.environ.get("VDISKFS_BOOT_NO_USERSPACE"):
+        assert "written by the vdiskfs test guest" in _guest_file(partition)
+    assert result.stats is not None
+    _assert_layers_counted(result.stats, "root", writes=True)
+
+
+@pytest.mark.skipif(not _qcow2_writable(), reason="overlay= needs qcow2 write support")
+def test_overlay_leaves_the_base_unchanged(guest_kernel: Path, root_disk: RootDisk,
+                                           tmp_path: Path) -> None:
+    before = _sha256(root_disk.path)
+    overlay = tmp_path / "overlay.qcow2"
+    result = boot(
+        "--kernel", str(guest_kernel), "--memory", MEMORY,
+        "--disk", f"{root_disk.path},format=raw,overlay={overlay}",
+        "--append", f"root=/dev/vda1 rw vdiskfs.md5dev=/dev/vda2 vdiskfs.md5={root_disk.data_md5}",
+    )
+    _assert_kernel_ran_init_from_disk(result, writable=True)
+    assert _sha256(root_disk.path) == before
+    check = subprocess.run(["qemu-img", "check", str(overlay)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(overlay)],
+                                     capture_output=True, text=True, check=True).stdout)
+    backing = os.path.join(os.path.dirname(overlay), info["backing-filename"])
+    assert os.path.samefile(backing, root_disk.path)
+    partition = _root_partition_of(overlay, root_disk, tmp_path)
+    assert int(_superblock(partition)["Mount count"]) > 0
+    if not os.environ.get("VDISKFS_BOOT_NO_USERSPACE"):
+        assert "written by the vdiskfs test guest" in _guest_file(partition)
+
+
+@pytest.mark.mount
+def test_live_stats_under_mount(guest_kernel: Path, root_disk: RootDisk, tmp_path: Path) -> None:
+    import json
+    import sys
+
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    cmd = [sys.executable, "-m", "emulator", "--kernel", str(guest_kernel), "--memory", MEMORY,
+           "--disk", f"{root_disk.path},format=raw", "--mount", str(mountpoint),
+           "--append", "root=/dev/vda1 rw"]
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True,
+                            cwd=Path(__file__).resolve().parents[2])
+    try:
+        vm_file = mountpoint / "stats" / "vm"
+        blk_file = mountpoint / "stats" / "root" / "virtio-blk"
+        deadline = time.monotonic() + 60
+        while not vm_file.exists():
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            assert time.monotonic() < deadline, "the mount did not appear"
+            time.sleep(0.2)
+        first = json.loads(vm_file.read_text())
+        # The guest keeps running: the VM's exits and the device's requests move, live.
+        deadline = time.monotonic() + 120
+        while True:
+            vm = json.loads(vm_file.read_text())
+            blk = json.loads(blk_file.read_text())
+            if blk["read_requests"] > 0 and vm["exits_total"] > first["exits_total"]:
+                break
+            assert proc.poll() is None, "the guest ended before its disk was read"
+            assert time.monotonic() < deadline, (vm, blk)
+            time.sleep(0.5)
+        assert vm["outcome"] is None  # still running
+        layer = json.loads((mountpoint / "stats" / "root" / "0-raw").read_text())
+        assert layer["rd_operations"] > 0
+        assert sorted(os.listdir(mountpoint / "stats" / "root"))[:3] == ["0-raw", "1-file",
+                                                                          "tree"]
+        # The disk itself, read-only while the guest owns it.
+        view = mountpoint / "root.raw"
+        assert not os.access(view, os.W_OK)
+        with open(view, "rb") as f:
+            f.seek(root_disk.data_offset)
+            assert hashlib.md5(f.read(root_disk.data_size)).hexdigest() == root_disk.data_md5
+        out, _ = proc.communicate(timeout=240)
+        assert b"Run /sbin/init" in out
+    finally:
+        stop_group(proc)
+        if os.path.ismount(mountpoint):
+            subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
+    assert not os.path.ismount(mountpoint)
+
+
+@pytest.mark.skipif(bool(os.environ.get("VDISKFS_BOOT_NO_USERSPACE")),
+                    reason="VDISKFS_BOOT_NO_USERSPACE is set")
+def test_user_space_from_an_initramfs(guest_kernel: Path, root_disk: RootDisk,
+                                      tmp_path: Path) -> None:
+    """The test initramfs's /init md5sums /dev/vda (a small data disk), writes a file on
+    /dev/vdb1 (the root disk's ext4) and powers off."""
+    initramfs = tmp_path / "initramfs.cpio"
+    subprocess.run([str(Path(__file__).resolve().parents[2] / "scripts" / "guest" /
+                        "build-initramfs.sh"), str(initramfs)], check=True, capture_output=True)
+    data = tmp_path / "data.raw"
+    data.write_bytes(os.urandom(1 << 20))
+    whole = hashlib.md5(data.read_bytes()).hexdigest()
+    result = boot(
+        "--kernel", str(guest_kernel), "--memory", MEMORY, "--initrd", str(initramfs),
+        "--disk", f"{data},format=raw,readonly=on",
+        "--disk", f"{root_disk.path},format=raw",
+        "--append", f"rdinit=/init vdiskfs.md5dev=/dev/vda vdiskfs.md5={whole} "
+                    "vdiskfs.writedev=/dev/vdb1",
+    )
+    assert result.returncode == 0, result.stderr + result.output[-3000:]
+    assert f"VDISKFS-GUEST: md5 ok /dev/vda {whole}" in result.output
+    assert "VDISKFS-GUEST: wrote /mnt/vdiskfs-guest-was-here" in result.output
+    partition = _extract(root_disk.path, root_disk.root_offset, root_disk.root_size,
+                         tmp_path / "p1.ext4")
+    assert "written by the vdiskfs test guest" in _guest_file(partition)
+
+
+def test_interactive_console(guest_kernel: Path, root_disk: RootDisk) -> None:
+    """The serial console on a terminal: the guest's shell reads what is typed, and Ctrl-A x
+    leaves the VM."""
+    import pty
+    import select
+    import sys
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the VMM on the pty
+        os.chdir(Path(__file__).resolve().parents[2])
+        os.execv(sys.executable, [sys.executable, "-m", "emulator", "--kernel",
+                                  str(guest_kernel), "--memory", MEMORY,
+                                  "--disk", f"{root_disk.path},format=raw",
+                                  "--append", "root=/dev/vda1 rw init=/bin/sh"])
+    output = bytearray()
+
+    def read_until(marker: bytes, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while marker not in output:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"no {marker!r} on the console:\n{output[-2000:]!r}"
+            ready, _, _ = select.select([fd], [], [], min(remaining, 1.0))
+            if ready:
+                try:
+                    output.extend(os.read(fd, 4096))
+                except OSError:  # the VMM closed the terminal
+                    raise AssertionError(f"the VMM ended before {marker!r}:\n"
+                                         f"{output[-2000:]!r}") from None
+
+    try:
+        read_until(b"Run /bin/sh as init process", 180)
+        time.sleep(2)  # let the shell start reading
+        os.write(fd, b"echo typed-$((6 * 7))\r")
+        read_until(b"typed-42", 60)
+        os.write(fd, b"\x01x")  # Ctrl-A x: quit
+        deadline = time.monotonic() + 30
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            assert time.monotonic() < deadline, "Ctrl-A x did not end the VMM"
+            time.sleep(0.2)
+        assert os.waitstatus_to_exitcode(status) == 130, output[-1500:].decode(errors="replace")
+    finally:
+        try:
+            os.kill(pid, 15)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        os.close(fd)

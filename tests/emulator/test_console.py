@@ -1,0 +1,67 @@
+"""How the console tells the VMM that the guest ended, and what it achieved."""
+
+from __future__ import annotations
+
+from emulator.console import ConsoleMonitor
+from emulator.outcome import OutcomeKind, StopSignal
+
+
+def feed(lines: list[bytes]) -> tuple[ConsoleMonitor, StopSignal, bytearray]:
+    out = bytearray()
+    stop = StopSignal()
+    times = iter(range(100))
+    monitor = ConsoleMonitor(out.extend, stop, clock=lambda: float(next(times)))
+    for line in lines:
+        # Split mid-line: the serial port delivers one byte at a time.
+        monitor.feed(line[:5])
+        monitor.feed(line[5:])
+    return monitor, stop, out
+
+
+def test_output_passes_through_and_milestones_are_timed() -> None:
+    monitor, stop, out = feed([b"[ 1.0] VFS: Mounted root (ext4 filesystem)\r\n",
+                               b"[ 2.0] Run /sbin/init as init process\r\n"])
+    assert out.startswith(b"[ 1.0] VFS")
+    assert monitor.milestones == {"root_mounted": 1.0, "run_init": 2.0}
+    assert not stop.is_set()
+
+
+def test_panic_end_line_stops_with_the_reason() -> None:
+    monitor, stop, _ = feed([
+        b"[ 3.1] Kernel panic - not syncing: Attempted to kill init! exitcode=0x0000000b\r\n",
+        b"[ 3.2] ---[ end Kernel panic - not syncing: Attempted to kill init! ]---\r\n",
+    ])
+    assert monitor.panic_reason == "Attempted to kill init! exitcode=0x0000000b"
+    assert stop.outcome is not None and stop.outcome.kind == OutcomeKind.PANIC
+    assert stop.outcome.status != 0
+    assert "Attempted to kill init" in stop.outcome.reason
+
+
+def test_halt_is_a_clean_poweroff() -> None:
+    _, stop, _ = feed([b"[ 9.9] reboot: System halted\r\n"])
+    assert stop.outcome is not None and stop.outcome.kind == OutcomeKind.POWEROFF
+    assert stop.outcome.status == 0
+
+
+def test_first_stop_reason_wins() -> None:
+    stop = StopSignal()
+    calls: list[int] = []
+    stop.add_listener(lambda: calls.append(1))
+    assert stop.stop(OutcomeKind.REBOOT, "first")
+    assert not stop.stop(OutcomeKind.PANIC, "second")
+    assert stop.outcome is not None and stop.outcome.reason == "first"
+    assert calls == [1]
+
+
+def test_long_lines_are_bounded() -> None:
+    monitor, _, out = feed([b"x" * 100_000 + b"\n"])
+    assert len(out) == 100_001 and monitor.lines == 1
+
+
+def test_guest_marks_are_milestones_with_counts() -> None:
+    out = bytearray()
+    counts = iter([10, 25])
+    monitor = ConsoleMonitor(out.extend, StopSignal(), counter=lambda: next(counts))
+    monitor.feed(b"VDISKFS-MARK readbench-start\r\nnoise\nVDISKFS-MARK readbench-end\n")
+    assert set(monitor.milestones) == {"readbench-start", "readbench-end"}
+    assert monitor.milestone_counts == {"readbench-start": 10, "readbench-end": 25}

@@ -12,7 +12,7 @@ from pathlib import Path
 from tests.support.images import create, qemu_io, random_bytes
 from vdiskfs.block.registry import PROBE_HEAD, PROBE_TAIL, driver_names, get_driver
 
-__all__ = ["build_probe_corpus", "probe_scores"]
+__all__ = ["assert_claims_only_its_own", "build_probe_corpus", "probe_scores"]
 
 
 def build_probe_corpus(directory: Path) -> dict[str, tuple[Path, str]]:
@@ -51,3 +51,15 @@ def probe_scores(path: Path) -> dict[str, int]:
     head = data[:PROBE_HEAD]
     tail = data[-PROBE_TAIL:] if len(data) >= PROBE_TAIL else data
     return {name: get_driver(name).probe(head, tail, str(path)) for name in driver_names()}
+
+
+def assert_claims_only_its_own(driver: str, directory: Path) -> None:
+    """Over the corpus built in ``directory``: ``driver`` outscores every other driver on the
+    images of its format, and scores 0 on all the others."""
+    for name, (path, fmt) in build_probe_corpus(directory).items():
+        scores = probe_scores(path)
+        if fmt == driver:
+            others = {k: v for k, v in scores.items() if k != driver}
+            assert scores[driver] > max(others.values()), (name, scores)
+        else:
+            assert scores[driver] == 0, (name, scores)

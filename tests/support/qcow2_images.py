@@ -15,6 +15,7 @@ once per test session, with QEMU's view of it (``qemu-img convert -O raw``) as t
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 import subprocess
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tests.support.hostile import patch, set_bits
 from tests.support.images import (
     QEMU_IMG,
     QEMU_IO,
@@ -80,12 +82,6 @@ def _compressible(seed: int, length: int) -> bytes:
         else:
             out += bytes(rng.choice(b"qcow2 ") for _ in range(512)) * 8
     return bytes(out[:length])
-
-
-def _patch(path: Path, offset: int, fmt: str, *values: Any) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(struct.pack(fmt, *values))
 
 
 # -- recipes -------------------------------------------------------------------------------------
@@ -172,7 +168,7 @@ def backing_probed(d: Path) -> Path:
     data = top.read_bytes()
     magic = struct.pack(">I", 0xE2792ACA)
     at = data.index(magic, 104)
-    _patch(top, at, ">I", 0x7F00F00D)  # an unknown (ignored) extension now
+    patch(top, at, ">I", 0x7F00F00D)  # an unknown (ignored) extension now
     return top
 
 
@@ -332,18 +328,14 @@ def odd_header_size(d: Path) -> Path:
     """A header size that is not a multiple of 512 (QEMU reads it rounded down)."""
     image = create(d / "disk.qcow2", 1_000_448)
     qemu_io(image, _Writes(d, 17).data(1_000_448 - 70_000, 70_000))
-    _patch(image, SIZE_OFFSET, ">Q", 1_000_000)
+    patch(image, SIZE_OFFSET, ">Q", 1_000_000)
     return image
 
 
 def dirty(d: Path) -> Path:
     """Lazy refcounts and the dirty bit set, as after a crash: readable as is."""
     image = _plain(d, lazy_refcounts=True)
-    with open(image, "r+b") as f:
-        f.seek(INCOMPATIBLE_FEATURES_OFFSET)
-        (features,) = struct.unpack(">Q", f.read(8))
-        f.seek(INCOMPATIBLE_FEATURES_OFFSET)
-        f.write(struct.pack(">Q", features | 1))
+    set_bits(image, INCOMPATIBLE_FEATURES_OFFSET, ">Q", 1)
     return image
 
 
@@ -430,3 +422,11 @@ class Qcow2Images:
             raw.unlink()
             self._built[name] = BuiltImage(name, path, reference)
         return self._built[name]
+
+    def copy(self, name: str, into: Path) -> Path:
+        """A private copy of the recipe's directory (image, backing and data files) at
+        ``into / name``, for a test that writes; returns the image's path in it."""
+        image = self.get(name)
+        target = into / name
+        shutil.copytree(image.path.parent, target)
+        return target / image.path.name

@@ -8,11 +8,13 @@ their expected bytes are computed from the parent's ``qemu-img convert`` output.
 
 from __future__ import annotations
 
+import shutil
 import struct
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.support.images import QEMU_IMG, create, qemu_io, reference_raw, run
 from vdiskfs.drivers.format.vhdx.crc32c import crc32c_zeroed
 
 MIB = 1 << 20
@@ -165,6 +167,31 @@ def write_pending_log(path: Path, entries: list[list[LogUpdate]], *, first_seque
         position += len(entry)
     rewrite_headers(path, layout, log_guid=log_guid)
     return log_guid
+
+
+def dirty_log_image(directory: Path) -> tuple[Path, bytes]:
+    """A dynamic image whose log holds two entries QEMU would replay on a writable open: they
+    map block 1 to a new payload block, turn block 2 into a zero block, and update and zero
+    parts of the new block. Returns it and the guest bytes of QEMU's replay of a copy."""
+    path = create(directory / "dirty.vhdx", 8 * MIB, "vhdx", block_size="1M", log_size="1M")
+    qemu_io(path, "write -P 0x11 0 1M", "write -P 0x22 2M 1M", fmt="vhdx")
+    layout = read_layout(path)
+    new_block = -(-path.stat().st_size // MIB) * MIB
+    with open(path, "r+b") as f:
+        f.truncate(new_block + MIB)
+        f.seek(new_block)
+        f.write(b"\x77" * MIB)
+    bat_sector = bytearray(path.read_bytes()[layout.bat_offset : layout.bat_offset + 4096])
+    struct.pack_into("<Q", bat_sector, 8, new_block | FULLY_PRESENT)
+    struct.pack_into("<Q", bat_sector, 16, ZERO)
+    write_pending_log(path, [
+        [LogUpdate(layout.bat_offset, bytes(bat_sector))],
+        [LogUpdate(new_block + 4096, None, 8192), LogUpdate(new_block + 65536, b"\x99" * 4096)],
+    ])
+    replayed = directory / "replayed.vhdx"
+    shutil.copyfile(path, replayed)
+    run(QEMU_IMG, "check", "-r", "all", replayed)
+    return path, reference_raw(replayed, directory / "replayed.raw", "vhdx").read_bytes()
 
 
 # -- a differencing file --

@@ -28,6 +28,8 @@ class FormatNode(BlockNode):
         super().__init__(read_only=ctx.read_only, label=ctx.path)
         self.ctx = ctx
         self.add_child("file", file)
+        #: The backing file (parent image), once :meth:`open_backing` opened it.
+        self.backing: BlockNode | None = None
 
     @classmethod
     def probe(cls, head: bytes, tail: bytes, filename: str) -> int:
@@ -49,6 +51,20 @@ class FormatNode(BlockNode):
                 offset=offset,
             )
         return bytes(await self.file.pread(offset, length))
+
+    async def open_backing(self, reference: str, *, field: str,
+                           format: str | None = None) -> BlockNode | None:
+        """Open the backing file that the image names ``reference`` (in its ``field``) as the
+        ``backing`` child and :attr:`backing`; ``format`` where the image records it, else
+        probed. None, and nothing opened, when the user asked for no backing files: callers
+        that cannot write without the backing file's bytes refuse a writable open then."""
+        if not self.ctx.options.backing:
+            return None
+        node = await self.ctx.open_child(reference, role="backing", field_name=field,
+                                         format=format)
+        self.add_child("backing", node)
+        self.backing = node
+        return node
 
     def format_error(self, message: str, *, field: str | None = None,
                      offset: int | None = None) -> FormatError:

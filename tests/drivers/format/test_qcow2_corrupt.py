@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from tests.support.hostile import patch, read_field
 from tests.support.images import create, qemu_img, qemu_io
 from tests.support.qcow2_images import KiB, MiB
 from vdiskfs.block.node import BlockNode
@@ -46,20 +47,9 @@ def bad(pristine: Path, tmp_path: Path) -> Path:
     return Path(shutil.copy(pristine, tmp_path / "bad.qcow2"))
 
 
-def patch(path: Path, offset: int, fmt: str, *values: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(struct.pack(fmt, *values))
-
-
-def field(path: Path, offset: int, fmt: str) -> int:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
-
-
 def l2_table_offset(path: Path, l1_index: int = 0) -> int:
-    return field(path, field(path, L1_OFFSET, ">Q") + 8 * l1_index, ">Q") & 0x00FFFFFFFFFFFE00
+    l1_entry = read_field(path, read_field(path, L1_OFFSET, ">Q") + 8 * l1_index, ">Q")
+    return l1_entry & 0x00FFFFFFFFFFFE00
 
 
 async def open_fails(path: Path, error: type[VdiskError], match: str, **options: object) -> None:
@@ -133,7 +123,7 @@ async def test_l1_beyond_eof(bad: Path) -> None:
 
 
 async def test_l1_cut_off_by_truncation(bad: Path) -> None:
-    l1 = field(bad, L1_OFFSET, ">Q")
+    l1 = read_field(bad, L1_OFFSET, ">Q")
     with open(bad, "r+b") as f:
         f.truncate(l1 + 4)
     await open_fails(bad, FormatError,
@@ -141,7 +131,7 @@ async def test_l1_cut_off_by_truncation(bad: Path) -> None:
 
 
 async def test_unaligned_l1(bad: Path) -> None:
-    patch(bad, L1_OFFSET, ">Q", field(bad, L1_OFFSET, ">Q") + 512)
+    patch(bad, L1_OFFSET, ">Q", read_field(bad, L1_OFFSET, ">Q") + 512)
     await open_fails(bad, FormatError, r"bad\.qcow2: field l1_table_offset: .*not cluster aligned")
 
 
@@ -152,8 +142,8 @@ async def test_absurd_header_length(bad: Path, length: int) -> None:
 
 
 async def test_absurd_extension_length(bad: Path) -> None:
-    header_length = field(bad, HEADER_LENGTH, ">I")
-    assert field(bad, header_length, ">I") != 0  # QEMU writes extensions
+    header_length = read_field(bad, HEADER_LENGTH, ">I")
+    assert read_field(bad, header_length, ">I") != 0  # QEMU writes extensions
     patch(bad, header_length + 4, ">I", 0xFFFFFFF0)
     await open_fails(bad, FormatError,
                      r"bad\.qcow2: field header extension length: .*overruns the header area")
@@ -300,12 +290,12 @@ async def test_l2_entry_outside_the_file(bad: Path) -> None:
 
 async def test_l2_entry_unaligned(bad: Path) -> None:
     l2 = l2_table_offset(bad)
-    patch(bad, l2, ">Q", field(bad, l2, ">Q") + 512)
+    patch(bad, l2, ">Q", read_field(bad, l2, ">Q") + 512)
     await read_fails(bad, 0, FormatError, r"bad\.qcow2: field L2 entry: .*not cluster aligned")
 
 
 async def test_l2_table_outside_the_file(bad: Path) -> None:
-    patch(bad, field(bad, L1_OFFSET, ">Q"), ">Q", OFLAG_COPIED | 1 << 40)
+    patch(bad, read_field(bad, L1_OFFSET, ">Q"), ">Q", OFLAG_COPIED | 1 << 40)
     node = await open_image(str(bad))
     try:
         with pytest.raises(FormatError, match=r"bad\.qcow2: field L2 table: .*outside the file"):
@@ -317,8 +307,8 @@ async def test_l2_table_outside_the_file(bad: Path) -> None:
 
 
 async def test_l2_table_unaligned(bad: Path) -> None:
-    l1 = field(bad, L1_OFFSET, ">Q")
-    patch(bad, l1, ">Q", field(bad, l1, ">Q") + 512)
+    l1 = read_field(bad, L1_OFFSET, ">Q")
+    patch(bad, l1, ">Q", read_field(bad, l1, ">Q") + 512)
     node = await open_image(str(bad))
     try:
         with pytest.raises(FormatError,
@@ -330,7 +320,7 @@ async def test_l2_table_unaligned(bad: Path) -> None:
 
 async def test_data_cut_off_by_truncation(bad: Path) -> None:
     # QEMU lays out header, refcount table and block, L1, L2, then data: cut the data.
-    first_data = field(bad, l2_table_offset(bad), ">Q") & 0x00FFFFFFFFFFFE00
+    first_data = read_field(bad, l2_table_offset(bad), ">Q") & 0x00FFFFFFFFFFFE00
     with open(bad, "r+b") as f:
         f.truncate(first_data + 1000)
     node = await open_image(str(bad))
@@ -343,7 +333,7 @@ async def test_data_cut_off_by_truncation(bad: Path) -> None:
 
 
 async def test_compressed_cluster_garbage(bad: Path) -> None:
-    entry = field(bad, l2_table_offset(bad) + 8 * 8, ">Q")
+    entry = read_field(bad, l2_table_offset(bad) + 8 * 8, ">Q")
     assert entry & OFLAG_COMPRESSED
     host = entry & ((1 << 54) - 1)  # 64 KiB clusters: x = 62 - 8 = 54
     patch(bad, host, ">16s", b"\xff" * 16)  # type: ignore[arg-type]
@@ -361,7 +351,7 @@ async def test_compressed_cluster_outside_the_file(bad: Path) -> None:
 async def test_zero_flag_in_a_v2_image(tmp_path: Path) -> None:
     image = create(tmp_path / "v2.qcow2", 1 * MiB, compat="0.10")
     qemu_io(image, "write -q -P 1 0 64k")
-    patch(image, l2_table_offset(image), ">Q", field(image, l2_table_offset(image), ">Q")
+    patch(image, l2_table_offset(image), ">Q", read_field(image, l2_table_offset(image), ">Q")
           | OFLAG_ZERO)
     node = await open_image(str(image))
     try:
@@ -412,15 +402,15 @@ def with_snapshot(tmp_path: Path) -> Path:
 
 
 async def test_snapshot_extra_data_too_large(with_snapshot: Path) -> None:
-    table = field(with_snapshot, SNAPSHOTS_OFFSET, ">Q")
+    table = read_field(with_snapshot, SNAPSHOTS_OFFSET, ">Q")
     patch(with_snapshot, table + 36, ">I", 4096)
     await open_fails(with_snapshot, FormatError,
                      r"snap\.qcow2: field snapshot extra_data_size: .*extra data")
 
 
 async def test_snapshot_table_past_the_end_of_the_file(with_snapshot: Path) -> None:
-    table = field(with_snapshot, SNAPSHOTS_OFFSET, ">Q")
-    if table < field(with_snapshot, L1_OFFSET, ">Q"):
+    table = read_field(with_snapshot, SNAPSHOTS_OFFSET, ">Q")
+    if table < read_field(with_snapshot, L1_OFFSET, ">Q"):
         pytest.skip("QEMU placed the snapshot table before the active L1 table")
     with open(with_snapshot, "r+b") as f:
         f.truncate(table + 200)
@@ -453,7 +443,7 @@ def test_snapshot_parser_asks_for_more_and_stops_at_the_limit(
 def _table_regions(path: Path) -> list[tuple[int, int]]:
     """Byte ranges worth damaging: the header, the L1 table, every L2 table, compressed data."""
     data = path.read_bytes()
-    l1, l1_size = field(path, L1_OFFSET, ">Q"), field(path, L1_SIZE, ">I")
+    l1, l1_size = read_field(path, L1_OFFSET, ">Q"), read_field(path, L1_SIZE, ">I")
     regions = [(0, 512), (l1, l1 + 8 * l1_size)]
     for index in range(l1_size):
         l2 = l2_table_offset(path, index)

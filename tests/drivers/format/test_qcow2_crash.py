@@ -17,18 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.faulty import LAST, SUFFIX, CrashedError, FaultyFile, crash_images
+from tests.support.crash import CrashModel
+from tests.support.faulty import LAST, SUFFIX, CrashedError, FaultyFile, crash_images, open_faulty
 from tests.support.images import qemu_img, qemu_io, reference_raw
 from tests.support.qcow2_images import Qcow2Images
-from tests.support.workload import (
-    Operation,
-    assert_check_clean,
-    make_workload,
-    qemu_check,
-)
-from vdiskfs.block.registry import OpenContext, OpenOptions, open_image
+from tests.support.workload import Operation, assert_clean, make_workload, qemu_check
+from vdiskfs.block.registry import OpenOptions, open_image
 from vdiskfs.drivers.format.qcow2 import Qcow2Node
-from vdiskfs.drivers.protocol.file import FileNode
 from vdiskfs.errors import NoSpaceError, VdiskError
 
 KiB = 1024
@@ -40,67 +35,10 @@ def qcow2_images(tmp_path_factory: pytest.TempPathFactory) -> Qcow2Images:
     return Qcow2Images(tmp_path_factory.mktemp("qcow2-crash"))
 
 
-async def _open(path: Path, **fault: object) -> tuple[Qcow2Node, FaultyFile]:
-    file = FileNode(str(path), read_only=False)
-    await file.open()
-    faulty = FaultyFile(file, **fault)  # type: ignore[arg-type]
-    await faulty.open()
-    ctx = OpenContext(OpenOptions(read_only=False), path=str(path), chain=(str(path),))
-    node = Qcow2Node(faulty, ctx)
-    try:
-        await node.open()
-    except BaseException:
-        await node.aclose()
-        raise
-    return node, faulty
-
-
-class _Run:
-    """The model of one run: the disk as of the last completed flush, and what was touched
-    since (whose contents a crash leaves undecided)."""
-
-    def __init__(self, initial: bytes) -> None:
-        self.model = bytearray(initial)
-        self.flushed = bytes(initial)
-        self.touched: list[tuple[int, int]] = []
-
-    async def apply(self, node: Qcow2Node, op: Operation) -> None:
-        if op.kind == "flush":
-            await node.flush()
-            self.flushed = bytes(self.model)
-            self.touched.clear()
-            return
-        self.touched.append((op.offset, op.length))
-        if op.kind == "write":
-            data = op.data()
-            await node.pwrite(op.offset, data)
-            self.model[op.offset : op.offset + op.length] = data
-        elif op.kind == "zero":
-            await node.zero(op.offset, op.length, may_unmap=op.may_unmap)
-            self.model[op.offset : op.offset + op.length] = bytes(op.length)
-        else:
-            await node.discard(op.offset, op.length)
-            self.model[op.offset : op.offset + op.length] = await node.pread(op.offset,
-                                                                              op.length)
-
-    def check(self, content: bytes) -> None:
-        """Every byte not touched since the last flush is as flushed."""
-        untouched = bytearray(b"\1") * len(self.flushed)
-        for offset, length in self.touched:
-            untouched[offset : offset + length] = bytes(length)
-        for pos in range(0, len(self.flushed), 4096):
-            mask = untouched[pos : pos + 4096]
-            got = content[pos : pos + 4096]
-            want = self.flushed[pos : pos + 4096]
-            if got != want:
-                bad = [i for i, m in enumerate(mask) if m and got[i] != want[i]]
-                assert not bad, f"flushed byte at {pos + bad[0]} lost after the crash"
-
-
 async def _workload_until_crash(path: Path, ops: list[Operation], crash_after: int | None,
-                                initial: bytes) -> tuple[_Run, FaultyFile, bool]:
-    node, faulty = await _open(path, crash_after=crash_after)
-    run = _Run(initial)
+                                initial: bytes) -> tuple[CrashModel, FaultyFile, bool]:
+    node, faulty = await open_faulty(path, Qcow2Node, crash_after=crash_after)
+    run = CrashModel(initial, faulty)
     try:
         for op in ops:
             await run.apply(node, op)
@@ -130,18 +68,18 @@ async def _sweep(image: Path, work: Path, *, seed: int, count: int, crashes: int
     # Beside the image, so that a relative backing file name still resolves.
     victim = image.parent / "victim.qcow2"
     shutil.copy(image, victim)
-    node, faulty = await _open(victim)
+    node, faulty = await open_faulty(victim, Qcow2Node)
     assert node.header is not None
     ops = make_workload(node.size, seed, count=count, cluster_size=node.header.cluster_size,
                         flush_every=7, large=256 * KiB)
     model = bytearray(initial)
     flushes: list[tuple[int, bytes]] = [(0, bytes(model))]  # (log length, model) per flush
-    started: list[tuple[int, int, int]] = []  # (log length, offset, length) per change
-    run = _Run(initial)
+    started: list[tuple[int, Operation]] = []  # (log length, operation) per change
+    run = CrashModel(initial, faulty)
     try:
         for op in ops:
             if op.kind != "flush":
-                started.append((len(faulty.log), op.offset, op.length))
+                started.append((len(faulty.log), op))
             await run.apply(node, op)
             if op.kind == "flush":
                 flushes.append((len(faulty.log), bytes(run.model)))
@@ -158,32 +96,33 @@ async def _sweep(image: Path, work: Path, *, seed: int, count: int, crashes: int
         keep = (LAST, SUFFIX, 0.5)[subset % 3]
         for point, content in crash_images(faulty.initial, log, sorted(points), rng, keep):
             flushed_at, flushed = max(f for f in flushes if f[0] <= point)
-            expect = _Run(flushed)
-            expect.touched = [(o, n) for at, o, n in started if flushed_at <= at < point]
+            expect = CrashModel(flushed)
+            expect.since = [op for at, op in started if flushed_at <= at < point]
             crashed = _crash_image(image.parent, f"crash-{point}-{subset}.qcow2", content)
             if lazy:
                 await _repair_and_check(crashed, expect, work)
             else:
-                report = qemu_check(crashed)
+                report = qemu_check(crashed, "qcow2")
                 assert report.get("corruptions", 0) == 0, (point, subset, report)
                 assert report.get("check-errors", 0) == 0, (point, subset, report)
-                expect.check(reference_raw(crashed, work / "crashed.raw").read_bytes())
+                expect.assert_untouched_kept(
+                    reference_raw(crashed, work / "crashed.raw").read_bytes())
             crashed.unlink()
             checked += 1
     return checked
 
 
-async def _repair_and_check(image: Path, run: _Run, work: Path) -> None:
+async def _repair_and_check(image: Path, run: CrashModel, work: Path) -> None:
     """A lazy-refcount image after a crash: dirty; a writable open rebuilds its refcounts."""
     node = await open_image(str(image), OpenOptions(read_only=False))
     await node.aclose()
-    assert_check_clean(image)
-    run.check(reference_raw(image, work / "crashed.raw").read_bytes())
+    assert_clean(image, "qcow2")
+    run.assert_untouched_kept(reference_raw(image, work / "crashed.raw").read_bytes())
 
 
 @pytest.mark.parametrize("name", ["v3", "cluster_512", "extended_l2_backing", "snapshots"])
 async def test_crash_anywhere(qcow2_images: Qcow2Images, name: str, tmp_path: Path) -> None:
-    image = _copy(qcow2_images, name, tmp_path)
+    image = qcow2_images.copy(name, tmp_path)
     checked = await _sweep(image, tmp_path, seed=1, count=40, crashes=20)
     assert checked >= 30
 
@@ -193,7 +132,7 @@ async def test_crash_anywhere(qcow2_images: Qcow2Images, name: str, tmp_path: Pa
                                   "cluster_2m", "zstd_convert"])
 async def test_crash_anywhere_more(qcow2_images: Qcow2Images, name: str,
                                    tmp_path: Path) -> None:
-    image = _copy(qcow2_images, name, tmp_path)
+    image = qcow2_images.copy(name, tmp_path)
     await _sweep(image, tmp_path, seed=2, count=60, crashes=30, subsets=3)
 
 
@@ -202,7 +141,7 @@ async def test_a_killed_run_is_one_of_the_logged_crashes(qcow2_images: Qcow2Imag
     """Killing the run for real (every request refused after the N-th write) leaves exactly
     what the log of an uninterrupted run says it would: the sweep above checks the real
     thing."""
-    image = _copy(qcow2_images, "v3", tmp_path)
+    image = qcow2_images.copy("v3", tmp_path)
     ops = make_workload(4 * MiB, 5, count=20, flush_every=5, large=256 * KiB)
     initial = reference_raw(image, tmp_path / "initial.raw").read_bytes()
     full = image.parent / "full.qcow2"
@@ -220,7 +159,7 @@ async def test_a_killed_run_is_one_of_the_logged_crashes(qcow2_images: Qcow2Imag
         [(_, logged)] = crash_images(reference.initial, reference.log, [point],
                                      random.Random(9), keep=1.0)
         assert faulty.crash_image(random.Random(9), keep=1.0) == logged
-        report = qemu_check(_crash_image(image.parent, "c.qcow2", logged))
+        report = qemu_check(_crash_image(image.parent, "c.qcow2", logged), "qcow2")
         assert report.get("corruptions", 0) == 0, report
 
 
@@ -250,7 +189,7 @@ async def test_crash_with_lazy_refcounts_is_repaired(tmp_path: Path) -> None:
 async def test_lazy_crash_leaves_the_image_dirty(tmp_path: Path) -> None:
     image = tmp_path / "disk.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", image, "3M")
-    node, faulty = await _open(image)
+    node, faulty = await open_faulty(image, Qcow2Node)
     flushed = random.Random(1).randbytes(200_000)
     await node.pwrite(1000, flushed)
     await node.flush()
@@ -271,14 +210,7 @@ async def test_lazy_crash_leaves_the_image_dirty(tmp_path: Path) -> None:
     assert node.stats_snapshot().driver["refcount_rebuilds"] == 1
     assert await node.pread(1000, len(flushed)) == flushed
     await node.aclose()
-    assert_check_clean(crashed)
-
-
-def _copy(qcow2_images: Qcow2Images, name: str, tmp_path: Path) -> Path:
-    image = qcow2_images.get(name)
-    target = tmp_path / name
-    shutil.copytree(image.path.parent, target)
-    return target / image.path.name
+    assert_clean(crashed, "qcow2")
 
 
 # -- out of space --------------------------------------------------------------------------------
@@ -286,9 +218,9 @@ def _copy(qcow2_images: Qcow2Images, name: str, tmp_path: Path) -> Path:
 
 async def test_out_of_space_is_an_error_and_the_image_stays_valid(
         qcow2_images: Qcow2Images, tmp_path: Path) -> None:
-    path = _copy(qcow2_images, "chain_3", tmp_path)
+    path = qcow2_images.copy("chain_3", tmp_path)
     limit = path.stat().st_size + 300 * KiB
-    node, _faulty = await _open(path, space_limit=limit)
+    node, _faulty = await open_faulty(path, Qcow2Node, space_limit=limit)
     rng = random.Random(7)
     with pytest.raises(NoSpaceError):
         for _ in range(200):
@@ -297,7 +229,7 @@ async def test_out_of_space_is_an_error_and_the_image_stays_valid(
     await node.pread(0, node.size)
     with contextlib.suppress(NoSpaceError):
         await node.aclose()
-    assert_check_clean(path, leaks_allowed=True)
+    assert_clean(path, "qcow2", leaks_allowed=True)
 
 
 def _can_mount_tmpfs() -> bool:
@@ -322,7 +254,7 @@ async def test_host_out_of_space_on_a_small_tmpfs(tmp_path: Path) -> None:
                     await node.flush()
         with contextlib.suppress(VdiskError):
             await node.aclose()
-        report = qemu_check(path)
+        report = qemu_check(path, "qcow2")
         assert report.get("corruptions", 0) == 0 and report.get("check-errors", 0) == 0, report
     finally:
         subprocess.run(["umount", str(mountpoint)], check=True)

@@ -14,7 +14,7 @@ import pytest
 from tests.support.images import QEMU_IMG, qemu_io, reference_raw
 from tests.support.workload import (
     apply_workload,
-    assert_check_clean,
+    assert_clean,
     assert_same_as_model,
     make_workload,
 )
@@ -72,7 +72,7 @@ async def test_create_as_asked(name: str, options: dict[str, Any], expected: dic
     specific = info["format-specific"]["data"]
     for key, value in expected.items():
         assert specific[key] == value, key
-    assert_check_clean(path)
+    assert_clean(path, "qcow2")
     if "data_file" in options:
         assert (tmp_path / "disk.data").stat().st_size == size
     if options.get("preallocation") in ("metadata", "falloc", "full") and "data_file" not in (
@@ -89,7 +89,7 @@ async def test_create_as_asked(name: str, options: dict[str, Any], expected: dic
         await node.pwrite(size - 5000, b"end" * 1000)
     finally:
         await node.aclose()
-    assert_check_clean(path)
+    assert_clean(path, "qcow2")
 
 
 async def test_create_with_backing_file_records_its_format(tmp_path: Path) -> None:
@@ -103,7 +103,7 @@ async def test_create_with_backing_file_records_its_format(tmp_path: Path) -> No
     info = _info(top)
     assert info["backing-filename"] == "../images/base.qcow2"
     assert info["backing-filename-format"] == "qcow2"  # probed
-    assert_check_clean(top)
+    assert_clean(top, "qcow2")
     await create_qcow2(str(tmp_path / "v2.qcow2"), 2 * MiB, compat="0.10",
                        backing_file="images/base.qcow2", backing_format="qcow2")
     assert _info(tmp_path / "v2.qcow2")["backing-filename-format"] == "qcow2"
@@ -111,11 +111,11 @@ async def test_create_with_backing_file_records_its_format(tmp_path: Path) -> No
     node = await open_image(str(top), OpenOptions(read_only=False))
     model = bytearray(b"\x42" * 2 * MiB)
     try:
-        await apply_workload(node, model, make_workload(node.size, 41, count=80))
+        await apply_workload(node, make_workload(node.size, 41, count=80), model)
     finally:
         await node.aclose()
-    assert_check_clean(top)
-    assert_same_as_model(top, model, tmp_path / "model.raw")
+    assert_clean(top, "qcow2")
+    assert_same_as_model(top, "qcow2", model, tmp_path / "model.raw")
     assert reference_raw(base, tmp_path / "base.raw").read_bytes() == b"\x42" * 2 * MiB
 
 
@@ -125,7 +125,7 @@ async def test_extended_l2_preallocation_keeps_the_backing_visible(tmp_path: Pat
     top = tmp_path / "top.qcow2"
     await create_qcow2(str(top), MiB, backing_file="base.raw", backing_format="raw",
                        extended_l2=True, preallocation="metadata")
-    assert_check_clean(top)
+    assert_clean(top, "qcow2")
     assert reference_raw(top, tmp_path / "top.raw").read_bytes() == b"\x17" * MiB
 
 
@@ -139,7 +139,7 @@ async def test_large_sparse_image_has_room_for_its_l1(tmp_path: Path) -> None:
     path = tmp_path / "disk.qcow2"
     await create_qcow2(str(path), 1 << 40, cluster_size=4096, refcount_bits=64)
     assert _info(path)["virtual-size"] == 1 << 40
-    assert_check_clean(path)
+    assert_clean(path, "qcow2")
     assert path.stat().st_size < 8 * MiB
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import itertools
 import random
-import shutil
 import struct
 from array import array
 from pathlib import Path
@@ -16,19 +15,19 @@ import pytest
 import trio
 
 from tests.support.conformance import check_block_node
-from tests.support.faulty import FaultyFile
+from tests.support.faulty import open_faulty
 from tests.support.images import qemu_img, qemu_io, reference_raw
 from tests.support.qcow2_images import INCOMPATIBLE_FEATURES_OFFSET, Qcow2Images
 from tests.support.workload import (
     apply_workload,
-    assert_check_clean,
+    assert_clean,
     assert_same_as_model,
     make_workload,
     qemu_check,
     written_bytes,
 )
 from vdiskfs.block.node import BlockStatus
-from vdiskfs.block.registry import OpenContext, OpenOptions, open_image
+from vdiskfs.block.registry import OpenOptions, open_image
 from vdiskfs.drivers.format.qcow2 import Qcow2Node
 from vdiskfs.drivers.format.qcow2.alloc import (
     ALL_SUBCLUSTERS,
@@ -47,7 +46,6 @@ from vdiskfs.drivers.format.qcow2.mapping import (
 )
 from vdiskfs.drivers.format.qcow2.metadata_cache import MetadataCache
 from vdiskfs.drivers.format.qcow2.refcount import RefcountCodec
-from vdiskfs.drivers.protocol.file import FileNode
 from vdiskfs.errors import FormatError, NoSpaceError
 
 KiB = 1024
@@ -65,14 +63,6 @@ SLOW = ["cluster_4k", "cluster_2m", "chain_raw_base", "backing_probed", "backing
 @pytest.fixture(scope="session")
 def qcow2_images(tmp_path_factory: pytest.TempPathFactory) -> Qcow2Images:
     return Qcow2Images(tmp_path_factory.mktemp("qcow2-write"))
-
-
-def _copy(qcow2_images: Qcow2Images, name: str, tmp_path: Path) -> Path:
-    """A private copy of a recipe's directory (image, backing and data files)."""
-    image = qcow2_images.get(name)
-    target = tmp_path / name
-    shutil.copytree(image.path.parent, target)
-    return target / image.path.name
 
 
 async def _open_rw(path: Path, **options: object) -> Qcow2Node:
@@ -96,12 +86,12 @@ async def _run_workload(path: Path, seed: int, tmp_path: Path, **kwargs: object)
         model = bytearray(await node.pread(0, node.size))
         ops = make_workload(node.size, seed, cluster_size=node.header.cluster_size,
                             hot_spots=await _hot_spots(node), **kwargs)  # type: ignore[arg-type]
-        await apply_workload(node, model, ops)
+        await apply_workload(node, ops, model)
         assert await node.pread(0, node.size) == model
     finally:
         await node.aclose()
-    assert_check_clean(path)
-    assert_same_as_model(path, model, tmp_path / "model.raw")
+    assert_clean(path, "qcow2")
+    assert_same_as_model(path, "qcow2", model, tmp_path / "model.raw")
     return model
 
 
@@ -110,14 +100,14 @@ async def _run_workload(path: Path, seed: int, tmp_path: Path, **kwargs: object)
 
 @pytest.mark.parametrize("name", FAST)
 async def test_workload(qcow2_images: Qcow2Images, name: str, tmp_path: Path) -> None:
-    await _run_workload(_copy(qcow2_images, name, tmp_path), 11, tmp_path)
+    await _run_workload(qcow2_images.copy(name, tmp_path), 11, tmp_path)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", SLOW)
 async def test_workload_more_recipes(qcow2_images: Qcow2Images, name: str,
                                      tmp_path: Path) -> None:
-    await _run_workload(_copy(qcow2_images, name, tmp_path), 12, tmp_path)
+    await _run_workload(qcow2_images.copy(name, tmp_path), 12, tmp_path)
 
 
 async def test_workload_is_several_mib() -> None:
@@ -134,16 +124,16 @@ async def test_workload_on_raw(tmp_path: Path) -> None:
     node = await open_image(str(path), OpenOptions(read_only=False, format="raw"))
     model = bytearray(path.read_bytes())
     try:
-        await apply_workload(node, model, make_workload(node.size, 3))
+        await apply_workload(node, make_workload(node.size, 3), model)
     finally:
         await node.aclose()
-    assert_same_as_model(path, model, tmp_path / "model.raw", fmt="raw")
+    assert_same_as_model(path, "raw", model, tmp_path / "model.raw")
 
 
 async def test_tiny_caches_keep_the_order(qcow2_images: Qcow2Images, tmp_path: Path) -> None:
     """Caches of two entries: every miss evicts, so dirty L2 slices and refcount blocks are
     written back mid-workload, each after what it depends on."""
-    path = _copy(qcow2_images, "cluster_512", tmp_path)  # a refcount block per 128 KiB
+    path = qcow2_images.copy("cluster_512", tmp_path)  # a refcount block per 128 KiB
     node = await _open_rw(path)
     try:
         assert node.l2_cache is not None and node._writer is not None
@@ -151,13 +141,13 @@ async def test_tiny_caches_keep_the_order(qcow2_images: Qcow2Images, tmp_path: P
         assert node._writer.refcounts is not None
         node._writer.refcounts.cache.capacity = 2
         model = bytearray(await node.pread(0, node.size))
-        await apply_workload(node, model, make_workload(node.size, 5, cluster_size=512))
+        await apply_workload(node, make_workload(node.size, 5, cluster_size=512), model)
         counters = node.stats_snapshot().driver
         assert counters["l2_cache_writebacks"] > 0 and counters["refcount_cache_evictions"] > 0
     finally:
         await node.aclose()
-    assert_check_clean(path)
-    assert_same_as_model(path, model, tmp_path / "model.raw")
+    assert_clean(path, "qcow2")
+    assert_same_as_model(path, "qcow2", model, tmp_path / "model.raw")
 
 
 async def test_refcount_table_grows(tmp_path: Path) -> None:
@@ -176,17 +166,17 @@ async def test_refcount_table_grows(tmp_path: Path) -> None:
         assert counters["refcount_blocks_allocated"] > 100
     finally:
         await node.aclose()
-    assert_check_clean(path)
-    assert_same_as_model(path, data + bytes(8 * MiB), tmp_path / "model.raw")
+    assert_clean(path, "qcow2")
+    assert_same_as_model(path, "qcow2", data + bytes(8 * MiB), tmp_path / "model.raw")
 
 
 @pytest.mark.parametrize("name", ["v3", "extended_l2_backing", "zlib_write"])
 async def test_conformance_writable(qcow2_images: Qcow2Images, name: str,
                                     tmp_path: Path) -> None:
-    path = _copy(qcow2_images, name, tmp_path)
+    path = qcow2_images.copy(name, tmp_path)
     await check_block_node(lambda: _open_rw(path), qcow2_images.get(name).reference,
                            writable=True)
-    assert_check_clean(path)
+    assert_clean(path, "qcow2")
 
 
 # -- particular behaviour ------------------------------------------------------------------------
@@ -207,7 +197,7 @@ def _entry_at(entries: list[dict[str, object]], offset: int) -> dict[str, object
 
 async def test_open_and_close_leave_the_header_alone(qcow2_images: Qcow2Images,
                                                      tmp_path: Path) -> None:
-    path = _copy(qcow2_images, "v3", tmp_path)
+    path = qcow2_images.copy("v3", tmp_path)
     before = path.read_bytes()
     node = await _open_rw(path)
     await node.pread(0, node.size)
@@ -229,7 +219,7 @@ async def test_lazy_refcounts_mark_dirty_while_open(tmp_path: Path) -> None:
     finally:
         await node.aclose()
     assert not _dirty(path)
-    assert_check_clean(path)
+    assert_clean(path, "qcow2")
 
 
 def _dirty(path: Path) -> bool:
@@ -245,7 +235,7 @@ async def test_dirty_image_is_repaired_on_writable_open(qcow2_images: Qcow2Image
     """The dirty bit set and the first refcount block lost entirely -- far worse than a crash
     with lazy refcounts can do: a writable open recounts everything (snapshots, compressed
     clusters sharing host clusters, subclusters, an external data file, backing files)."""
-    path = _copy(qcow2_images, name, tmp_path)
+    path = qcow2_images.copy(name, tmp_path)
     expected = qcow2_images.get(name).reference
     with open(path, "r+b") as f:
         f.seek(20)
@@ -260,7 +250,7 @@ async def test_dirty_image_is_repaired_on_writable_open(qcow2_images: Qcow2Image
         (features,) = struct.unpack(">Q", f.read(8))
         f.seek(INCOMPATIBLE_FEATURES_OFFSET)
         f.write(struct.pack(">Q", features | 1))
-    assert qemu_check(path).get("corruptions", 0) > 0
+    assert qemu_check(path, "qcow2").get("corruptions", 0) > 0
     node = await _open_rw(path)
     try:
         assert node.stats_snapshot().driver["refcount_rebuilds"] == 1
@@ -270,7 +260,7 @@ async def test_dirty_image_is_repaired_on_writable_open(qcow2_images: Qcow2Image
     finally:
         await node.aclose()
     assert not _dirty(path)
-    assert_check_clean(path)
+    assert_clean(path, "qcow2")
 
 
 async def test_zero_buffers_become_zero_clusters(tmp_path: Path) -> None:
@@ -289,7 +279,7 @@ async def test_zero_buffers_become_zero_clusters(tmp_path: Path) -> None:
     entries = _map(path)
     assert _entry_at(entries, 64 * KiB)["zero"] and not _entry_at(entries, 64 * KiB)["data"]
     assert _entry_at(entries, 300 * KiB)["data"]
-    assert_check_clean(path)
+    assert_clean(path, "qcow2")
 
 
 async def test_zero_requests_follow_qemu(tmp_path: Path) -> None:
@@ -314,7 +304,7 @@ async def test_zero_requests_follow_qemu(tmp_path: Path) -> None:
     assert _entry_at(entries, 0)["data"]  # the reused cluster holds data again
     assert not _entry_at(entries, 64 * KiB)["data"]
     assert _entry_at(entries, 2 * MiB)["zero"]
-    assert_check_clean(path)
+    assert_clean(path, "qcow2")
 
 
 async def test_discard_follows_qemu(tmp_path: Path) -> None:
@@ -334,7 +324,7 @@ async def test_discard_follows_qemu(tmp_path: Path) -> None:
             assert node.stats_snapshot().driver["clusters_discarded"] == 1
         finally:
             await node.aclose()
-        assert_check_clean(top)
+        assert_clean(top, "qcow2")
         raw = reference_raw(top, tmp_path / "out.raw")
         assert raw.read_bytes()[64 * KiB : 128 * KiB] == expected
 
@@ -349,7 +339,7 @@ async def test_copy_on_write_from_each_source(qcow2_images: Qcow2Images,
                                  ("zlib_write", 64 * KiB + 100, 1),
                                  ("v3", 3584 * KiB + 10, 1),
                                  ("snapshots", 6 * 64 * KiB + 3, 1)):
-        path = _copy(qcow2_images, name, tmp_path / "cow")
+        path = qcow2_images.copy(name, tmp_path / "cow")
         expected = bytearray(qcow2_images.get(name).reference)
         node = await _open_rw(path)
         try:
@@ -361,12 +351,12 @@ async def test_copy_on_write_from_each_source(qcow2_images: Qcow2Images,
             assert await node.pread(0, node.size) == expected
         finally:
             await node.aclose()
-        assert_check_clean(path)
-        assert_same_as_model(path, expected, tmp_path / "model.raw")
+        assert_clean(path, "qcow2")
+        assert_same_as_model(path, "qcow2", expected, tmp_path / "model.raw")
 
 
 async def test_snapshots_stay_intact(qcow2_images: Qcow2Images, tmp_path: Path) -> None:
-    path = _copy(qcow2_images, "snapshots", tmp_path)
+    path = qcow2_images.copy("snapshots", tmp_path)
     snapshots = {}
     for name in ("first", "second"):
         out = tmp_path / f"{name}.raw"
@@ -381,7 +371,7 @@ async def test_snapshots_stay_intact(qcow2_images: Qcow2Images, tmp_path: Path) 
 
 async def test_subclusters_allocated_one_by_one(qcow2_images: Qcow2Images,
                                                 tmp_path: Path) -> None:
-    path = _copy(qcow2_images, "extended_l2_backing", tmp_path)  # 32 KiB clusters, 1 KiB sc
+    path = qcow2_images.copy("extended_l2_backing", tmp_path)  # 32 KiB clusters, 1 KiB sc
     expected = bytearray(qcow2_images.get("extended_l2_backing").reference)
     offset = 1536 * KiB + 1024 + 100  # inside subcluster 1 of an unallocated cluster
     node = await _open_rw(path)
@@ -400,20 +390,20 @@ async def test_subclusters_allocated_one_by_one(qcow2_images: Qcow2Images,
             BlockStatus.ZERO | BlockStatus.ALLOCATED, 2048)
     finally:
         await node.aclose()
-    assert_check_clean(path)
-    assert_same_as_model(path, expected, tmp_path / "model.raw")
+    assert_clean(path, "qcow2")
+    assert_same_as_model(path, "qcow2", expected, tmp_path / "model.raw")
 
 
 async def test_external_data_file_raw_stays_the_disk(qcow2_images: Qcow2Images,
                                                      tmp_path: Path) -> None:
-    path = _copy(qcow2_images, "data_file_raw", tmp_path)
+    path = qcow2_images.copy("data_file_raw", tmp_path)
     model = await _run_workload(path, 31, tmp_path)
     assert (path.parent / "disk.data").read_bytes()[: len(model)] == bytes(model)
 
 
 async def test_preallocated_image_is_written_in_place(qcow2_images: Qcow2Images,
                                                       tmp_path: Path) -> None:
-    path = _copy(qcow2_images, "preallocated", tmp_path)
+    path = qcow2_images.copy("preallocated", tmp_path)
     size_before = path.stat().st_size
     node = await _open_rw(path)
     try:
@@ -426,12 +416,12 @@ async def test_preallocated_image_is_written_in_place(qcow2_images: Qcow2Images,
     finally:
         await node.aclose()
     assert path.stat().st_size == size_before
-    assert_check_clean(path)
+    assert_clean(path, "qcow2")
 
 
 async def test_writing_past_the_end_is_enospc(qcow2_images: Qcow2Images,
                                               tmp_path: Path) -> None:
-    node = await _open_rw(_copy(qcow2_images, "odd_size", tmp_path))
+    node = await _open_rw(qcow2_images.copy("odd_size", tmp_path))
     try:
         with pytest.raises(NoSpaceError):
             await node.pwrite(node.size - 10, b"x" * 11)
@@ -454,25 +444,10 @@ async def test_bitmaps_autoclear_bit_is_cleared(tmp_path: Path) -> None:
         f.seek(88)
         assert struct.unpack(">Q", f.read(8))[0] == 0
     # The bitmap's clusters are now unreferenced: leaked, not corrupt.
-    assert_check_clean(path, leaks_allowed=True)
+    assert_clean(path, "qcow2", leaks_allowed=True)
 
 
 # -- concurrency ---------------------------------------------------------------------------------
-
-
-async def _open_with_filter(path: Path, **fault: object) -> tuple[Qcow2Node, FaultyFile]:
-    file = FileNode(str(path), read_only=False)
-    await file.open()
-    faulty = FaultyFile(file, **fault)  # type: ignore[arg-type]
-    await faulty.open()
-    ctx = OpenContext(OpenOptions(read_only=False), path=str(path), chain=(str(path),))
-    node = Qcow2Node(faulty, ctx)
-    try:
-        await node.open()
-    except BaseException:
-        await node.aclose()
-        raise
-    return node, faulty
 
 
 @pytest.mark.parametrize("name", ["chain_3", "extended_l2_backing", "zlib_write", "snapshots"])
@@ -485,9 +460,9 @@ async def test_concurrent_writers_of_one_cluster(qcow2_images: Qcow2Images, name
     (A write is not atomic as a whole, on a disk either: one that lands partly on allocated
     subclusters, in place, and partly on unallocated ones, which appear at the L2 update, can be
     seen half done. A cluster moved by copy on write appears all at once.)"""
-    path = _copy(qcow2_images, name, tmp_path)
+    path = qcow2_images.copy(name, tmp_path)
     old = qcow2_images.get(name).reference
-    node, _faulty = await _open_with_filter(path, jitter=random.Random(4))
+    node, _faulty = await open_faulty(path, Qcow2Node, jitter=0.5, rng=random.Random(4))
     rng = random.Random(5)
     assert node.header is not None
     cluster = node.header.cluster_size
@@ -525,8 +500,8 @@ async def test_concurrent_writers_of_one_cluster(qcow2_images: Qcow2Images, name
         assert node.stats_snapshot().driver["allocation_waits"] > 0
     finally:
         await node.aclose()
-    assert_check_clean(path)
-    assert_same_as_model(path, expected, tmp_path / "model.raw")
+    assert_clean(path, "qcow2")
+    assert_same_as_model(path, "qcow2", expected, tmp_path / "model.raw")
 
 
 # -- the pure layers -----------------------------------------------------------------------------

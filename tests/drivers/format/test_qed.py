@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.conformance import check_block_node
+from tests.support.hostile import set_bits
 from tests.support.images import (
     create,
     info,
@@ -133,20 +134,12 @@ async def test_no_backing_option(qed_images: dict[str, tuple[Path, bytes]]) -> N
         await node.aclose()
 
 
-def _set_features(path: Path, bits: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(FEATURES)
-        features = struct.unpack("<Q", f.read(8))[0]
-        f.seek(FEATURES)
-        f.write(struct.pack("<Q", features | bits))
-
-
 async def test_need_check_read_only(tmp_path: Path,
                                     qed_images: dict[str, tuple[Path, bytes]]) -> None:
     source, reference = qed_images["plain"]
     path = tmp_path / "dirty.qed"
     path.write_bytes(source.read_bytes())
-    _set_features(path, F_NEED_CHECK)
+    set_bits(path, FEATURES, "<Q", F_NEED_CHECK)
     digest = sha256_file(path)
     node = await open_image(str(path))
     try:
@@ -165,7 +158,7 @@ async def test_need_check_dangling_entry(tmp_path: Path,
     source, _ = qed_images["plain"]
     path = tmp_path / "dangling.qed"
     path.write_bytes(source.read_bytes())
-    _set_features(path, F_NEED_CHECK)
+    set_bits(path, FEATURES, "<Q", F_NEED_CHECK)
     header = path.read_bytes()[:64]
     l1_offset = struct.unpack_from("<Q", header, 40)[0]
     data = bytearray(path.read_bytes())

@@ -10,20 +10,22 @@ from pathlib import Path
 
 import pytest
 
-from tests.drivers.format._crash_harness import (
-    assert_clean,
-    qemu_check_json,
-    qemu_compare_raw,
-    qemu_repaired_copy,
-    run_crash,
-)
-from tests.drivers.format._write_workload import (
-    apply_workload,
-    assert_reads_match,
-    make_workload,
-)
 from tests.support.conformance import check_block_node
+from tests.support.crash import run_crash
+from tests.support.hostile import patch, read_field, set_bits
 from tests.support.images import create, qemu_img, qemu_io, random_bytes, reference_raw, sha256_file
+from tests.support.workload import (
+    assert_clean,
+    assert_qemu_agrees,
+    assert_same_as_model,
+    assert_use_changes_nothing,
+    make_block_workload,
+    qemu_check,
+    qemu_compare,
+    qemu_repaired_copy,
+    run_workload_checked,
+    write_reference,
+)
 from vdiskfs.block.registry import OpenOptions, open_image
 from vdiskfs.drivers.format.qed import F_NEED_CHECK, QedNode
 from vdiskfs.errors import FormatError, UnsupportedError
@@ -91,52 +93,26 @@ async def _open_rw(path: Path, **options: object) -> QedNode:
 
 
 def _features(path: Path) -> int:
-    with open(path, "rb") as f:
-        f.seek(FEATURES)
-        return int(struct.unpack("<Q", f.read(8))[0])
+    return read_field(path, FEATURES, "<Q")
 
-
-def _set_features(path: Path, offset: int, bits: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        value = struct.unpack("<Q", f.read(8))[0]
-        f.seek(offset)
-        f.write(struct.pack("<Q", value | bits))
-
-
-def _write_reference(reference: Path, offset: int, data: bytes) -> None:
-    with open(reference, "r+b") as f:
-        f.seek(offset)
-        f.write(data)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 async def test_workload_matches_qemu(qed_templates: dict[str, tuple[Path, int]], variant: str,
                                      tmp_path: Path) -> None:
     path, reference = _copy(qed_templates, variant, tmp_path)
-    unit = qed_templates[variant][1]
-    node = await _open_rw(path)
-    try:
-        ops = make_workload(node.size, seed=len(variant), unit=unit)
-        assert await apply_workload(node, ops, reference) > 4 * MIB
-        counters = node.counters
-        assert counters.clusters_allocated > 0
-        if variant == "4k-clusters":
-            assert counters.l2_tables_allocated > 0
-        if "backing" in variant:
-            assert counters.need_check_set == 0  # QEMU: the flush before the L2 update
-        else:
-            assert counters.need_check_set == 1
-    finally:
-        await node.aclose()
+    ops = make_block_workload(reference.stat().st_size, seed=len(variant),
+                              unit=qed_templates[variant][1])
+    node = await run_workload_checked(path, "qed", ops, reference)
+    counters = node.counters
+    assert counters.clusters_allocated > 0
+    if variant == "4k-clusters":
+        assert counters.l2_tables_allocated > 0
+    if "backing" in variant:
+        assert counters.need_check_set == 0  # QEMU: the flush before the L2 update
+    else:
+        assert counters.need_check_set == 1
     assert not _features(path) & F_NEED_CHECK
-    assert_clean(path, "qed")
-    qemu_compare_raw(path, "qed", reference)
-    node = await open_image(str(path))
-    try:
-        await assert_reads_match(node, reference)
-    finally:
-        await node.aclose()
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -152,27 +128,14 @@ async def test_read_only_open_changes_nothing(qed_templates: dict[str, tuple[Pat
                                               variant: str, tmp_path: Path) -> None:
     path, _ = _copy(qed_templates, "plain" if variant == "need-check" else variant, tmp_path)
     if variant == "need-check":
-        _set_features(path, FEATURES, F_NEED_CHECK)
-    digest = sha256_file(path)
-    node = await open_image(str(path))
-    try:
-        await node.pread(0, node.size)
-        await node.block_status(0, node.size)
-        await node.flush()
-    finally:
-        await node.aclose()
-    assert sha256_file(path) == digest
+        set_bits(path, FEATURES, "<Q", F_NEED_CHECK)
+    await assert_use_changes_nothing(path)
 
 
 async def test_writable_open_without_writes_changes_nothing(
         qed_templates: dict[str, tuple[Path, int]], tmp_path: Path) -> None:
     path, _ = _copy(qed_templates, "raw-backing", tmp_path)
-    digest = sha256_file(path)
-    node = await _open_rw(path)
-    await node.pread(0, node.size)
-    await node.flush()
-    await node.aclose()
-    assert sha256_file(path) == digest
+    await assert_use_changes_nothing(path, writable=True, fmt="qed")
 
 
 async def test_need_check_flag_lifecycle(qed_templates: dict[str, tuple[Path, int]],
@@ -209,21 +172,15 @@ def _l2_entry_offset(path: Path, cluster: int) -> int:
     return int(l2 + 8 * cluster)
 
 
-def _patch_u64(path: Path, offset: int, value: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(struct.pack("<Q", value))
-
-
 async def test_writable_open_repairs_need_check(qed_templates: dict[str, tuple[Path, int]],
                                                 tmp_path: Path) -> None:
     """A crash between growing the L2 table and writing the cluster, on a reordering disk:
     the entry points past the end of the file. A writable open clears it (QEMU's qed_check
     with fix), then the flag."""
     path, reference = _copy(qed_templates, "plain", tmp_path)
-    _set_features(path, FEATURES, F_NEED_CHECK)
-    _patch_u64(path, _l2_entry_offset(path, 3), path.stat().st_size + 640 * KIB)
-    result = qemu_check_json(path, "qed")
+    set_bits(path, FEATURES, "<Q", F_NEED_CHECK)
+    patch(path, _l2_entry_offset(path, 3), "<Q", path.stat().st_size + 640 * KIB)
+    result = qemu_check(path, "qed")
     assert result["corruptions"] == 1
     node = await _open_rw(path)
     try:
@@ -233,16 +190,15 @@ async def test_writable_open_repairs_need_check(qed_templates: dict[str, tuple[P
         assert await node.pread(0, node.size) == reference.read_bytes()
     finally:
         await node.aclose()
-    assert_clean(path, "qed")
-    qemu_compare_raw(path, "qed", reference)
+    assert_qemu_agrees(path, "qed", reference)
 
 
 async def test_cluster_used_twice_refused(qed_templates: dict[str, tuple[Path, int]],
                                           tmp_path: Path) -> None:
     path, _ = _copy(qed_templates, "plain", tmp_path)
     used = struct.unpack_from("<Q", path.read_bytes(), _l2_entry_offset(path, 1))[0]
-    _patch_u64(path, _l2_entry_offset(path, 5), used)
-    _set_features(path, FEATURES, F_NEED_CHECK)
+    patch(path, _l2_entry_offset(path, 5), "<Q", used)
+    set_bits(path, FEATURES, "<Q", F_NEED_CHECK)
     digest = sha256_file(path)
     with pytest.raises(FormatError, match="used twice"):
         await _open_rw(path)
@@ -270,11 +226,10 @@ async def test_zero_clusters_over_backing(qed_templates: dict[str, tuple[Path, i
         assert (await node.block_status(3 * MIB, 64 * KIB))[0] & 2  # still a zero cluster
     finally:
         await node.aclose()
-    _write_reference(reference, 3 * MIB, bytes(3 * 64 * KIB))
-    _write_reference(reference, 3 * MIB + 200 * KIB, bytes(10))
-    _write_reference(reference, 3 * MIB + 64 * KIB + 100, b"\xee" * 50)
-    assert_clean(path, "qed")
-    qemu_compare_raw(path, "qed", reference)
+    write_reference(reference, 3 * MIB, bytes(3 * 64 * KIB))
+    write_reference(reference, 3 * MIB + 200 * KIB, bytes(10))
+    write_reference(reference, 3 * MIB + 64 * KIB + 100, b"\xee" * 50)
+    assert_qemu_agrees(path, "qed", reference)
 
 
 async def test_zero_without_backing_allocates_nothing(
@@ -287,9 +242,8 @@ async def test_zero_without_backing_allocates_nothing(
         assert node.counters.zero_clusters_marked == 0
     finally:
         await node.aclose()
-    _write_reference(reference, 2 * MIB + 5, bytes(3 * MIB))
-    assert_clean(path, "qed")
-    qemu_compare_raw(path, "qed", reference)
+    write_reference(reference, 2 * MIB + 5, bytes(3 * MIB))
+    assert_qemu_agrees(path, "qed", reference)
 
 
 async def test_copy_on_write_from_backing(qed_templates: dict[str, tuple[Path, int]],
@@ -302,9 +256,8 @@ async def test_copy_on_write_from_backing(qed_templates: dict[str, tuple[Path, i
         assert node.counters.clusters_allocated == 1
     finally:
         await node.aclose()
-    _write_reference(reference, 2 * MIB + 1000, b"\x99" * 10)
-    assert_clean(path, "qed")
-    qemu_compare_raw(path, "qed", reference)
+    write_reference(reference, 2 * MIB + 1000, b"\x99" * 10)
+    assert_qemu_agrees(path, "qed", reference)
     # The cluster holds the backing file's bytes around the write: drop the backing file.
     qemu_img("rebase", "-u", "-b", "", path)
     qemu_img("convert", "-f", "qed", "-O", "raw", path, tmp_path / "alone.raw")
@@ -323,7 +276,7 @@ async def test_writing_without_backing_refused(qed_templates: dict[str, tuple[Pa
 async def test_autoclear_bits_knocked_out(qed_templates: dict[str, tuple[Path, int]],
                                           tmp_path: Path) -> None:
     path, _ = _copy(qed_templates, "plain", tmp_path)
-    _set_features(path, AUTOCLEAR, 0x5)
+    set_bits(path, AUTOCLEAR, "<Q", 0x5)
     node = await _open_rw(path)
     await node.aclose()
     with open(path, "rb") as f:
@@ -342,20 +295,19 @@ async def _crash(templates: dict[str, tuple[Path, int]], variant: str, budget: i
     got, _ = await run_crash(path, QedNode, budget=budget, seed=budget,
                              unit=templates[variant][1])
     ours = tmp_path / "ours.raw"
-    ours.write_bytes(got)
-    qemu_compare_raw(path, "qed", ours)  # QEMU reads the crashed image as we do
+    assert_same_as_model(path, "qed", got, ours)  # QEMU reads the crashed image as we do
     # A crash leaks clusters at worst; no entry points anywhere wrong.
-    _accept_leaks_only(qemu_check_json(path, "qed"))
+    _accept_leaks_only(qemu_check(path, "qed"))
     if _features(path) & F_NEED_CHECK:
         assert variant != "raw-backing"  # QEMU never sets it with a backing file
         repaired = qemu_repaired_copy(path, "qed", _accept_leaks_only)
-        qemu_compare_raw(repaired, "qed", ours)
+        qemu_compare(repaired, "qed", ours)
         # vdiskfs's own repair on a writable open agrees.
         node = await _open_rw(path)
         await node.aclose()
         assert not _features(path) & F_NEED_CHECK
-        _accept_leaks_only(qemu_check_json(path, "qed"))
-        qemu_compare_raw(path, "qed", ours)
+        _accept_leaks_only(qemu_check(path, "qed"))
+        qemu_compare(path, "qed", ours)
 
 
 @pytest.mark.parametrize("budget", [0, 1, 2, 3, 5, 8, 12, 17, 25, 40, 60])

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.hostile import assert_refused, patch, read_everything
 from tests.support.images import create, qemu_io
-from vdiskfs.block.registry import OpenOptions, open_image
+from vdiskfs.block.registry import open_image
 from vdiskfs.errors import FormatError, UnsupportedError, VdiskError
 
 MIB = 1 << 20
@@ -26,20 +27,6 @@ def image(tmp_path: Path) -> Path:
     path = create(tmp_path / "disk.vdi", 4 * MIB, "vdi")
     qemu_io(path, "write -P 0x5a 0 2M", fmt="vdi")
     return path
-
-
-def patch(path: Path, offset: int, fmt: str, value: int | bytes) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(struct.pack(fmt, value))
-
-
-async def open_forced(path: Path) -> None:
-    node = await open_image(str(path), OpenOptions(format="vdi"))
-    try:
-        await node.pread(0, node.size)
-    finally:
-        await node.aclose()
 
 
 CASES: list[tuple[str, Callable[[Path], None], type[VdiskError], str]] = [
@@ -80,10 +67,7 @@ CASES: list[tuple[str, Callable[[Path], None], type[VdiskError], str]] = [
 async def test_bad_header_field(image: Path, name: str, mutate: Callable[[Path], None],
                                 error: type[VdiskError], field: str) -> None:
     mutate(image)
-    with pytest.raises(error) as info:
-        await open_forced(image)
-    assert info.value.field == field
-    assert info.value.path == str(image)
+    await assert_refused(image, error, field=field, format="vdi")
 
 
 async def test_block_map_entry_outside_file(image: Path) -> None:
@@ -104,5 +88,5 @@ async def test_truncated_file(tmp_path: Path) -> None:
     path = tmp_path / "short.vdi"
     path.write_bytes(b"<<< x >>>".ljust(64, b"\0") + struct.pack("<I", 0xBEDA107F))
     with pytest.raises(FormatError, match="outside the file") as info:
-        await open_forced(path)
+        await read_everything(path, format="vdi")
     assert info.value.field == "header"

@@ -4,25 +4,25 @@ check and compare after the shared random workload, and after simulated crashes.
 from __future__ import annotations
 
 import shutil
-import struct
 from pathlib import Path
 
 import pytest
-import trio
 
-from tests.drivers.format._crash_harness import (
-    assert_clean,
-    qemu_check_json,
-    qemu_compare_raw,
-    run_crash,
-)
-from tests.drivers.format._write_workload import (
-    apply_workload,
-    assert_reads_match,
-    make_workload,
-)
 from tests.support.conformance import check_block_node
+from tests.support.crash import run_crash
+from tests.support.hostile import patch, read_field
 from tests.support.images import create, qemu_img, qemu_io, random_bytes, reference_raw, sha256_file
+from tests.support.workload import (
+    assert_clean,
+    assert_qemu_agrees,
+    assert_same_as_model,
+    assert_use_changes_nothing,
+    make_block_workload,
+    qemu_check,
+    run_workload_checked,
+    write_racing,
+    write_reference,
+)
 from vdiskfs.block.registry import OpenOptions, open_image
 from vdiskfs.drivers.format.vdi import BLOCKS_ALLOCATED_OFFSET, DISCARDED, VdiNode
 from vdiskfs.errors import FormatError, NoSpaceError
@@ -68,22 +68,10 @@ async def _open_rw(path: Path) -> VdiNode:
 async def test_workload_matches_qemu(vdi_templates: dict[str, Path], variant: str,
                                      tmp_path: Path) -> None:
     path, reference = _copy(vdi_templates, variant, tmp_path)
-    node = await _open_rw(path)
-    try:
-        ops = make_workload(node.size, seed=len(variant), unit=MIB)
-        assert await apply_workload(node, ops, reference) > 4 * MIB
-        allocated = node.counters.blocks_allocated
-    finally:
-        await node.aclose()
+    ops = make_block_workload(reference.stat().st_size, seed=len(variant), unit=MIB)
+    node = await run_workload_checked(path, "vdi", ops, reference)
     if variant == "static":
-        assert allocated == 0
-    assert_clean(path, "vdi")
-    qemu_compare_raw(path, "vdi", reference)
-    node = await open_image(str(path))
-    try:
-        await assert_reads_match(node, reference)
-    finally:
-        await node.aclose()
+        assert node.counters.blocks_allocated == 0
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -98,26 +86,13 @@ async def test_conformance_writable(vdi_templates: dict[str, Path], variant: str
 async def test_read_only_open_changes_nothing(vdi_templates: dict[str, Path], variant: str,
                                               tmp_path: Path) -> None:
     path, _ = _copy(vdi_templates, variant, tmp_path)
-    digest = sha256_file(path)
-    node = await open_image(str(path))
-    try:
-        await node.pread(0, node.size)
-        await node.block_status(0, node.size)
-        await node.flush()
-    finally:
-        await node.aclose()
-    assert sha256_file(path) == digest
+    await assert_use_changes_nothing(path)
 
 
 async def test_writable_open_without_writes_changes_nothing(vdi_templates: dict[str, Path],
                                                             tmp_path: Path) -> None:
     path, _ = _copy(vdi_templates, "dynamic", tmp_path)
-    digest = sha256_file(path)
-    node = await _open_rw(path)
-    await node.pread(0, node.size)
-    await node.flush()
-    await node.aclose()
-    assert sha256_file(path) == digest
+    await assert_use_changes_nothing(path, writable=True, fmt="vdi")
 
 
 async def test_metadata_reaches_the_file_at_flush(vdi_templates: dict[str, Path],
@@ -129,9 +104,7 @@ async def test_metadata_reaches_the_file_at_flush(vdi_templates: dict[str, Path]
         await node.pwrite(MIB + 10, b"\x5a" * 3000)
         assert node.counters.blocks_allocated == 1
         assert node.counters.metadata_writebacks == 0
-        with open(reference, "r+b") as f:
-            f.seek(MIB + 10)
-            f.write(b"\x5a" * 3000)
+        write_reference(reference, MIB + 10, b"\x5a" * 3000)
         await node.flush()
         assert node.counters.metadata_writebacks == 1
         # QEMU now reads the allocation while we still hold the image.
@@ -155,44 +128,17 @@ async def test_zero_never_allocates(vdi_templates: dict[str, Path], tmp_path: Pa
     finally:
         await node.aclose()
     assert path.stat().st_size == size
-    with open(reference, "r+b") as f:
-        f.seek(MIB)
-        f.write(bytes(2 * MIB + 1000))
-    assert_clean(path, "vdi")
-    qemu_compare_raw(path, "vdi", reference)
+    write_reference(reference, MIB, bytes(2 * MIB + 1000))
+    assert_qemu_agrees(path, "vdi", reference)
 
 
 async def test_concurrent_writes_to_one_new_block(vdi_templates: dict[str, Path],
                                                   tmp_path: Path) -> None:
     """Writers racing into one unallocated block share a single allocation."""
     path, reference = _copy(vdi_templates, "empty", tmp_path)
-    node = await _open_rw(path)
     pieces = [(2 * MIB + i * 10_000, bytes([i + 1]) * 7000) for i in range(20)]
-    try:
-        async with trio.open_nursery() as nursery:
-            for offset, data in pieces:
-                nursery.start_soon(node.pwrite, offset, data)
-        assert node.counters.blocks_allocated == 1
-    finally:
-        await node.aclose()
-    with open(reference, "r+b") as f:
-        for offset, data in pieces:
-            f.seek(offset)
-            f.write(data)
-    assert_clean(path, "vdi")
-    qemu_compare_raw(path, "vdi", reference)
-
-
-def _patch_u32(path: Path, offset: int, value: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(struct.pack("<I", value))
-
-
-def _read_u32(path: Path, offset: int) -> int:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return int(struct.unpack("<I", f.read(4))[0])
+    node = await write_racing(path, "vdi", pieces, reference)
+    assert node.counters.blocks_allocated == 1
 
 
 async def test_leaked_top_block_repaired(vdi_templates: dict[str, Path],
@@ -200,11 +146,11 @@ async def test_leaked_top_block_repaired(vdi_templates: dict[str, Path],
     """A crash between the header and the block map leaves blocks_allocated one too high:
     QEMU calls it a corruption it cannot repair; a writable open lowers it back."""
     path, reference = _copy(vdi_templates, "dynamic", tmp_path)
-    allocated = _read_u32(path, BLOCKS_ALLOCATED_OFFSET)
-    _patch_u32(path, BLOCKS_ALLOCATED_OFFSET, allocated + 1)
+    allocated = read_field(path, BLOCKS_ALLOCATED_OFFSET, "<I")
+    patch(path, BLOCKS_ALLOCATED_OFFSET, "<I", allocated + 1)
     with open(path, "r+b") as f:
         f.truncate(path.stat().st_size + MIB)
-    result = qemu_check_json(path, "vdi")
+    result = qemu_check(path, "vdi")
     assert result["corruptions"] == 1 and "allocated blocks mismatch" in result["stderr"]
     node = await _open_rw(path)
     try:
@@ -213,17 +159,15 @@ async def test_leaked_top_block_repaired(vdi_templates: dict[str, Path],
         assert node.blocks_allocated == allocated + 1
     finally:
         await node.aclose()
-    with open(reference, "r+b") as f:
-        f.seek(4 * MIB + 5)
-        f.write(b"\x77" * 100)
-    assert_clean(path, "vdi")
-    qemu_compare_raw(path, "vdi", reference)
+    write_reference(reference, 4 * MIB + 5, b"\x77" * 100)
+    assert_qemu_agrees(path, "vdi", reference)
 
 
 async def test_block_used_twice_refused(vdi_templates: dict[str, Path], tmp_path: Path) -> None:
     path, _ = _copy(vdi_templates, "dynamic", tmp_path)
-    offset_bmap = _read_u32(path, BMAP_OFFSET)
-    _patch_u32(path, offset_bmap + 4 * 2, _read_u32(path, offset_bmap))  # block 2 -> block 0's
+    offset_bmap = read_field(path, BMAP_OFFSET, "<I")
+    # Block 2 -> block 0's data block.
+    patch(path, offset_bmap + 4 * 2, "<I", read_field(path, offset_bmap, "<I"))
     with pytest.raises(FormatError, match="twice") as exc:
         await _open_rw(path)
     assert exc.value.field == "block_map"
@@ -236,9 +180,8 @@ async def _crash(templates: dict[str, Path], variant: str, budget: int,
     path, _ = _copy(templates, variant, tmp_path)
     got, _ = await run_crash(path, VdiNode, budget=budget, seed=budget, unit=MIB)
     ours = tmp_path / "ours.raw"
-    ours.write_bytes(got)
-    qemu_compare_raw(path, "vdi", ours)  # QEMU reads the crashed image as we do
-    result = qemu_check_json(path, "vdi")
+    assert_same_as_model(path, "vdi", got, ours)  # QEMU reads the crashed image as we do
+    result = qemu_check(path, "vdi")
     if result.get("corruptions"):
         # The one state a crash may leave: blocks_allocated above what the map uses (a
         # leak, though QEMU counts it as a corruption). A writable open repairs it.
@@ -247,8 +190,7 @@ async def _crash(templates: dict[str, Path], variant: str, budget: int,
         assert found < expected, result
         node = await _open_rw(path)
         await node.aclose()
-        assert_clean(path, "vdi")
-        qemu_compare_raw(path, "vdi", ours)
+        assert_qemu_agrees(path, "vdi", ours)
     else:
         assert_clean(path, "vdi")
 
@@ -259,7 +201,7 @@ async def test_full_data_area_refuses_allocation(vdi_templates: dict[str, Path],
     """A static image with a discarded block has no data block to give it back: vdiskfs
     allocates at the end only."""
     path, _ = _copy(vdi_templates, "static", tmp_path)
-    _patch_u32(path, _read_u32(path, BMAP_OFFSET) + 4, DISCARDED)
+    patch(path, read_field(path, BMAP_OFFSET, "<I") + 4, "<I", DISCARDED)
     node = await _open_rw(path)
     try:
         await node.pwrite(0, b"in place")

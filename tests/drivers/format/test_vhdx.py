@@ -12,6 +12,7 @@ import pytest
 from tests.support import vhdx_build as vb
 from tests.support.conformance import check_block_node
 from tests.support.images import (
+    QEMU_IMG,
     create,
     info,
     qemu_img,
@@ -105,42 +106,14 @@ async def test_bat_cache_counters(vhdx_images: dict[str, tuple[Path, bytes]]) ->
 
 @pytest.fixture(scope="session")
 def dirty_log_image(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes]:
-    """A dynamic image whose log holds two entries QEMU would replay on a writable open: they
-    map block 1 to a new payload block, turn block 2 into a zero block, and update and zero
-    parts of the new block. The reference is QEMU's replay of a copy."""
-    d = tmp_path_factory.mktemp("vhdx-log")
-    path = create(d / "dirty.vhdx", 8 * MIB, "vhdx", block_size="1M", log_size="1M")
-    qemu_io(path, "write -P 0x11 0 1M", "write -P 0x22 2M 1M", fmt="vhdx")
-    layout = vb.read_layout(path)
-    new_block = -(-path.stat().st_size // MIB) * MIB
-    with open(path, "r+b") as f:
-        f.truncate(new_block + MIB)
-        f.seek(new_block)
-        f.write(b"\x77" * MIB)
-    bat_sector = bytearray(path.read_bytes()[layout.bat_offset : layout.bat_offset + 4096])
-    struct.pack_into("<Q", bat_sector, 8, new_block | vb.FULLY_PRESENT)
-    struct.pack_into("<Q", bat_sector, 16, vb.ZERO)
-    vb.write_pending_log(path, [
-        [vb.LogUpdate(layout.bat_offset, bytes(bat_sector))],
-        [vb.LogUpdate(new_block + 4096, None, 8192),
-         vb.LogUpdate(new_block + 65536, b"\x99" * 4096)],
-    ])
-    replayed = d / "replayed.vhdx"
-    shutil.copyfile(path, replayed)
-    run(vb_qemu_img(), "check", "-r", "all", replayed)
-    return path, reference_raw(replayed, d / "replayed.ref", "vhdx").read_bytes()
-
-
-def vb_qemu_img() -> str:
-    from tests.support.images import QEMU_IMG
-
-    return QEMU_IMG
+    """A dynamic image whose log holds two pending entries, and QEMU's replay of it."""
+    return vb.dirty_log_image(tmp_path_factory.mktemp("vhdx-log"))
 
 
 async def test_log_replayed_in_memory(dirty_log_image: tuple[Path, bytes]) -> None:
     path, reference = dirty_log_image
     # QEMU refuses to read it without replaying; the replayed copy differs from the file.
-    assert run(vb_qemu_img(), "convert", "-O", "raw", path, "/dev/null",
+    assert run(QEMU_IMG, "convert", "-O", "raw", path, "/dev/null",
                check=False).returncode != 0
     assert reference[MIB : MIB + 4096] == b"\x77" * 4096
     digest = sha256_file(path)

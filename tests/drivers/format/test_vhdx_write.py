@@ -11,22 +11,11 @@ import uuid
 from pathlib import Path
 
 import pytest
-import trio
 
-from tests.drivers.format._crash_harness import (
-    assert_clean,
-    open_through_power_cut,
-    qemu_compare_raw,
-    qemu_repaired_copy,
-    run_crash,
-)
-from tests.drivers.format._write_workload import (
-    apply_workload,
-    assert_reads_match,
-    make_workload,
-)
 from tests.support import vhdx_build as vb
 from tests.support.conformance import check_block_node
+from tests.support.crash import run_crash
+from tests.support.faulty import CrashMode, open_faulty
 from tests.support.images import (
     QEMU_IMG,
     create,
@@ -37,6 +26,20 @@ from tests.support.images import (
     run,
     sha256_file,
 )
+from tests.support.workload import (
+    assert_clean,
+    assert_qemu_agrees,
+    assert_reads_match,
+    assert_same_as_model,
+    assert_use_changes_nothing,
+    make_block_workload,
+    qemu_compare,
+    qemu_repaired_copy,
+    run_workload_checked,
+    write_racing,
+    write_reference,
+)
+from vdiskfs.block.node import BlockNode
 from vdiskfs.block.registry import OpenOptions, open_image
 from vdiskfs.drivers.format.vhdx import VhdxNode
 from vdiskfs.drivers.format.vhdx import driver as vhdx_driver
@@ -94,11 +97,6 @@ async def _open_rw(path: Path) -> VhdxNode:
     return node
 
 
-def _write_reference(reference: Path, offset: int, data: bytes) -> None:
-    with open(reference, "r+b") as f:
-        f.seek(offset)
-        f.write(data)
-
 
 def _headers(path: Path) -> list[VhdxHeader]:
     data = path.read_bytes()
@@ -114,30 +112,20 @@ async def test_workload_matches_qemu(vhdx_templates: dict[str, tuple[Path, int]]
                                      variant: str, tmp_path: Path) -> None:
     path, reference = _copy(vhdx_templates, variant, tmp_path)
     size = path.stat().st_size
-    node = await _open_rw(path)
-    try:
-        ops = make_workload(node.size, seed=len(variant), unit=vhdx_templates[variant][1])
-        assert await apply_workload(node, ops, reference) > 4 * MIB
-        counters = node.counters
-        if variant in ("dynamic", "block-32m", "fixed-present"):
-            # Every block was present already (the pre-fill touched both 8 MiB blocks).
-            assert counters.blocks_allocated == counters.log_entries_written == 0
-        else:
-            assert counters.blocks_allocated > 0
-            assert counters.log_entries_written > 0
-    finally:
-        await node.aclose()
+    ops = make_block_workload(reference.stat().st_size, seed=len(variant),
+                              unit=vhdx_templates[variant][1])
+    node = await run_workload_checked(path, "vhdx", ops, reference)
+    counters = node.counters
+    if variant in ("dynamic", "block-32m", "fixed-present"):
+        # Every block was present already (the pre-fill touched both 8 MiB blocks).
+        assert counters.blocks_allocated == counters.log_entries_written == 0
+    else:
+        assert counters.blocks_allocated > 0
+        assert counters.log_entries_written > 0
     if variant == "fixed-present":
         assert path.stat().st_size == size
     # The other header may still name the last log entry: replaying it again is harmless.
     assert _active_header(path).log_guid == NIL_GUID
-    assert_clean(path, "vhdx")
-    qemu_compare_raw(path, "vhdx", reference)
-    node = await open_image(str(path))
-    try:
-        await assert_reads_match(node, reference)
-    finally:
-        await node.aclose()
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -151,38 +139,13 @@ async def test_conformance_writable(vhdx_templates: dict[str, tuple[Path, int]],
 # -- a pending log --
 
 
-def _dirty_log_image(directory: Path) -> tuple[Path, bytes]:
-    """A dynamic image whose log holds two entries (a new block 1, block 2 zeroed, parts of
-    the new block updated and zeroed), and the guest bytes QEMU's replay of a copy gives."""
-    path = create(directory / "dirty.vhdx", 8 * MIB, "vhdx", block_size="1M", log_size="1M")
-    qemu_io(path, "write -P 0x11 0 1M", "write -P 0x22 2M 1M", fmt="vhdx")
-    layout = vb.read_layout(path)
-    new_block = -(-path.stat().st_size // MIB) * MIB
-    with open(path, "r+b") as f:
-        f.truncate(new_block + MIB)
-        f.seek(new_block)
-        f.write(b"\x77" * MIB)
-    bat_sector = bytearray(path.read_bytes()[layout.bat_offset : layout.bat_offset + 4096])
-    struct.pack_into("<Q", bat_sector, 8, new_block | vb.FULLY_PRESENT)
-    struct.pack_into("<Q", bat_sector, 16, vb.ZERO)
-    vb.write_pending_log(path, [
-        [vb.LogUpdate(layout.bat_offset, bytes(bat_sector))],
-        [vb.LogUpdate(new_block + 4096, None, 8192),
-         vb.LogUpdate(new_block + 65536, b"\x99" * 4096)],
-    ])
-    replayed = directory / "replayed.vhdx"
-    shutil.copyfile(path, replayed)
-    run(QEMU_IMG, "check", "-r", "all", replayed)
-    return path, reference_raw(replayed, directory / "replayed.raw", "vhdx").read_bytes()
-
-
 def _qemu_needs_replay(path: Path) -> bool:
     proc = run(QEMU_IMG, "check", "-f", "vhdx", path, check=False)
     return proc.returncode == 1 and "needs to be replayed" in proc.stderr
 
 
 async def test_writable_open_replays_log_into_file(tmp_path: Path) -> None:
-    path, expected = _dirty_log_image(tmp_path)
+    path, expected = vb.dirty_log_image(tmp_path)
     assert _qemu_needs_replay(path)
     node = await _open_rw(path)
     try:
@@ -198,13 +161,13 @@ async def test_writable_open_replays_log_into_file(tmp_path: Path) -> None:
     assert not _qemu_needs_replay(path)
     assert_clean(path, "vhdx")
     (tmp_path / "expected.raw").write_bytes(expected)
-    qemu_compare_raw(path, "vhdx", tmp_path / "expected.raw")
+    qemu_compare(path, "vhdx", tmp_path / "expected.raw")
 
 
 async def test_refused_writable_open_writes_nothing(tmp_path: Path) -> None:
     """The pending log is replayed only once the open is known to succeed: here the metadata
     turns out to be broken (a differencing flag without a parent locator)."""
-    path, _ = _dirty_log_image(tmp_path)
+    path, _ = vb.dirty_log_image(tmp_path)
     layout = vb.read_layout(path)
     vb.set_metadata_item(path, layout, vb.FILE_PARAMETERS, struct.pack("<II", MIB, 0x2))
     digest = sha256_file(path)
@@ -217,30 +180,20 @@ async def test_refused_writable_open_writes_nothing(tmp_path: Path) -> None:
 async def test_read_only_open_changes_nothing(vhdx_templates: dict[str, tuple[Path, int]],
                                               variant: str, tmp_path: Path) -> None:
     if variant == "pending-log":
-        path, _ = _dirty_log_image(tmp_path)
+        path, _ = vb.dirty_log_image(tmp_path)
     else:
         path, _ = _copy(vhdx_templates, variant, tmp_path)
-    digest = sha256_file(path)
-    node = await open_image(str(path))
-    try:
-        await node.pread(0, node.size)
-        await node.block_status(0, node.size)
-        await node.flush()
-    finally:
-        await node.aclose()
-    assert sha256_file(path) == digest
+    await assert_use_changes_nothing(path)
 
 
 async def test_writable_open_without_writes_changes_nothing(
         vhdx_templates: dict[str, tuple[Path, int]], tmp_path: Path) -> None:
     path, _ = _copy(vhdx_templates, "block-1m-log-1m", tmp_path)
-    digest = sha256_file(path)
-    node = await _open_rw(path)
-    await node.pread(0, node.size)
-    await node.zero(5 * MIB, MIB)  # never written: reads as zeros already, nothing to do
-    await node.flush()
-    await node.aclose()
-    assert sha256_file(path) == digest
+
+    async def zero_unwritten(node: BlockNode) -> None:
+        await node.zero(5 * MIB, MIB)  # never written: reads as zeros already, nothing to do
+
+    await assert_use_changes_nothing(path, writable=True, fmt="vhdx", also=zero_unwritten)
 
 
 # -- headers --
@@ -302,14 +255,15 @@ async def test_log_written_is_replayed_by_qemu(vhdx_templates: dict[str, tuple[P
     in the log. QEMU's replay and vdiskfs's (in memory) both find the new block."""
     path, reference = _copy(vhdx_templates, "block-1m-log-1m", tmp_path)
     # Session headers (2), the new block (extend, data), then log entry and its header (2).
-    node, cut = await open_through_power_cut(path, VhdxNode, budget=6)
+    node, cut = await open_faulty(path, VhdxNode, mode=CrashMode.DROP)
+    cut.crash_in(6)
     try:
         await node.pwrite(9 * MIB + 100, b"\x5e" * 5000)
         await node.flush()
         assert cut.dropped > 0 and node.counters.log_entries_written == 1
     finally:
         await node.aclose()
-    _write_reference(reference, 9 * MIB + 100, b"\x5e" * 5000)
+    write_reference(reference, 9 * MIB + 100, b"\x5e" * 5000)
     assert _qemu_needs_replay(path)
     reopened = await open_image(str(path))
     try:
@@ -318,13 +272,11 @@ async def test_log_written_is_replayed_by_qemu(vhdx_templates: dict[str, tuple[P
     finally:
         await reopened.aclose()
     repaired = qemu_repaired_copy(path, "vhdx")
-    assert_clean(repaired, "vhdx")
-    qemu_compare_raw(repaired, "vhdx", reference)
+    assert_qemu_agrees(repaired, "vhdx", reference)
     # A writable open replays it into the file as QEMU did.
     node = await _open_rw(path)
     await node.aclose()
-    assert_clean(path, "vhdx")
-    qemu_compare_raw(path, "vhdx", reference)
+    assert_qemu_agrees(path, "vhdx", reference)
 
 
 async def test_write_back_in_several_log_entries(tmp_path: Path,
@@ -376,27 +328,16 @@ async def test_zero_never_allocates(vhdx_templates: dict[str, tuple[Path, int]],
     finally:
         await node.aclose()
     assert path.stat().st_size == size
-    _write_reference(reference, 2 * MIB + 100, bytes(3 * MIB))
-    assert_clean(path, "vhdx")
-    qemu_compare_raw(path, "vhdx", reference)
+    write_reference(reference, 2 * MIB + 100, bytes(3 * MIB))
+    assert_qemu_agrees(path, "vhdx", reference)
 
 
 async def test_concurrent_writes_to_one_new_block(vhdx_templates: dict[str, tuple[Path, int]],
                                                   tmp_path: Path) -> None:
     path, reference = _copy(vhdx_templates, "block-1m-log-1m", tmp_path)
-    node = await _open_rw(path)
     pieces = [(6 * MIB + i * 20_000, bytes([i + 1]) * 9000) for i in range(20)]
-    try:
-        async with trio.open_nursery() as nursery:
-            for offset, data in pieces:
-                nursery.start_soon(node.pwrite, offset, data)
-        assert node.counters.blocks_allocated == 1
-    finally:
-        await node.aclose()
-    for offset, data in pieces:
-        _write_reference(reference, offset, data)
-    assert_clean(path, "vhdx")
-    qemu_compare_raw(path, "vhdx", reference)
+    node = await write_racing(path, "vhdx", pieces, reference)
+    assert node.counters.blocks_allocated == 1
 
 
 # -- crashes --
@@ -407,14 +348,12 @@ async def _crash(templates: dict[str, tuple[Path, int]], variant: str, budget: i
     path, _ = _copy(templates, variant, tmp_path)
     got, _ = await run_crash(path, VhdxNode, budget=budget, seed=budget,
                              unit=templates[variant][1])
-    ours = tmp_path / "ours.raw"
-    ours.write_bytes(got)
     if _qemu_needs_replay(path):
         # The crash hit between the header naming a log entry and the one clearing it: the
         # BAT update is in the log. QEMU's replay reads what vdiskfs's replay read.
         path = qemu_repaired_copy(path, "vhdx")
     assert_clean(path, "vhdx")  # leaked blocks are invisible to QEMU's vhdx check
-    qemu_compare_raw(path, "vhdx", ours)
+    assert_same_as_model(path, "vhdx", got, tmp_path / "ours.raw")
 
 
 # Budgets 9, 16, 21, 29, 37 and 59 cut the power while the log holds the BAT update.

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.hostile import assert_refused, read_everything
 from tests.support.images import qemu_img, random_bytes
 from tests.support.vmdk_images import (
     GD_AT_END,
@@ -21,7 +22,7 @@ from tests.support.vmdk_images import (
     patch_header,
     write_descriptor,
 )
-from vdiskfs.block.registry import OpenOptions, open_image
+from vdiskfs.block.registry import open_image
 from vdiskfs.drivers.format.vmdk.descriptor import MAX_EXTENTS
 from vdiskfs.errors import ChainError, FormatError, UnsupportedError, VdiskError
 
@@ -46,27 +47,6 @@ def _header(path: Path) -> dict[str, int]:
     return {"gd_offset": fields[9], "grain_offset": fields[10]}
 
 
-async def _open(path: Path, **options: object) -> None:
-    """Open and read everything; the image must be refused somewhere on the way."""
-    node = await open_image(str(path), OpenOptions(**options))  # type: ignore[arg-type]
-    try:
-        for offset in range(0, node.size, MiB):
-            await node.pread(offset, min(MiB, node.size - offset))
-    finally:
-        await node.aclose()
-
-
-async def _refused(path: Path, error: type[VdiskError], match: str, *, field: str | None = None,
-                   where: Path | None = None, **options: object) -> VdiskError:
-    with pytest.raises(error, match=match) as info:
-        await _open(path, **options)
-    exc = info.value
-    assert exc.path is not None and Path(exc.path).name == (where or path).name, exc
-    if field is not None:
-        assert exc.field == field, exc
-    return exc
-
-
 # -- sparse header ------------------------------------------------------------------------------
 
 
@@ -78,13 +58,13 @@ async def test_bad_magic_is_not_vmdk(sparse: Path) -> None:
         assert node.driver == "raw"  # not probed as vmdk any more
     finally:
         await node.aclose()
-    await _refused(sparse, FormatError, "not a VMDK image", field="magic", format="vmdk")
+    await assert_refused(sparse, FormatError, "not a VMDK image", field="magic", format="vmdk")
 
 
 async def test_cowd_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "old.vmdk"
     path.write_bytes(b"COWD" + bytes(2044))
-    await _refused(path, UnsupportedError, "COWD", field="magic")
+    await assert_refused(path, UnsupportedError, "COWD", field="magic")
 
 
 @pytest.mark.parametrize(
@@ -108,20 +88,20 @@ async def test_header_fields_are_bounded(sparse: Path, fields: dict[str, int],
                                          error: type[VdiskError], match: str,
                                          field: str) -> None:
     patch_header(sparse, **fields)
-    await _refused(sparse, error, match, field=field)
+    await assert_refused(sparse, error, match, field=field)
 
 
 async def test_compressed_grain_size_is_bounded(sparse: Path) -> None:
     patch_header(sparse, compression=1, grain_sectors=0x100000)
-    await _refused(sparse, UnsupportedError, "compressed grains", field="grainSize")
+    await assert_refused(sparse, UnsupportedError, "compressed grains", field="grainSize")
 
 
 async def test_file_too_small(tmp_path: Path) -> None:
     path = tmp_path / "tiny.vmdk"
     path.write_bytes(b"KDMV" + bytes(100))
-    await _refused(path, FormatError, "too small", field="header")
+    await assert_refused(path, FormatError, "too small", field="header")
     path.write_bytes(b"KD")
-    await _refused(path, FormatError, "too small", format="vmdk")
+    await assert_refused(path, FormatError, "too small", format="vmdk")
 
 
 # -- grain directory and tables ---------------------------------------------------------------
@@ -132,7 +112,7 @@ async def test_grain_directory_entry_outside_file(sparse: Path) -> None:
     with open(sparse, "r+b") as f:
         f.seek(gd)
         f.write(struct.pack("<I", 0x7FFFFFFF))
-    exc = await _refused(sparse, FormatError, "lies outside the file",
+    exc = await assert_refused(sparse, FormatError, "lies outside the file",
                          field="grain directory entry")
     assert exc.offset == gd
 
@@ -144,7 +124,7 @@ async def test_grain_table_entry_outside_file(sparse: Path) -> None:
     with open(sparse, "r+b") as f:
         f.seek(gt_sector * 512 + 4)  # grain 1 (64k..128k), which holds data
         f.write(struct.pack("<I", 0xFFFFFF00))
-    exc = await _refused(sparse, FormatError, "grain table entry 1 .* points outside",
+    exc = await assert_refused(sparse, FormatError, "grain table entry 1 .* points outside",
                          field="grain table entry")
     assert exc.offset == gt_sector * 512 + 4
 
@@ -167,13 +147,13 @@ async def test_stream_footer_damaged(stream: Path) -> None:
     with open(stream, "r+b") as f:
         f.seek(-512, 2)
         f.write(b"\x01" * 16)  # the end-of-stream marker
-    await _refused(stream, FormatError, "invalid stream-optimized footer", field="footer")
+    await assert_refused(stream, FormatError, "invalid stream-optimized footer", field="footer")
 
 
 async def test_stream_footer_still_gd_at_end(stream: Path) -> None:
     size = stream.stat().st_size
     patch_header(stream, offset=size - 1024, gd_offset=GD_AT_END)
-    await _refused(stream, FormatError, "GD_AT_END", field="gdOffset")
+    await assert_refused(stream, FormatError, "GD_AT_END", field="gdOffset")
 
 
 @pytest.mark.parametrize("claimed", [0, 0x7FFFFFFF])
@@ -181,14 +161,14 @@ async def test_grain_marker_size_is_bounded(stream: Path, claimed: int) -> None:
     with open(stream, "r+b") as f:
         f.seek(_first_grain_marker(stream) + 8)
         f.write(struct.pack("<I", claimed))
-    await _refused(stream, FormatError, "compressed bytes", field="grain marker")
+    await assert_refused(stream, FormatError, "compressed bytes", field="grain marker")
 
 
 async def test_corrupt_deflate(stream: Path) -> None:
     with open(stream, "r+b") as f:
         f.seek(_first_grain_marker(stream) + 12)
         f.write(b"\xff" * 64)
-    await _refused(stream, FormatError, "does not inflate", field="grain")
+    await assert_refused(stream, FormatError, "does not inflate", field="grain")
 
 
 async def test_deflate_bomb_stops_at_one_grain(stream: Path) -> None:
@@ -212,7 +192,7 @@ async def test_deflate_bomb_stops_at_one_grain(stream: Path) -> None:
         f.seek(gt * 512)
         f.write(struct.pack("<I", bomb_at // 512))
     # A 16 MiB bomb is ~16 KiB compressed: within 2 grains, so the marker check passes.
-    await _refused(stream, FormatError, "inflates to more than 65536", field="grain")
+    await assert_refused(stream, FormatError, "inflates to more than 65536", field="grain")
 
 
 async def test_short_grain_is_an_error(tmp_path: Path) -> None:
@@ -223,7 +203,7 @@ async def test_short_grain_is_an_error(tmp_path: Path) -> None:
     with open(path, "r+b") as f:
         f.seek(marker + 8)
         f.write(struct.pack("<I", len(short)) + short)
-    await _refused(path, FormatError, "inflates to 1000 bytes", field="grain")
+    await assert_refused(path, FormatError, "inflates to 1000 bytes", field="grain")
 
 
 # -- descriptors ----------------------------------------------------------------------------------
@@ -232,7 +212,7 @@ async def test_short_grain_is_an_error(tmp_path: Path) -> None:
 async def test_missing_extent_is_named(tmp_path: Path) -> None:
     write_descriptor(tmp_path / "d.vmdk", create_type="monolithicFlat",
                      extents=['RW 2048 FLAT "gone-flat.vmdk" 0'])
-    exc = await _refused(tmp_path / "d.vmdk", FormatError, "gone-flat.vmdk.*not found")
+    exc = await assert_refused(tmp_path / "d.vmdk", FormatError, "gone-flat.vmdk.*not found")
     assert exc.field is not None and exc.field.startswith("extent 1")
 
 
@@ -260,40 +240,40 @@ async def test_bad_extent_lines(tmp_path: Path, extents: list[str], error: type[
                                 match: str) -> None:
     (tmp_path / "f.bin").write_bytes(random_bytes(1, 4096))
     write_descriptor(tmp_path / "d.vmdk", create_type="monolithicFlat", extents=extents)
-    exc = await _refused(tmp_path / "d.vmdk", error, match, where=None if "magic" not in match
+    exc = await assert_refused(tmp_path / "d.vmdk", error, match, where=None if "magic" not in match
                          else tmp_path / "f.bin")
     assert exc.field is not None
 
 
 async def test_create_type_missing_or_unknown(tmp_path: Path) -> None:
     (tmp_path / "d.vmdk").write_text('version=1\nCID=1\nRW 8 ZERO\n')
-    await _refused(tmp_path / "d.vmdk", FormatError, "no createType", field="createType")
+    await assert_refused(tmp_path / "d.vmdk", FormatError, "no createType", field="createType")
     write_descriptor(tmp_path / "d.vmdk", create_type="fancyNewType", extents=["RW 8 ZERO"])
-    await _refused(tmp_path / "d.vmdk", UnsupportedError, "fancyNewType", field="createType")
+    await assert_refused(tmp_path / "d.vmdk", UnsupportedError, "fancyNewType", field="createType")
 
 
 async def test_bad_cid(tmp_path: Path) -> None:
     (tmp_path / "d.vmdk").write_text('version=1\nCID=xyz\ncreateType="monolithicFlat"\n')
-    await _refused(tmp_path / "d.vmdk", FormatError, "not a hexadecimal", field="CID")
+    await assert_refused(tmp_path / "d.vmdk", FormatError, "not a hexadecimal", field="CID")
 
 
 async def test_too_many_extents(tmp_path: Path) -> None:
     write_descriptor(tmp_path / "d.vmdk", create_type="monolithicFlat",
                      extents=["RW 1 ZERO"] * (MAX_EXTENTS + 1))
-    await _refused(tmp_path / "d.vmdk", FormatError, f"more than {MAX_EXTENTS} extents",
+    await assert_refused(tmp_path / "d.vmdk", FormatError, f"more than {MAX_EXTENTS} extents",
                    field="extent")
 
 
 async def test_descriptor_size_is_bounded(tmp_path: Path) -> None:
     write_descriptor(tmp_path / "d.vmdk", create_type="monolithicFlat", extents=["RW 1 ZERO"],
                      extra="#" * (1 << 20))
-    await _refused(tmp_path / "d.vmdk", FormatError, "larger than", field="descriptor")
+    await assert_refused(tmp_path / "d.vmdk", FormatError, "larger than", field="descriptor")
 
 
 async def test_binary_file_forced_as_vmdk(tmp_path: Path) -> None:
     path = tmp_path / "noise.bin"
     path.write_bytes(random_bytes(9, 8192))
-    await _refused(path, FormatError, "not a VMDK image", field="magic", format="vmdk")
+    await assert_refused(path, FormatError, "not a VMDK image", field="magic", format="vmdk")
 
 
 # -- paths and parents ---------------------------------------------------------------------------
@@ -319,7 +299,7 @@ async def test_extent_outside_followed_by_default(outside_layout: Path) -> None:
 
 
 async def test_extent_outside_refused_by_policy(outside_layout: Path) -> None:
-    exc = await _refused(outside_layout, ChainError, "leads outside",
+    exc = await assert_refused(outside_layout, ChainError, "leads outside",
                          follow_outside=False)
     assert exc.field is not None and exc.field.startswith("extent 1")
 
@@ -331,8 +311,8 @@ async def test_parent_outside_refused_by_policy(tmp_path: Path) -> None:
     qemu_img("create", "-q", "-f", "vmdk", "-b", "../base.vmdk", "-F", "vmdk",
              inner / "child.vmdk")
     assert base.exists()
-    await _open(inner / "child.vmdk")  # followed by default, as QEMU does
-    await _refused(inner / "child.vmdk", ChainError, "leads outside",
+    await read_everything(inner / "child.vmdk")  # followed by default, as QEMU does
+    await assert_refused(inner / "child.vmdk", ChainError, "leads outside",
                    field="parentFileNameHint", follow_outside=False)
 
 
@@ -346,14 +326,14 @@ async def test_parent_loop(tmp_path: Path) -> None:
     hint = b'parentFileNameHint="b.vmdk"\n'
     data[end : end + len(hint)] = hint
     a.write_bytes(bytes(data))
-    await _refused(b, ChainError, "loops", field="parentFileNameHint", where=a)
+    await assert_refused(b, ChainError, "loops", field="parentFileNameHint", where=a)
 
 
 async def test_parent_is_itself(tmp_path: Path) -> None:
     (tmp_path / "f.bin").write_bytes(bytes(4096))
     write_descriptor(tmp_path / "d.vmdk", create_type="monolithicFlat",
                      extents=['RW 8 FLAT "f.bin" 0'], parent_hint="d.vmdk", parent_cid=0x1234)
-    await _refused(tmp_path / "d.vmdk", ChainError, "loops", field="parentFileNameHint")
+    await assert_refused(tmp_path / "d.vmdk", ChainError, "loops", field="parentFileNameHint")
 
 
 async def test_cid_mismatch_names_both(tmp_path: Path) -> None:
@@ -363,7 +343,7 @@ async def test_cid_mismatch_names_both(tmp_path: Path) -> None:
     write_descriptor(tmp_path / "child.vmdk", create_type="monolithicFlat",
                      extents=['RW 8 FLAT "f.bin" 0'], parent_hint="base.vmdk",
                      parent_cid=0xBBBB0002)
-    exc = await _refused(tmp_path / "child.vmdk", FormatError, "bbbb0002.*aaaa0001",
+    exc = await assert_refused(tmp_path / "child.vmdk", FormatError, "bbbb0002.*aaaa0001",
                          field="parentCID")
     assert "base.vmdk" in str(exc)
 
@@ -378,10 +358,10 @@ async def test_parent_changed_after_delta(tmp_path: Path) -> None:
     qemu_io(base, "write -P 2 0 4k", fmt="vmdk")
     assert run(QEMU_IMG, "convert", "-O", "raw", child, tmp_path / "out.raw",
                check=False).returncode != 0
-    await _refused(child, FormatError, "does not match CID", field="parentCID")
+    await assert_refused(child, FormatError, "does not match CID", field="parentCID")
 
 
 async def test_total_size_is_bounded(tmp_path: Path) -> None:
     write_descriptor(tmp_path / "d.vmdk", create_type="monolithicFlat",
                      extents=[f"RW {1 << 54} ZERO", f"RW {1 << 54} ZERO"])
-    await _refused(tmp_path / "d.vmdk", FormatError, "virtual size", field="capacity")
+    await assert_refused(tmp_path / "d.vmdk", FormatError, "virtual size", field="capacity")

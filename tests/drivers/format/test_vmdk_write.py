@@ -12,22 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.drivers.format._write_workload import (
-    Op,
-    apply_op,
-    apply_to_reference,
-    apply_workload,
-    assert_reads_match,
-    make_workload,
-    qemu_check,
-    qemu_compare,
-    run_concurrent,
-    run_crash,
-    run_power_cut,
-    touched_ranges,
-    write_back_crash_points,
-)
 from tests.support.conformance import check_block_node
+from tests.support.crash import run_concurrent, run_crash, run_power_cut, write_back_crash_points
 from tests.support.images import (
     QEMU_IMG,
     info,
@@ -38,6 +24,20 @@ from tests.support.images import (
     sha256_file,
 )
 from tests.support.vmdk_images import HEADER, make_vmdk, patch_header, write_descriptor
+from tests.support.workload import (
+    Operation,
+    apply_op,
+    apply_workload,
+    assert_clean,
+    assert_image_matches,
+    assert_same_as_model,
+    assert_use_changes_nothing,
+    make_block_workload,
+    qemu_compare,
+    run_workload_checked,
+    touched_ranges,
+    write_reference,
+)
 from vdiskfs.block.node import BlockNode, BlockStatus
 from vdiskfs.block.registry import OpenOptions, open_image
 from vdiskfs.drivers.format.vmdk import VmdkNode
@@ -183,14 +183,9 @@ async def test_workload_matches_qemu(vmdk_templates: dict[str, Image], variant: 
     old_cid = info(image.path)["format-specific"]["data"]["cid"]
     size = _size(variant)
     hot = [(31 * MiB, 66 * MiB)] if variant == "gd-holes" else []
-    ops = make_workload(size, seed=TEMPLATES.index(variant), unit=GRAIN, hot=hot)
-    node = await _open_rw(image.path)
+    ops = make_block_workload(size, seed=TEMPLATES.index(variant), unit=GRAIN, hot=hot)
+    node = await run_workload_checked(image.path, "vmdk", ops, image.reference)
     assert isinstance(node, VmdkNode)
-    try:
-        written = await apply_workload(node, ops, image.reference)
-    finally:
-        await node.aclose()
-    assert written > 4 * MiB
     counters = node.counters
     if variant in ("gd-holes", "no-tables"):
         assert counters.gts_allocated == 1
@@ -198,13 +193,6 @@ async def test_workload_matches_qemu(vmdk_templates: dict[str, Image], variant: 
     if "Flat" not in variant:
         assert counters.grains_allocated > 0 and counters.cow_bytes > 0
     assert counters.cid_updates == 1
-    qemu_check(image.path, "vmdk")
-    qemu_compare(image.path, "vmdk", image.reference)
-    node = await open_image(str(image.path))
-    try:
-        await assert_reads_match(node, image.reference)
-    finally:
-        await node.aclose()
     assert info(image.path)["format-specific"]["data"]["cid"] != old_cid
     assert [sha256_file(p) for p in image.parents] == parent_hashes
     if "Flat" not in variant:
@@ -218,7 +206,7 @@ async def test_conformance_writable(vmdk_templates: dict[str, Image], variant: s
     image = _copy(vmdk_templates[variant], tmp_path)
     await check_block_node(lambda: _open_rw(image.path), image.reference.read_bytes(),
                            writable=True)
-    qemu_check(image.path, "vmdk")
+    assert_clean(image.path, "vmdk")
 
 
 @pytest.mark.parametrize("subformat", ["twoGbMaxExtentSparse", "twoGbMaxExtentFlat"])
@@ -229,23 +217,19 @@ async def test_workload_across_two_gib_extents(tmp_path: Path, subformat: str) -
         f"write -P 0xab {boundary - 65536} 131072", "write -P 0x11 0 65536"))
     reference = reference_raw(path, tmp_path / "big.raw", fmt="vmdk")
     size = reference.stat().st_size
-    ops = make_workload(size, seed=5, unit=GRAIN, count=60,
+    ops = make_block_workload(size, seed=5, unit=GRAIN, count=60,
                         hot=[(boundary - 3 * MiB, boundary + 3 * MiB)])
     ops = [op for op in ops if op.offset >= boundary - 3 * MiB or op.offset + op.length
-           <= 4 * MiB] + [Op("write", boundary - 100, 200, b"\xee" * 200)]
+           <= 4 * MiB] + [Operation.write(boundary - 100, b"\xee" * 200)]
     assert len(ops) > 20
     node = await _open_rw(path)
     try:
         await apply_workload(node, ops, reference)
     finally:
         await node.aclose()
-    qemu_check(path, "vmdk")
+    assert_clean(path, "vmdk")
     qemu_compare(path, "vmdk", reference)
-    node = await open_image(str(path))
-    try:
-        await assert_reads_match(node, reference, touched_ranges(ops, size, GRAIN))
-    finally:
-        await node.aclose()
+    await assert_image_matches(path, reference, touched_ranges(ops, size, GRAIN))
 
 
 # -- durability and crashes ------------------------------------------------------------------
@@ -255,7 +239,7 @@ async def test_flush_makes_writes_visible_to_qemu(vmdk_templates: dict[str, Imag
                                                    tmp_path: Path) -> None:
     """After flush() (no close), QEMU reads every completed write: the tables are written."""
     image = _copy(vmdk_templates["gd-holes"], tmp_path)
-    ops = make_workload(HOLES_SIZE, seed=8, unit=GRAIN, count=40, hot=[(32 * MiB, 64 * MiB)])
+    ops = make_block_workload(HOLES_SIZE, seed=8, unit=GRAIN, count=40, hot=[(32 * MiB, 64 * MiB)])
     node = await _open_rw(image.path)
     try:
         await apply_workload(node, ops, image.reference)
@@ -271,17 +255,18 @@ async def test_flush_makes_writes_visible_to_qemu(vmdk_templates: dict[str, Imag
 async def test_crash_keeps_flushed_data(vmdk_templates: dict[str, Image], variant: str,
                                         budget: int, tmp_path: Path) -> None:
     image = _copy(vmdk_templates[variant], tmp_path)
-    await run_crash(image.path, image.reference, VmdkNode, budget=budget, size=_size(variant),
-                    unit=GRAIN, seed=budget)
+    got, _ = await run_crash(image.path, VmdkNode, budget=budget, seed=budget, unit=GRAIN,
+                             count=25, warm_up=image.reference, stop_at_crash=True)
+    assert_same_as_model(image.path, "vmdk", got, tmp_path / "ours.raw")
     # A crash leaks grains at worst: QEMU finds no corruption.
-    qemu_check(image.path, "vmdk")
+    assert_clean(image.path, "vmdk")
 
 
 async def test_concurrent_writes_and_reads(vmdk_templates: dict[str, Image],
                                           tmp_path: Path) -> None:
     image = _copy(vmdk_templates["monolithicSparse"], tmp_path)
     await run_concurrent(image.path, image.reference, VmdkNode, size=SIZE, unit=GRAIN, seed=3)
-    qemu_check(image.path, "vmdk")
+    assert_clean(image.path, "vmdk")
     qemu_compare(image.path, "vmdk", image.reference)
 
 
@@ -295,7 +280,7 @@ async def test_power_cut_with_reordered_writes(vmdk_templates: dict[str, Image],
     for crashed in await run_power_cut(image.path, VmdkNode, crash_after=crash_after,
                                        size=_size(variant), unit=GRAIN, seed=crash_after,
                                        qemu_fmt="vmdk"):
-        qemu_check(crashed, "vmdk")
+        assert_clean(crashed, "vmdk")
 
 
 @pytest.mark.parametrize("variant", ["no-tables", "delta-zeroed"])
@@ -311,36 +296,20 @@ async def test_power_cut_during_write_back(vmdk_templates: dict[str, Image], var
         image = _copy(template, tmp_path / f"at{point}")
         for crashed in await run_power_cut(image.path, VmdkNode, crash_after=point,
                                            size=_size(variant), unit=GRAIN, seed=7):
-            qemu_check(crashed, "vmdk")
+            assert_clean(crashed, "vmdk")
 
 
 # -- metadata: CID, counters, untouched files ------------------------------------------------
-
-
-def _tree_hashes(directory: Path) -> dict[str, str]:
-    return {p.name: sha256_file(p) for p in sorted(directory.iterdir()) if p.is_file()}
 
 
 @pytest.mark.parametrize("variant", TEMPLATES)
 async def test_read_only_open_changes_nothing(vmdk_templates: dict[str, Image], variant: str,
                                               tmp_path: Path) -> None:
     image = _copy(vmdk_templates[variant], tmp_path)
-    before = _tree_hashes(image.path.parent)
-    node = await open_image(str(image.path))
-    try:
-        await node.pread(0, node.size)
-        await node.block_status(0, node.size)
-        await node.flush()
-    finally:
-        await node.aclose()
+    files = sorted(p for p in image.path.parent.iterdir() if p.is_file())
+    await assert_use_changes_nothing(image.path, files=files)
     # A writable open that writes nothing changes nothing either (not even the CID).
-    node = await _open_rw(image.path)
-    try:
-        await node.pread(0, min(node.size, MiB))
-        await node.flush()
-    finally:
-        await node.aclose()
-    assert _tree_hashes(image.path.parent) == before
+    await assert_use_changes_nothing(image.path, files=files, writable=True)
 
 
 @pytest.mark.parametrize("variant", ["monolithicSparse", "monolithicFlat"])
@@ -403,14 +372,14 @@ async def test_counters_and_copy_on_write(vmdk_templates: dict[str, Image],
         assert c.gt_writebacks == 1 and c.gd_writebacks == 0
     finally:
         await node.aclose()
-    qemu_check(image.path, "vmdk")
+    assert_clean(image.path, "vmdk")
 
 
 async def test_zeroed_grains_for_write_zeroes(vmdk_templates: dict[str, Image],
                                               tmp_path: Path) -> None:
     """With the zeroed-grain feature, whole grains over parent data become GTE 1 entries."""
     image = _copy(vmdk_templates["delta-zeroed"], tmp_path)
-    zero = Op("zero", 4 * GRAIN + 100, 3 * GRAIN)  # partial, two whole, partial grains
+    zero = Operation("zero", 4 * GRAIN + 100, 3 * GRAIN)  # partial, two whole, partial grains
     node = await _open_rw(image.path)
     assert isinstance(node, VmdkNode)
     try:
@@ -419,8 +388,8 @@ async def test_zeroed_grains_for_write_zeroes(vmdk_templates: dict[str, Image],
         assert node.counters.grains_allocated == 2
     finally:
         await node.aclose()
-    apply_to_reference(image.reference, zero)
-    qemu_check(image.path, "vmdk")
+    write_reference(image.reference, zero.offset, zero.data())
+    assert_clean(image.path, "vmdk")
     qemu_compare(image.path, "vmdk", image.reference)
     node = await open_image(str(image.path))
     try:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.hostile import assert_refused, read_everything
 from tests.support.images import random_bytes
 from tests.support.vpc_images import (
     Block,
@@ -21,8 +22,8 @@ from tests.support.vpc_images import (
     patch_footer,
     read_footer,
 )
-from vdiskfs.block.registry import OpenOptions, open_image
-from vdiskfs.errors import ChainError, FormatError, UnsupportedError, VdiskError
+from vdiskfs.block.registry import open_image
+from vdiskfs.errors import ChainError, FormatError, UnsupportedError
 
 MiB = 1 << 20
 BLOCK = 64 * 1024
@@ -41,26 +42,6 @@ def dynamic(tmp_path: Path, dynamic_template: Path) -> Path:
     return path
 
 
-async def _open(path: Path, **options: object) -> None:
-    node = await open_image(str(path), OpenOptions(**options))  # type: ignore[arg-type]
-    try:
-        for offset in range(0, node.size, MiB):
-            await node.pread(offset, min(MiB, node.size - offset))
-    finally:
-        await node.aclose()
-
-
-async def _refused(path: Path, error: type[VdiskError], match: str, *, field: str | None = None,
-                   where: Path | None = None, **options: object) -> VdiskError:
-    with pytest.raises(error, match=match) as info:
-        await _open(path, **options)
-    exc = info.value
-    assert exc.path is not None and Path(exc.path).name == (where or path).name, exc
-    if field is not None:
-        assert exc.field == field, exc
-    return exc
-
-
 def _dynamic_header_offset(path: Path) -> int:
     offset = read_footer(path.read_bytes()[:512])["data_offset"]
     assert isinstance(offset, int)
@@ -72,7 +53,7 @@ def _dynamic_header_offset(path: Path) -> int:
 
 async def test_footer_checksum(dynamic: Path) -> None:
     patch_footer(dynamic, fix_checksum=False, timestamp=12345)
-    await _refused(dynamic, FormatError, "footer copy checksum .* is wrong",
+    await assert_refused(dynamic, FormatError, "footer copy checksum .* is wrong",
                    field="footer copy.checksum", format="vpc")
 
 
@@ -85,45 +66,46 @@ async def test_fixed_footer_checksum(tmp_path: Path) -> None:
         assert node.driver == "raw"
     finally:
         await node.aclose()
-    await _refused(path, FormatError, "footer checksum", field="footer.checksum", format="vpc")
+    await assert_refused(path, FormatError, "footer checksum", field="footer.checksum",
+                         format="vpc")
 
 
 async def test_no_footer_at_all(tmp_path: Path) -> None:
     path = tmp_path / "noise.bin"
     path.write_bytes(random_bytes(4, 8192))
-    await _refused(path, FormatError, "no VHD footer", field="footer.cookie", format="vpc")
+    await assert_refused(path, FormatError, "no VHD footer", field="footer.cookie", format="vpc")
     path.write_bytes(b"conec")
-    await _refused(path, FormatError, "too small", field="footer", format="vpc")
+    await assert_refused(path, FormatError, "too small", field="footer", format="vpc")
 
 
 async def test_unknown_disk_type(dynamic: Path) -> None:
     patch_footer(dynamic, disk_type=9)
-    await _refused(dynamic, UnsupportedError, "disk type 9", field="footer copy.disk_type")
+    await assert_refused(dynamic, UnsupportedError, "disk type 9", field="footer copy.disk_type")
 
 
 async def test_dynamic_footer_only_at_end(dynamic: Path) -> None:
     data = bytearray(dynamic.read_bytes())
     data[:8] = b"XXXXXXXX"
     dynamic.write_bytes(bytes(data))
-    await _refused(dynamic, FormatError, "without the footer copy", field="footer copy",
+    await assert_refused(dynamic, FormatError, "without the footer copy", field="footer copy",
                    format="vpc")
 
 
 async def test_size_beyond_vhd_limit(dynamic: Path) -> None:
     patch_footer(dynamic, creator_app=b"win ", current_size=2041 << 30)
-    await _refused(dynamic, UnsupportedError, "2040 GiB", field="footer.current_size")
+    await assert_refused(dynamic, UnsupportedError, "2040 GiB", field="footer.current_size")
 
 
 async def test_fixed_size_larger_than_file(tmp_path: Path) -> None:
     path = make_vhd(tmp_path / "f.vhd", MiB, "fixed")
     patch_footer(path, creator_app=b"win ", current_size=1 << 40)
-    await _refused(path, FormatError, "larger than the .* data bytes",
+    await assert_refused(path, FormatError, "larger than the .* data bytes",
                    field="footer.current_size")
 
 
 async def test_data_offset_outside_file(dynamic: Path) -> None:
     patch_footer(dynamic, data_offset=1 << 50)
-    await _refused(dynamic, FormatError, "outside the file", field="dynamic_header")
+    await assert_refused(dynamic, FormatError, "outside the file", field="dynamic_header")
 
 
 # -- dynamic header and BAT ----------------------------------------------------------------------
@@ -131,24 +113,24 @@ async def test_data_offset_outside_file(dynamic: Path) -> None:
 
 async def test_dynamic_header_checksum(dynamic: Path) -> None:
     patch_dynamic_header(dynamic, fix_checksum=False, parent_timestamp=99)
-    await _refused(dynamic, FormatError, "dynamic header checksum",
+    await assert_refused(dynamic, FormatError, "dynamic header checksum",
                    field="dynamic_header.checksum")
 
 
 async def test_dynamic_header_cookie(dynamic: Path) -> None:
     patch_dynamic_header(dynamic, cookie=b"cxsparsX")
-    await _refused(dynamic, FormatError, "cookie", field="dynamic_header.cookie")
+    await assert_refused(dynamic, FormatError, "cookie", field="dynamic_header.cookie")
 
 
 @pytest.mark.parametrize("block_size", [0, 256, 3 * 65536, 0xFFFFFFFF])
 async def test_block_size_must_be_a_power_of_two(dynamic: Path, block_size: int) -> None:
     patch_dynamic_header(dynamic, block_size=block_size)
-    await _refused(dynamic, FormatError, "power of two", field="dynamic_header.block_size")
+    await assert_refused(dynamic, FormatError, "power of two", field="dynamic_header.block_size")
 
 
 async def test_bat_too_small(dynamic: Path) -> None:
     patch_dynamic_header(dynamic, max_table_entries=1)
-    await _refused(dynamic, FormatError, "maps less than the virtual size",
+    await assert_refused(dynamic, FormatError, "maps less than the virtual size",
                    field="dynamic_header.max_table_entries")
 
 
@@ -156,13 +138,13 @@ async def test_bat_entry_count_is_bounded(dynamic: Path) -> None:
     """512-byte blocks over 2040 GiB would need 4 Gi entries: refused before reading."""
     patch_footer(dynamic, creator_app=b"win ", current_size=2040 << 30)
     patch_dynamic_header(dynamic, block_size=512, max_table_entries=0xFFFFFFFF)
-    await _refused(dynamic, UnsupportedError, "blocks of 512 bytes",
+    await assert_refused(dynamic, UnsupportedError, "blocks of 512 bytes",
                    field="dynamic_header.block_size")
 
 
 async def test_bat_outside_file(dynamic: Path) -> None:
     patch_dynamic_header(dynamic, table_offset=1 << 40)
-    await _refused(dynamic, FormatError, "outside the file", field="BAT")
+    await assert_refused(dynamic, FormatError, "outside the file", field="BAT")
 
 
 async def test_bat_entry_outside_file(dynamic: Path) -> None:
@@ -172,7 +154,7 @@ async def test_bat_entry_outside_file(dynamic: Path) -> None:
     with open(dynamic, "r+b") as f:
         f.seek(table + 4)
         f.write(struct.pack(">I", 0x7FFFFFFF))
-    exc = await _refused(dynamic, FormatError, "BAT entry 1 .* outside the file", field="BAT")
+    exc = await assert_refused(dynamic, FormatError, "BAT entry 1 .* outside the file", field="BAT")
     assert exc.offset == table + 4
 
 
@@ -200,7 +182,7 @@ def _w2ru(reference: str) -> Locator:
 async def test_parent_missing_lists_what_was_tried(tmp_path: Path) -> None:
     child = _child(tmp_path / "c.vhd", uuid.uuid4(),
                    [_w2ru(".\\gone.vhd"), Locator(b"W2ku", "C:\\x\\away.vhd".encode("utf-16-le"))])
-    exc = await _refused(child, FormatError, "not found; tried './gone.vhd', 'away.vhd'",
+    exc = await assert_refused(child, FormatError, "not found; tried './gone.vhd', 'away.vhd'",
                          field="parent_locator")
     assert "c.vhd" in str(exc)
 
@@ -209,22 +191,22 @@ async def test_parent_uuid_mismatch(tmp_path: Path) -> None:
     _parent(tmp_path / "p.vhd")
     wrong = uuid.UUID(int=5)
     child = _child(tmp_path / "c.vhd", wrong, [_w2ru("p.vhd")])
-    exc = await _refused(child, FormatError, str(wrong), field="dynamic_header.parent_uuid")
+    exc = await assert_refused(child, FormatError, str(wrong), field="dynamic_header.parent_uuid")
     assert "p.vhd" in str(exc)
 
 
 async def test_no_parent_named(tmp_path: Path) -> None:
     child = _child(tmp_path / "c.vhd", uuid.uuid4(), [Locator(b"Mac ", b"\x00\x01alias")])
-    await _refused(child, FormatError, "names no parent", field="parent_locator")
+    await assert_refused(child, FormatError, "names no parent", field="parent_locator")
 
 
 async def test_locator_data_is_bounded(tmp_path: Path) -> None:
     parent_uuid = _parent(tmp_path / "p.vhd")
     child = _child(tmp_path / "c.vhd", parent_uuid, [_w2ru("p.vhd")])
     _patch_locator(child, ">I", 1 << 30)  # data length
-    await _refused(child, FormatError, "parent locator of", field="parent_locator[0]")
+    await assert_refused(child, FormatError, "parent locator of", field="parent_locator[0]")
     _patch_locator(child, ">IIQ", 20, 0, 1 << 40)  # data length, reserved, data offset
-    await _refused(child, FormatError, "outside the file", field="parent_locator[0]")
+    await assert_refused(child, FormatError, "outside the file", field="parent_locator[0]")
 
 
 def _patch_locator(path: Path, layout: str, *values: int) -> None:
@@ -244,8 +226,8 @@ async def test_parent_outside_directory(tmp_path: Path) -> None:
     inner = tmp_path / "a" / "b"
     inner.mkdir(parents=True)
     child = _child(inner / "c.vhd", parent_uuid, [_w2ru("..\\..\\p.vhd")])
-    await _open(child)  # followed by default, like QEMU follows backing files
-    await _refused(child, ChainError, "leads outside", field="parent_locator",
+    await read_everything(child)  # followed by default, like QEMU follows backing files
+    await assert_refused(child, ChainError, "leads outside", field="parent_locator",
                    follow_outside=False)
 
 
@@ -255,10 +237,10 @@ async def test_parent_loop(tmp_path: Path) -> None:
     spec = VhdSpec(size=MiB, block_size=BLOCK, disk_type=4, disk_uuid=disk_uuid,
                    parent_uuid=disk_uuid, locators=[_w2ru(".\\self.vhd")])
     path = build_vhd(tmp_path / "self.vhd", spec, {})
-    await _refused(path, ChainError, "loops", field="parent_locator")
+    await assert_refused(path, ChainError, "loops", field="parent_locator")
 
 
 async def test_parent_of_another_format_is_refused(tmp_path: Path) -> None:
     (tmp_path / "p.raw").write_bytes(bytes(MiB))
     child = _child(tmp_path / "c.vhd", uuid.uuid4(), [_w2ru("p.raw")])
-    await _refused(child, FormatError, "no VHD footer", where=tmp_path / "p.raw")
+    await assert_refused(child, FormatError, "no VHD footer", where=tmp_path / "p.raw")

@@ -14,21 +14,20 @@ from pathlib import Path
 
 import pytest
 
-from tests.drivers.format._write_workload import (
-    Op,
-    apply_to_reference,
-    apply_workload,
-    assert_reads_match,
-    make_workload,
-    qemu_compare,
-    run_concurrent,
-    run_crash,
-    run_power_cut,
-    write_back_crash_points,
-)
 from tests.support.conformance import check_block_node
+from tests.support.crash import run_concurrent, run_crash, run_power_cut, write_back_crash_points
 from tests.support.images import qemu_img, reference_raw, sha256_file
 from tests.support.vpc_images import Block, Locator, VhdSpec, build_vhd, make_vhd, read_footer
+from tests.support.workload import (
+    apply_workload,
+    assert_image_matches,
+    assert_same_as_model,
+    assert_use_changes_nothing,
+    make_block_workload,
+    qemu_compare,
+    run_workload_checked,
+    write_reference,
+)
 from vdiskfs.block.node import BlockNode, BlockStatus
 from vdiskfs.block.registry import OpenOptions, open_image
 from vdiskfs.drivers.format.vpc import VpcNode
@@ -153,26 +152,15 @@ async def test_workload_matches_qemu(vpc_templates: dict[str, Image], variant: s
     image = _copy(vpc_templates[variant], tmp_path)
     parent_hashes = [sha256_file(p) for p in image.parents]
     size = image.reference.stat().st_size
-    ops = make_workload(size, seed=TEMPLATES.index(variant), unit=image.unit)
-    node = await _open_rw(image.path)
+    ops = make_block_workload(size, seed=TEMPLATES.index(variant), unit=image.unit)
+    # QEMU has no check for vpc, and cannot read differencing disks.
+    node = await run_workload_checked(image.path, "vpc", ops, image.reference,
+                                      qemu_check=False, qemu_reads=variant != "differencing")
     assert isinstance(node, VpcNode)
-    try:
-        assert node.size == size
-        written = await apply_workload(node, ops, image.reference)
-    finally:
-        await node.aclose()
-    assert written > 4 * MiB
     if variant != "fixed":
         assert node.counters.blocks_allocated > 0
     if variant == "differencing":
         assert node.counters.cow_bytes > 0
-    else:
-        qemu_compare(image.path, "vpc", image.reference)
-    node = await open_image(str(image.path))
-    try:
-        await assert_reads_match(node, image.reference)
-    finally:
-        await node.aclose()
     _assert_ends_with_footer(image.path)
     assert [sha256_file(p) for p in image.parents] == parent_hashes
 
@@ -191,7 +179,7 @@ async def test_flush_makes_writes_visible_to_qemu(vpc_templates: dict[str, Image
     size = image.reference.stat().st_size
     node = await _open_rw(image.path)
     try:
-        await apply_workload(node, make_workload(size, seed=9, unit=SMALL_BLOCK, count=40),
+        await apply_workload(node, make_block_workload(size, seed=9, unit=SMALL_BLOCK, count=40),
                              image.reference)
         await node.flush()
         qemu_img("convert", "-U", "-f", "vpc", "-O", "raw", image.path, tmp_path / "now.raw")
@@ -210,25 +198,23 @@ async def test_crash_keeps_flushed_data(vpc_templates: dict[str, Image], variant
     image = _copy(vpc_templates[variant], tmp_path)
     size = image.reference.stat().st_size
     qemu_reads = variant != "differencing"
-    await run_crash(image.path, image.reference, VpcNode, budget=budget, size=size,
-                    unit=image.unit, seed=budget, qemu_reads=qemu_reads)
+    got, _ = await run_crash(image.path, VpcNode, budget=budget, seed=budget, unit=image.unit,
+                             count=25, warm_up=image.reference, stop_at_crash=True)
+    if qemu_reads:
+        assert_same_as_model(image.path, "vpc", got, tmp_path / "ours.raw")
     # The file still ends with a footer, and new allocations after the crash work.
     _assert_ends_with_footer(image.path)
     ours = await _our_reading(image.path, tmp_path / "after.raw")
     node = await _open_rw(image.path)
     try:
-        await apply_workload(node, make_workload(size, seed=50, unit=image.unit, count=15),
+        await apply_workload(node, make_block_workload(size, seed=50, unit=image.unit, count=15),
                              ours)
     finally:
         await node.aclose()
     if qemu_reads:
         qemu_compare(image.path, "vpc", ours)
     else:
-        node = await open_image(str(image.path))
-        try:
-            await assert_reads_match(node, ours)
-        finally:
-            await node.aclose()
+        await assert_image_matches(image.path, ours)
     _assert_ends_with_footer(image.path)
 
 
@@ -239,11 +225,7 @@ async def test_concurrent_writes_and_reads(vpc_templates: dict[str, Image], vari
     size = image.reference.stat().st_size
     await run_concurrent(image.path, image.reference, VpcNode, size=size, unit=image.unit,
                          seed=3)
-    node = await open_image(str(image.path))
-    try:
-        await assert_reads_match(node, image.reference)
-    finally:
-        await node.aclose()
+    await assert_image_matches(image.path, image.reference)
 
 
 @pytest.mark.parametrize("crash_after", [0, 2, 9, 25, 60, 110])
@@ -286,20 +268,9 @@ async def test_read_only_open_changes_nothing(vpc_templates: dict[str, Image], v
                                               tmp_path: Path) -> None:
     image = _copy(vpc_templates[variant], tmp_path)
     files = sorted(image.path.parent.glob("*.vhd"))
-    before = [sha256_file(p) for p in files]
-    node = await open_image(str(image.path))
-    try:
-        await node.pread(0, node.size)
-        await node.block_status(0, node.size)
-    finally:
-        await node.aclose()
-    node = await _open_rw(image.path)  # writable, but nothing written
-    try:
-        await node.pread(0, node.size)
-        await node.flush()
-    finally:
-        await node.aclose()
-    assert [sha256_file(p) for p in files] == before
+    await assert_use_changes_nothing(image.path, files=files)
+    # Writable, but nothing written.
+    await assert_use_changes_nothing(image.path, files=files, writable=True)
 
 
 async def test_dynamic_allocation_and_counters(vpc_templates: dict[str, Image],
@@ -325,8 +296,8 @@ async def test_dynamic_allocation_and_counters(vpc_templates: dict[str, Image],
     # One block (bitmap + 2 MiB) more, the footer moved after it.
     assert image.path.stat().st_size == old_size + 512 + BLOCK
     _assert_ends_with_footer(image.path)
-    apply_to_reference(image.reference, Op("write", 3 * BLOCK + 100, 10, b"x" * 10))
-    apply_to_reference(image.reference, Op("write", 3 * BLOCK + 1000, 10, b"y" * 10))
+    write_reference(image.reference, 3 * BLOCK + 100, b"x" * 10)
+    write_reference(image.reference, 3 * BLOCK + 1000, b"y" * 10)
     qemu_compare(image.path, "vpc", image.reference)
 
 

@@ -79,6 +79,7 @@ from vdiskfs.drivers.format.runs import (
     le_table,
     read_runs,
     run_status,
+    write_runs,
 )
 from vdiskfs.errors import FormatError, UnsupportedError
 
@@ -379,10 +380,6 @@ class QedNode(FormatNode):
             return 100
         return 0
 
-    @property
-    def backing(self) -> BlockNode | None:
-        return self.child("backing")
-
     async def open(self) -> None:
         self.header = QedHeader.parse(await self.read_metadata(0, _HEADER.size, "header"))
         header = self.header
@@ -402,14 +399,8 @@ class QedNode(FormatNode):
             self.backing_filename = os.fsdecode(raw_name)
             if header.features & F_BACKING_FORMAT_NO_PROBE:
                 self.backing_format = "raw"
-            if self.ctx.options.backing:
-                backing = await self.ctx.open_child(
-                    self.backing_filename,
-                    role="backing",
-                    field_name="backing_filename",
-                    format=self.backing_format,
-                )
-                self.add_child("backing", backing)
+            await self.open_backing(self.backing_filename, field="backing_filename",
+                                    format=self.backing_format)
         self.size = header.image_size
         #: Where the next cluster is allocated: QEMU's ``s->file_size``.
         self._file_end = geom.file_size
@@ -490,24 +481,18 @@ class QedNode(FormatNode):
         view = memoryview(data)
         runs = coalesce(await self._map(offset, len(view)))
         if all(run.kind is RunKind.DATA for run in runs):
-            await self._write_in_place(runs, offset, view)
+            await write_runs(runs, offset, view, self.file, self._allocate_per_table)
             return
         async with self._alloc_lock:
             # Mapped again under the lock: the allocating write before may have mapped these.
             runs = coalesce(await self._map(offset, len(view)))
-            for run in runs:
-                chunk = view[run.offset - offset : run.end - offset]
-                if run.kind is RunKind.DATA:
-                    await self.file.pwrite(run.host_offset, chunk)
-                    continue
-                for piece in split_at_tables(self.geometry, run):
-                    await self._allocate(piece, chunk[piece.offset - run.offset :
-                                                      piece.end - run.offset])
+            await write_runs(runs, offset, view, self.file, self._allocate_per_table)
             self._last_allocation = time.monotonic()
 
-    async def _write_in_place(self, runs: list[Run], offset: int, data: memoryview) -> None:
-        for run in runs:
-            await self.file.pwrite(run.host_offset, data[run.offset - offset : run.end - offset])
+    async def _allocate_per_table(self, run: Run, data: memoryview) -> None:
+        """:meth:`_allocate` each piece of ``run`` that one L2 table maps."""
+        for piece in split_at_tables(self.geometry, run):
+            await self._allocate(piece, data[piece.offset - run.offset : piece.end - run.offset])
 
     async def _allocate(self, run: Run, data: Buffer) -> None:
         """Write ``data`` (the guest range of ``run``, which one L2 table maps and which is not

@@ -6,7 +6,9 @@ define it (read the backing file, or zeros without one)? As in QEMU's
 ``qcow2_get_host_offset`` and dissect's ``_yield_runs``, a driver's *mapping* is a pure function
 from a guest range to a list of :class:`Run`; the node then does the I/O with
 :func:`read_runs`, which turns each run into at most one child read after :func:`coalesce` has
-merged neighbours (adjacent data runs whose host ranges touch become one read).
+merged neighbours (adjacent data runs whose host ranges touch become one read); a write goes
+through :func:`write_runs`, which writes DATA runs in place and hands the others to the
+driver's allocation.
 
 Nothing here holds per-image state: the caches (:class:`LruCache`) and counters
 (:class:`RunCounters`) are created by, and belong to, each node.
@@ -18,7 +20,7 @@ import array
 import enum
 import sys
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -36,6 +38,7 @@ __all__ = [
     "le_table",
     "read_runs",
     "run_status",
+    "write_runs",
 ]
 
 
@@ -135,6 +138,24 @@ class RunCounters(Counters):
     backing_bytes: int = 0
     #: Bytes served as zeros without any I/O (zero runs, unbacked ranges, past a backing end).
     zero_bytes: int = 0
+
+
+async def write_runs(runs: Iterable[Run], offset: int, data: memoryview, file: BlockNode,
+                     allocate: Callable[[Run, memoryview], Awaitable[None]]) -> None:
+    """Write ``data``, the guest bytes from ``offset`` on, through their mapping ``runs``: DATA
+    runs in place in ``file``, every other run by ``allocate(run, its bytes of data)``.
+
+    A driver maps a write without its allocation lock and, when every run is DATA, calls this
+    at once (nothing is allocated: nothing to serialise); otherwise it takes the lock, maps
+    again -- an allocating write that held the lock meanwhile may have mapped these blocks --
+    and calls this under it.
+    """
+    for run in runs:
+        chunk = data[run.offset - offset : run.end - offset]
+        if run.kind is RunKind.DATA:
+            await file.pwrite(run.host_offset, chunk)
+        else:
+            await allocate(run, chunk)
 
 
 async def read_runs(runs: list[Run], file: BlockNode, backing: BlockNode | None,

@@ -68,6 +68,7 @@ from vdiskfs.drivers.format.runs import (
     le_table,
     read_runs,
     run_status,
+    write_runs,
 )
 from vdiskfs.errors import FormatError, NoSpaceError, UnsupportedError
 
@@ -368,22 +369,15 @@ class VdiNode(FormatNode):
     # -- writes -----------------------------------------------------------------------------------
 
     async def _pwrite(self, offset: int, data: Buffer) -> None:
-        runs = self._map(offset, len(data))
-        if any(run.kind is not RunKind.DATA for run in runs):
-            async with self._alloc_lock:
-                # Mapped again under the lock: a concurrent writer may have allocated meanwhile.
-                runs = self._map(offset, len(data))
-                await self._write_runs(runs, offset, memoryview(data))
+        view = memoryview(data)
+        runs = self._map(offset, len(view))
+        if all(run.kind is RunKind.DATA for run in runs):
+            await write_runs(runs, offset, view, self.file, self._allocate)
             return
-        await self._write_runs(runs, offset, memoryview(data))
-
-    async def _write_runs(self, runs: list[Run], offset: int, data: memoryview) -> None:
-        for run in runs:
-            chunk = data[run.offset - offset : run.end - offset]
-            if run.kind is RunKind.DATA:
-                await self.file.pwrite(run.host_offset, chunk)
-            else:
-                await self._allocate(run, chunk)
+        async with self._alloc_lock:
+            # Mapped again under the lock: a concurrent writer may have allocated meanwhile.
+            await write_runs(self._map(offset, len(view)), offset, view, self.file,
+                             self._allocate)
 
     async def _allocate(self, run: Run, chunk: memoryview) -> None:
         """Give the blocks of ``run`` (unallocated, consecutive) consecutive new data blocks,

@@ -144,7 +144,6 @@ class Qcow2Node(FormatNode):
         self.l2_cache: L2SliceCache | None = None
         self._l1: array[int] = array("Q")
         self._data: BlockNode = file
-        self._backing: BlockNode | None = None
         # The last decompressed cluster, by its L2 entry: small sequential reads of a compressed
         # cluster decompress it once.
         self._compressed_entry = -1
@@ -208,11 +207,9 @@ class Qcow2Node(FormatNode):
                 header.data_file, role="data-file", field_name="data_file", format="raw",
                 read_only=self.read_only,
             ))
-        if header.backing_file is not None and self.ctx.options.backing:
-            self._backing = self.add_child("backing", await self.ctx.open_child(
-                header.backing_file, role="backing", field_name="backing_file",
-                format=header.backing_format,
-            ))
+        if header.backing_file is not None:
+            await self.open_backing(header.backing_file, field="backing_file",
+                                    format=header.backing_format)
 
     async def _read_snapshots(self, header: Header) -> list[Snapshot]:
         count = header.nb_snapshots
@@ -289,8 +286,8 @@ class Qcow2Node(FormatNode):
         }
         if h.backing_file is not None:
             out["backing-filename"] = h.backing_file
-            if self._backing is not None:
-                out["full-backing-filename"] = self._backing.label
+            if self.backing is not None:
+                out["full-backing-filename"] = self.backing.label
             if h.backing_format is not None:
                 out["backing-filename-format"] = h.backing_format
         if self.snapshots:
@@ -356,7 +353,7 @@ class Qcow2Node(FormatNode):
     async def _reads_as_zero(self, offset: int, length: int) -> bool:
         """Whether the guest range reads as zeros by its mapping alone (zero clusters,
         unallocated with no backing data below), without reading anything."""
-        backing = self._backing
+        backing = self.backing
         for kind, guest, _host, _n in await self._map(offset, length):
             if kind == _ZERO:
                 continue
@@ -375,10 +372,10 @@ class Qcow2Node(FormatNode):
             if kind == _ZERO:
                 counters.zero_bytes_read += n
                 return bytes(n)
-            if kind == _BACKING and self._backing is not None and guest + n <= self._backing.size:
+            if kind == _BACKING and self.backing is not None and guest + n <= self.backing.size:
                 counters.backing_reads += 1
                 counters.backing_bytes += n
-                return await self._backing.pread(guest, n)
+                return await self.backing.pread(guest, n)
         out = bytearray(length)
         view = memoryview(out)
         for kind, guest, host, n in runs:
@@ -458,7 +455,7 @@ class Qcow2Node(FormatNode):
 
     async def _read_backing(self, out: memoryview, guest: int) -> None:
         """Fill ``out`` with the backing file's bytes at ``guest``; zeros past its end."""
-        backing = self._backing
+        backing = self.backing
         n = len(out)
         present = 0
         counters = self.counters
@@ -543,7 +540,7 @@ class Qcow2Node(FormatNode):
             return _DATA_STATUS, n
         if kind == _ZERO:
             return _ZERO_STATUS, n
-        backing = self._backing
+        backing = self.backing
         if backing is None or offset >= backing.size:
             # As QEMU's bdrv_co_block_status: unallocated with nothing below reads as zeros.
             return _UNALLOCATED_ZERO, n

@@ -812,7 +812,7 @@ class Qcow2Writer:
         if length <= 0:
             return None
         node = self.node
-        backing = node._backing
+        backing = node.backing
         # Unallocated with nothing below reads as zeros: known without mapping it again.
         zero = (plan.unallocated and (backing is None or guest >= backing.size)) or (
             await node._reads_as_zero(guest, length))
@@ -870,7 +870,7 @@ class Qcow2Writer:
         unit = 1 << subcluster_bits(g)
         first = -(-offset // unit) * unit
         last = end if end == node.size else end // unit * unit
-        if first >= last or (header.version < 3 and node._backing is not None):
+        if first >= last or (header.version < 3 and node.backing is not None):
             # Nothing whole to mark (or no way to mark it): write zeros as data.
             await self._write_zeros(offset, length)
             return
@@ -983,7 +983,7 @@ class Qcow2Writer:
         """Whether ``[start, stop)`` already reads as zeros with nothing allocated here and no
         backing file below: then zeroing it changes nothing (and allocates no L2 table)."""
         node = self.node
-        if node._backing is not None and start < node._backing.size:
+        if node.backing is not None and start < node.backing.size:
             return False
         g = node.geometry
         assert g is not None
@@ -1037,7 +1037,7 @@ class Qcow2Writer:
             at = step * ((cluster >> g.cluster_bits) & (g.slice_entries - 1))
             entry = table[at]
             bitmap = table[at + 1] if g.extended_l2 else 0
-            if node._backing is None and not is_allocated(g, entry) and not (
+            if node.backing is None and not is_allocated(g, entry) and not (
                     entry & OFLAG_COMPRESSED):
                 continue
             if g.extended_l2:

@@ -70,6 +70,7 @@ from vdiskfs.drivers.format.runs import (
     le_table,
     read_runs,
     run_status,
+    write_runs,
 )
 from vdiskfs.drivers.format.vhdx import bat as batmap
 from vdiskfs.drivers.format.vhdx.bat import BatGeometry, PayloadState
@@ -181,10 +182,6 @@ class VhdxNode(FormatNode):
     @classmethod
     def probe(cls, head: bytes, tail: bytes, filename: str) -> int:
         return 100 if head[:8] == SIGNATURE else 0
-
-    @property
-    def backing(self) -> BlockNode | None:
-        return self.child("backing")
 
     # -- open -------------------------------------------------------------------------------------
 
@@ -348,9 +345,8 @@ class VhdxNode(FormatNode):
             if not os.path.exists(self.ctx.resolve(path, field_name=field)):
                 tried.append(f"{key} {path!r}")
                 continue
-            parent = await self.ctx.open_child(path, role="backing", field_name=field,
-                                               format=None)
-            self.add_child("backing", parent)
+            parent = await self.open_backing(path, field=field)
+            assert parent is not None  # opened only when backing files are wanted
             self.parent_path = path
             self._check_parent(parent, locator)
             return
@@ -451,18 +447,12 @@ class VhdxNode(FormatNode):
         await self._start_session()
         runs = coalesce(await self._map(offset, len(view)))
         if all(run.kind is RunKind.DATA for run in runs):
-            for run in runs:
-                await self.file.pwrite(run.host_offset, view[run.offset - offset :
-                                                             run.end - offset])
+            await write_runs(runs, offset, view, self.file, self._allocate)
             return
         async with self._alloc_lock:
             # Mapped again under the lock: the allocation before may have mapped these blocks.
-            for run in coalesce(await self._map(offset, len(view))):
-                chunk = view[run.offset - offset : run.end - offset]
-                if run.kind is RunKind.DATA:
-                    await self.file.pwrite(run.host_offset, chunk)
-                else:
-                    await self._allocate(run, chunk)
+            runs = coalesce(await self._map(offset, len(view)))
+            await write_runs(runs, offset, view, self.file, self._allocate)
             if len(self._dirty_sectors) >= BAT_DIRTY_LIMIT:
                 await self._write_back_bat()
 

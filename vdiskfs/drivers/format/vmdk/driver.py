@@ -206,7 +206,6 @@ class VmdkNode(FormatNode):
         self.parent_cid: int | None = None
         self.parent_filename_hint: str | None = None
         self.descriptor: Descriptor | None = None
-        self.backing: BlockNode | None = None
         # (extent index, grain directory index) -> table. Dirty tables live in their extent's
         # SparseWriteState until written back, and are looked up there first.
         self._gt_cache: LruCache[tuple[int, int], array[int]] = LruCache(GT_CACHE_TABLES)
@@ -262,7 +261,7 @@ class VmdkNode(FormatNode):
                              if e.geometry is not None and e.geometry.compressed), default=0)
         if largest_grain:
             self._grain_cache = LruCache(max(1, GRAIN_CACHE_BYTES // largest_grain))
-        await self._open_backing()
+        await self._open_parent()
         if not self.read_only:
             await self._prepare_writes()
 
@@ -428,14 +427,13 @@ class VmdkNode(FormatNode):
         self.extents.append(extent)
         self._extent_starts.append(extent.guest_start)
 
-    async def _open_backing(self) -> None:
+    async def _open_parent(self) -> None:
         hint = self.parent_filename_hint
-        if hint is None or not self.ctx.options.backing:
+        if hint is None:
             return
-        node = await self.ctx.open_child(hint, role="backing", field_name="parentFileNameHint",
-                                         format="vmdk")
-        self.add_child("backing", node)
-        self.backing = node
+        node = await self.open_backing(hint, field="parentFileNameHint", format="vmdk")
+        if node is None:
+            return
         parent_cid = getattr(node, "cid", None)
         if (self.parent_cid is not None and self.parent_cid != NO_PARENT_CID
                 and parent_cid is not None and parent_cid != self.parent_cid):

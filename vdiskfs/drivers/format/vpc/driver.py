@@ -139,7 +139,6 @@ class VpcNode(FormatNode):
         self.size_source = SizeSource.GEOMETRY
         self.geometry: BlockGeometry | None = None
         self.bat: array[int] | None = None
-        self.backing: BlockNode | None = None
         self.parent_reference: str | None = None
         self._bitmaps: LruCache[int, bytes] = LruCache(BITMAP_CACHE_BLOCKS)
         #: The footer as read (the copy at offset 0 of a dynamic disk): what a moved footer is.
@@ -270,10 +269,8 @@ class VpcNode(FormatNode):
                 continue
             if not os.path.exists(path):
                 continue
-            node = await self.ctx.open_child(reference, role="backing",
-                                             field_name="parent_locator", format="vpc")
-            self.add_child("backing", node)
-            self.backing = node
+            node = await self.open_backing(reference, field="parent_locator", format="vpc")
+            assert node is not None  # opened only when backing files are wanted
             self.parent_reference = reference
             self._check_parent(node, reference)
             return

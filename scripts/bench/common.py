@@ -154,6 +154,12 @@ def fio(target: Mounted, *, rw: str, bs: str, iodepth: int = 1, size: str | None
     return FioResult(side["io_bytes"], side["total_ios"], seconds, cpu)
 
 
+def median_result(results: list[FioResult]) -> FioResult:
+    """The run with the median rate: a shared machine's host cache makes single runs swing."""
+    ordered = sorted(results, key=lambda r: r.bytes / r.seconds)
+    return ordered[len(ordered) // 2]
+
+
 def report(title: str, ours: FioResult, peer: FioResult, unit: str) -> str:
     if unit == "MB/s":
         a, b = ours.mb_s, peer.mb_s

@@ -7,9 +7,10 @@ Images (built once, cached under ~/.cache/vdiskfs/bench):
                  upper layer rewrote a third of the clusters, so reads hit every layer
 Jobs (fio; page cache dropped before each): sequential 1 MiB reads (buffered, as `cat` reads),
 random 4 KiB reads at queue depth 1 (psync) and 16 (libaio), both O_DIRECT. Prints MB/s or
-IOPS, the ratio vdiskfs/QSD, and each daemon's CPU time per GiB and per request.
+IOPS, the ratio vdiskfs/QSD, and each daemon's CPU time per GiB and per request; each job runs
+--repeat times per peer, alternating, and the median run is printed.
 
-Usage: .venv/bin/python scripts/bench/read.py [--runtime SECONDS] [--only single|chain]
+Usage: .venv/bin/python scripts/bench/read.py [--runtime S] [--repeat N] [--only single|chain]
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from common import (
     GiB,
     MiB,
     fio,
+    median_result,
     qsd_mount,
     random_file,
     report,
@@ -69,7 +71,7 @@ def build_chain() -> Path:
     return top
 
 
-def bench(title: str, image: Path, runtime: int) -> list[str]:
+def bench(title: str, image: Path, runtime: int, repeat: int) -> list[str]:
     lines = []
     jobs = [
         ("sequential 1 MiB read", dict(rw="read", bs="1M", size="2G", direct=False), "MB/s"),
@@ -78,11 +80,14 @@ def bench(title: str, image: Path, runtime: int) -> list[str]:
          "IOPS"),
     ]
     for name, kwargs, unit in jobs:
-        with vdiskfs_mount(image) as ours:
-            mine = fio(ours, **kwargs)  # type: ignore[arg-type]
-        with qsd_mount(image) as peer:
-            theirs = fio(peer, **kwargs)  # type: ignore[arg-type]
-        lines.append(report(f"{title}: {name}", mine, theirs, unit))
+        mine, theirs = [], []
+        for _ in range(repeat):  # alternate the peers so that drifts hit both alike
+            with vdiskfs_mount(image) as ours:
+                mine.append(fio(ours, **kwargs))  # type: ignore[arg-type]
+            with qsd_mount(image) as peer:
+                theirs.append(fio(peer, **kwargs))  # type: ignore[arg-type]
+        lines.append(report(f"{title}: {name}", median_result(mine), median_result(theirs),
+                            unit))
     return lines
 
 
@@ -91,12 +96,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runtime", type=int, default=10, help="seconds per random job")
     parser.add_argument("--only", choices=["single", "chain"])
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="runs per job and peer, alternating; the median is printed")
     args = parser.parse_args()
     print(f"images in {CACHE}; 2 GiB each, 64 KiB clusters; {MiB // MiB} MiB = 1048576 B")
     if args.only in (None, "single"):
-        bench("2 GiB qcow2", build_single(), args.runtime)
+        bench("2 GiB qcow2", build_single(), args.runtime, args.repeat)
     if args.only in (None, "chain"):
-        bench("3-layer chain", build_chain(), args.runtime)
+        bench("3-layer chain", build_chain(), args.runtime, args.repeat)
 
 
 if __name__ == "__main__":

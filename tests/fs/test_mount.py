@@ -172,3 +172,13 @@ def test_foreground_mode_logs_and_stays_attached(raw_disk: Path, tmp_path: Path)
         if proc.poll() is None:
             proc.kill()
         force_unmount(mnt)
+
+
+def test_sequential_readers_get_a_large_readahead(raw_disk: Path, tmp_path: Path) -> None:
+    from vdiskfs.fs.mount import READAHEAD_KB
+
+    with mounted(raw_disk, mountpoint=tmp_path / "mnt", options=("--format", "raw")) as mnt:
+        info = find_mount(str(mnt))
+        assert info is not None and info.device is not None
+        bdi = Path("/sys/class/bdi") / info.device / "read_ahead_kb"
+        assert int(bdi.read_text()) == READAHEAD_KB

@@ -28,6 +28,13 @@ log = logging.getLogger(__name__)
 FSTYPE = "fuse.vdiskfs"
 #: Concurrent FUSE requests in flight: enough for a queue depth of 32 and a loop device.
 MAX_TASKS = 64
+#: Readahead of the mount's backing device info. The kernel's default, 128 KiB, makes a
+#: sequential reader (cat, dd, a loop device) send 128 KiB requests, and each request costs
+#: this Python daemon far more than its bytes do; with 4 MiB the kernel sends 1 MiB requests
+#: (libfuse's max_pages) ahead of the reader. Measured on a 3-layer qcow2 chain
+#: (scripts/bench/read.py): 401 MB/s at 128 KiB, 637 at 1 MiB, 772 at 4 MiB. Random readers
+#: are not affected: the kernel stops reading ahead for them.
+READAHEAD_KB = 4096
 
 
 async def serve(
@@ -53,12 +60,41 @@ async def serve(
         options.add("allow_other")
     if debug:
         options.add("debug")
+    mountpoint = os.path.abspath(mountpoint)  # no stat: see _raise_readahead
     pyfuse3.init(operations, mountpoint, options)
     try:
-        task_status.started()
-        await pyfuse3.main(min_tasks=1, max_tasks=MAX_TASKS)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_raise_readahead_after_init, operations, mountpoint)
+            task_status.started()
+            await pyfuse3.main(min_tasks=1, max_tasks=MAX_TASKS)
+            nursery.cancel_scope.cancel()
     finally:
         pyfuse3.close(unmount=True)
+
+
+async def _raise_readahead_after_init(operations: VdiskOperations, mountpoint: str) -> None:
+    # The kernel's FUSE INIT reply sets the readahead (to at most what the kernel proposed, its
+    # 128 KiB default); pyfuse3 calls Operations.init() while handling INIT and sends the reply
+    # before any other task runs, so by the time this task wakes the reply has been applied.
+    await operations.initialized.wait()
+    _raise_readahead(mountpoint)
+
+
+def _raise_readahead(mountpoint: str) -> None:
+    """Set READAHEAD_KB on the mount's own bdi (root only; otherwise the default stays).
+
+    The device number comes from mountinfo: stat() of the mount point would send this very
+    process a FUSE request that nobody serves yet. ``mountpoint`` is absolute.
+    """
+    info = find_mount(mountpoint, resolve=False)
+    if info is None or info.device is None:
+        return
+    path = f"/sys/class/bdi/{info.device}/read_ahead_kb"
+    try:
+        with open(path, "w") as f:
+            f.write(f"{READAHEAD_KB}\n")
+    except OSError as exc:
+        log.debug("cannot set %s: %s", path, exc)
 
 
 def terminate() -> None:
@@ -71,6 +107,8 @@ class MountInfo:
     mountpoint: str
     source: str
     fstype: str
+    #: ``major:minor`` of the mounted file system, as mountinfo gives it.
+    device: str | None = None
 
     @property
     def daemon_pid(self) -> int | None:
@@ -93,9 +131,13 @@ def _unescape(field: str) -> str:
     return "".join(out)
 
 
-def find_mount(mountpoint: str) -> MountInfo | None:
-    """The mount at ``mountpoint`` (after resolving it), or None."""
-    target = os.path.realpath(mountpoint)
+def find_mount(mountpoint: str, *, resolve: bool = True) -> MountInfo | None:
+    """The mount at ``mountpoint``, or None.
+
+    ``resolve=False`` takes an absolute path as it is: resolving it stats the mount's root,
+    which from inside the daemon, before it serves, would wait for itself forever.
+    """
+    target = os.path.realpath(mountpoint) if resolve else mountpoint
     try:
         with open("/proc/self/mountinfo") as f:
             lines = f.read().splitlines()
@@ -109,7 +151,8 @@ def find_mount(mountpoint: str) -> MountInfo | None:
         if len(fields) < 5 or len(rest) < 2:
             continue
         if _unescape(fields[4]) == target:
-            found = MountInfo(target, _unescape(rest[1]), rest[0])  # the last one is on top
+            # The last matching line is the mount on top.
+            found = MountInfo(target, _unescape(rest[1]), rest[0], fields[2])
     return found
 
 

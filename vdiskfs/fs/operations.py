@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
+import trio
 from pyfuse3 import FUSEError
 
 from vdiskfs.errors import VdiskError
@@ -96,6 +97,11 @@ class VdiskOperations(pyfuse3.Operations):
         self._uid = os.getuid()
         self._gid = os.getgid()
         self._mount_time_ns = time.time_ns()
+        #: Set once the kernel's INIT request has been handled (see mount.serve).
+        self.initialized = trio.Event()
+
+    def init(self) -> None:
+        self.initialized.set()
 
     # -- attributes -------------------------------------------------------------------------------
 

@@ -3,10 +3,12 @@
 
 Into a fresh qcow2 (every write allocates) and into a preallocated one (metadata and clusters
 already there), 1 GiB, 64 KiB clusters: sequential 1 MiB writes and random 4 KiB writes (queue
-depth 1, O_DIRECT, fsync at the end). Each job gets its own new image, made by qemu-img, for
-each peer. Prints MB/s or IOPS, the ratio vdiskfs/QSD and each daemon's CPU time.
+depth 1, O_DIRECT, fsync at the end). Each run gets its own new image, made by qemu-img, for
+each peer; vdiskfs's is checked with qemu-img check afterwards. Each job runs --repeat times
+per peer, alternating. Prints the median run's MB/s or IOPS, the ratio vdiskfs/QSD and each
+daemon's CPU time.
 
-Usage: .venv/bin/python scripts/bench/write.py [--runtime SECONDS]
+Usage: .venv/bin/python scripts/bench/write.py [--runtime SECONDS] [--repeat N]
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import fio, qsd_mount, report, require_root, run, vdiskfs_mount
+from common import fio, median_result, qsd_mount, report, require_root, run, vdiskfs_mount
 
 
 def new_image(directory: Path, name: str, preallocation: str) -> Path:
@@ -32,6 +34,8 @@ def main() -> None:
     require_root()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runtime", type=int, default=10, help="seconds per random job")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="runs per job and peer, alternating; the median is printed")
     args = parser.parse_args()
     jobs = [
         ("sequential 1 MiB write", dict(rw="write", bs="1M", size="1G",
@@ -43,16 +47,18 @@ def main() -> None:
         directory = Path(tmp)
         for preallocation, title in (("off", "fresh qcow2"), ("full", "preallocated qcow2")):
             for name, kwargs, unit in jobs:
-                ours_image = new_image(directory, "ours", preallocation)
-                with vdiskfs_mount(ours_image, ("--rw",)) as ours:
-                    mine = fio(ours, **kwargs)  # type: ignore[arg-type]
-                peer_image = new_image(directory, "peer", preallocation)
-                with qsd_mount(peer_image, writable=True) as peer:
-                    theirs = fio(peer, **kwargs)  # type: ignore[arg-type]
-                report(f"{title}: {name}", mine, theirs, unit)
-                run("qemu-img", "check", ours_image)
-                ours_image.unlink()
-                peer_image.unlink()
+                mine, theirs = [], []
+                for _ in range(args.repeat):  # alternating; the median run is printed
+                    ours_image = new_image(directory, "ours", preallocation)
+                    with vdiskfs_mount(ours_image, ("--rw",)) as ours:
+                        mine.append(fio(ours, **kwargs))  # type: ignore[arg-type]
+                    run("qemu-img", "check", ours_image)
+                    ours_image.unlink()
+                    peer_image = new_image(directory, "peer", preallocation)
+                    with qsd_mount(peer_image, writable=True) as peer:
+                        theirs.append(fio(peer, **kwargs))  # type: ignore[arg-type]
+                    peer_image.unlink()
+                report(f"{title}: {name}", median_result(mine), median_result(theirs), unit)
 
 
 if __name__ == "__main__":

@@ -274,21 +274,29 @@ class VdiskOperations(pyfuse3.Operations):
                 raise FUSEError(errno.EIO) from None
         return handle.snapshot[off : off + size]
 
-    @_boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:
+        # A hot path like read: no decorator, errors translated inline.
         handle = self._handles.get(fh)
         if handle is None:
             raise FUSEError(errno.EBADF)
         entry = handle.entry
         if not isinstance(entry, ImageEntry) or not entry.export.writable:
             raise FUSEError(errno.EROFS if isinstance(entry, ImageEntry) else errno.EACCES)
-        node = entry.export.node
+        export = entry.export
+        node = export.node
         if off >= node.size:
             raise FUSEError(errno.ENOSPC)
         # Like a block device: a write straddling the end writes what fits.
         length = min(len(buf), node.size - off)
-        entry.export.dirty = True
-        await node.pwrite(off, buf if length == len(buf) else memoryview(buf)[:length])
+        export.dirty = True
+        try:
+            await node.pwrite(off, buf if length == len(buf) else memoryview(buf)[:length])
+        except VdiskError as exc:
+            log.warning("write %s at %d+%d: %s", entry.name, off, length, exc)
+            raise FUSEError(exc.errno) from None
+        except Exception:
+            log.exception("write %s at %d+%d failed unexpectedly", entry.name, off, length)
+            raise FUSEError(errno.EIO) from None
         return length
 
     @_boundary

@@ -292,10 +292,9 @@ def _cmd_create(args: argparse.Namespace) -> int:
 def _cmd_info(args: argparse.Namespace) -> int:
     from vdiskfs.info import format_text, image_info
 
-    warnings: list[str] = []
-    options = OpenOptions(
-        format=args.format, follow_outside=args.follow_outside, warn=warnings.append
-    )
+    # Warnings (probed raw, damaged partition entries) are part of the output, via
+    # node.warnings, rather than log lines.
+    options = OpenOptions(format=args.format, follow_outside=args.follow_outside)
 
     async def collect() -> dict[str, object]:
         node = await open_image(args.image, options)
@@ -308,7 +307,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         finally:
             await node.aclose()
 
-    logging.getLogger("vdiskfs").setLevel(logging.ERROR)  # warnings are part of the output
+    logging.getLogger("vdiskfs").setLevel(logging.ERROR)
     info = trio.run(collect)
     if args.json:
         json.dump(info, sys.stdout, indent=4)
@@ -319,10 +318,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 async def _partition_info(node: BlockNode) -> dict[str, object]:
-    from vdiskfs.partitions import read_partition_table
+    from vdiskfs.partitions import scan_disk
 
-    table = await read_partition_table(node, label=node.label)
-    node.warnings.extend(table.warnings)
+    table = await scan_disk(node)
     if table.scheme is None:
         return {}
     return {

@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from vdiskfs.fs.mount import find_mount
+from vdiskfs.fs.mount import find_mount, process_alive
 
 
 def vdiskfs(*args: str | os.PathLike[str], check: bool = True,
@@ -61,15 +61,11 @@ def mounted(*images: str | os.PathLike[str], mountpoint: str | os.PathLike[str],
 def wait_gone(pid: int, timeout: float = 10) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not process_alive(pid):
             return True
-        with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
-            if f.read().rpartition(")")[2].split()[0] == "Z":
-                return True
         time.sleep(0.05)
     return False
+
 
 
 @contextlib.contextmanager

@@ -152,8 +152,7 @@ class NodeStats:
         self.ops[op] += 1
         self.bytes[op] += nbytes
         self.total_time_ns[op] += elapsed
-        index = (elapsed.bit_length() - 9) >> 1
-        self.histograms[op][index if 0 <= index < _NBINS else (0 if index < 0 else _NBINS - 1)] += 1
+        self.histograms[op][_bin(elapsed)] += 1
         self._last_done_ns = now
 
     def fail(self, op: int, cookie: int) -> None:

@@ -105,16 +105,12 @@ async def _with_partitions(
     Each partition is a raw window onto the disk's node (not owned: closing the disk closes
     what it needs), in the disk's mode.
     """
-    from vdiskfs.partitions import read_partition_table
+    from vdiskfs.partitions import scan_disk
 
     out: list[Export] = []
     for export in exports:
         out.append(export)
-        table = await read_partition_table(export.node, label=export.node.label)
-        for warning in table.warnings:
-            export.node.warnings.append(warning)
-            if warn is not None:
-                warn(warning)
+        table = await scan_disk(export.node, warn)
         for part in table.partitions:
             window = RawNode(export.node, offset=part.start, size=part.size, owned=False)
             await window.open()

@@ -21,7 +21,7 @@ import trio
 from vdiskfs.errors import VdiskError
 from vdiskfs.fs.operations import VdiskOperations
 
-__all__ = ["MountInfo", "find_mount", "serve", "unmount"]
+__all__ = ["MountInfo", "find_mount", "process_alive", "serve", "unmount"]
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def unmount(mountpoint: str, *, lazy: bool = False, timeout: float = 60.0) -> No
     if pid is None or pid == os.getpid():
         return
     deadline = time.monotonic() + timeout
-    while _alive(pid):
+    while process_alive(pid):
         if time.monotonic() > deadline:
             raise VdiskError(
                 f"{mountpoint}: unmounted, but daemon {pid} is still closing the images after "
@@ -184,7 +184,8 @@ def unmount(mountpoint: str, *, lazy: bool = False, timeout: float = 60.0) -> No
         time.sleep(0.02)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie no longer counts: its parent may never reap it)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             state = f.read().rpartition(")")[2].split()[0]

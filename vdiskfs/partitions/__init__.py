@@ -14,6 +14,9 @@ suspicious is in :attr:`PartitionTable.warnings` and logged. See :mod:`.mbr`, :m
 :mod:`.scan` for the exact rules and where they follow or depart from Linux.
 """
 
+from collections.abc import Callable
+
+from vdiskfs.block.node import BlockNode
 from vdiskfs.partitions.model import MAX_PARTITION_NUMBER, Partition, PartitionTable
 from vdiskfs.partitions.scan import SECTOR_SIZES, read_partition_table
 
@@ -23,4 +26,17 @@ __all__ = [
     "Partition",
     "PartitionTable",
     "read_partition_table",
+    "scan_disk",
 ]
+
+
+async def scan_disk(disk: BlockNode, warn: Callable[[str], None] | None = None
+                    ) -> PartitionTable:
+    """The disk's partition table, its warnings kept with the disk's own (``info`` and the
+    mount show them) and handed to ``warn``."""
+    table = await read_partition_table(disk, label=disk.label)
+    disk.warnings.extend(table.warnings)
+    if warn is not None:
+        for warning in table.warnings:
+            warn(warning)
+    return table

@@ -26,6 +26,18 @@ def test_accounting_and_snapshot_names() -> None:
     assert snap["failed_wr_operations"] == 1 and snap["wr_operations"] == 0
     assert snap["invalid_unmap_operations"] == 1
     assert snap["in_flight"] == 0 and snap["l2_cache_hits"] == 3
+    assert snap["max_in_flight"] == 1
     assert sum(snap["rd_latency_histogram"]) == 1
     assert "flush_bytes" not in snap  # QEMU has no bytes for flush
     json.dumps(snap)  # plain JSON types only
+
+
+def test_max_in_flight_is_the_high_water_mark() -> None:
+    stats = NodeStats()
+    cookies = [stats.start() for _ in range(5)]
+    for cookie in cookies[:4]:
+        stats.done(Op.READ, 1, cookie)
+    stats.fail(Op.READ, cookies[4])
+    stats.done(Op.READ, 1, stats.start())
+    assert stats.in_flight == 0 and stats.max_in_flight == 5
+    assert stats.snapshot().as_dict()["max_in_flight"] == 5

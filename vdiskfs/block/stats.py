@@ -88,6 +88,7 @@ class StatsSnapshot:
     total_time_ns: tuple[int, ...]
     histograms: tuple[tuple[int, ...], ...]
     in_flight: int
+    max_in_flight: int
     wr_highest_offset: int
     idle_time_ns: int
     driver: dict[str, int]
@@ -105,6 +106,7 @@ class StatsSnapshot:
             out[f"{prefix}_total_time_ns"] = self.total_time_ns[op]
         out["wr_highest_offset"] = self.wr_highest_offset
         out["in_flight"] = self.in_flight
+        out["max_in_flight"] = self.max_in_flight
         out["idle_time_ns"] = self.idle_time_ns
         out["latency_histogram_boundaries_ns"] = list(HISTOGRAM_BOUNDARIES_NS)
         for op in Op:
@@ -123,6 +125,7 @@ class NodeStats:
         "histograms",
         "in_flight",
         "invalid",
+        "max_in_flight",
         "ops",
         "total_time_ns",
         "wr_highest_offset",
@@ -136,12 +139,16 @@ class NodeStats:
         self.total_time_ns = [0] * _NOPS
         self.histograms = [[0] * _NBINS for _ in range(_NOPS)]
         self.in_flight = 0
+        #: The most requests this node has had in flight at once (its queue depth high mark).
+        self.max_in_flight = 0
         self.wr_highest_offset = 0
         self._last_done_ns = time.perf_counter_ns()
 
     def start(self) -> int:
         """Begin a request; returns the cookie to hand to :meth:`done` or :meth:`fail`."""
-        self.in_flight += 1
+        in_flight = self.in_flight = self.in_flight + 1
+        if in_flight > self.max_in_flight:
+            self.max_in_flight = in_flight
         return _now()
 
     def done(self, op: int, nbytes: int, cookie: int) -> None:
@@ -175,6 +182,7 @@ class NodeStats:
             total_time_ns=tuple(self.total_time_ns),
             histograms=tuple(tuple(h) for h in self.histograms),
             in_flight=self.in_flight,
+            max_in_flight=self.max_in_flight,
             wr_highest_offset=self.wr_highest_offset,
             idle_time_ns=idle,
             driver=dict(driver or {}),

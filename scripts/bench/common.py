@@ -2,7 +2,9 @@
 
 Every benchmark measures vdiskfs and its peer (qemu-storage-daemon's FUSE export of the same
 image) in the same run on the same machine and prints the ratio; absolute numbers on a shared
-2-core machine move from run to run, ratios much less.
+2-core machine move from run to run, ratios much less. Besides the fio numbers, a mounted
+daemon can be probed just before unmounting (`probe`): its peak RSS and, for vdiskfs, every
+node's statistics read through the mount.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 VDISKFS = [str(REPO / ".venv/bin/python"), "-m", "vdiskfs"]
 CACHE = Path(os.environ.get("VDISKFS_BENCH_CACHE", Path.home() / ".cache/vdiskfs/bench"))
 GiB = 1 << 30
 MiB = 1 << 20
+CLUSTER = 64 * 1024  # every benchmark qcow2's cluster size
 
 
 def run(*args: str | os.PathLike[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
@@ -52,6 +56,79 @@ def random_file(path: Path, size: int, seed: int = 1) -> Path:
         for _ in range(0, size, 64 * MiB):
             f.write(rng.randbytes(min(64 * MiB, size - f.tell())))
     return path
+
+
+def build_single() -> Path:
+    """single.qcow2: 2 GiB, 64 KiB clusters, fully allocated with pseudo-random data."""
+    image = CACHE / "single.qcow2"
+    if not image.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        raw = random_file(CACHE / "single.tmp", 2 * GiB)
+        run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-o",
+            f"cluster_size={CLUSTER}", raw, image.with_suffix(".part"))
+        raw.unlink()
+        image.with_suffix(".part").rename(image)
+    return image
+
+
+def build_chain_base() -> Path:
+    """chain-base.qcow2: a copy of single.qcow2 that the backing chains are built over."""
+    base = CACHE / "chain-base.qcow2"
+    if not base.exists():
+        run("cp", "--reflink=auto", build_single(), base.with_suffix(".part"))
+        base.with_suffix(".part").rename(base)
+    return base
+
+
+def build_overlay(image: Path, backing: Path, first: int, step: int, pattern: int) -> Path:
+    """A new qcow2 over `backing` that rewrites every `step`th cluster from cluster `first`.
+
+    Built under a temporary name and renamed at the end, so an interrupted build is redone.
+    The rewritten clusters hold the byte `pattern`; the others read through to `backing`.
+    """
+    part = image.with_suffix(".part")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={CLUSTER}",
+        "-b", backing.name, "-F", "qcow2", part)
+    size = json.loads(run("qemu-img", "info", "--output=json", backing).stdout)["virtual-size"]
+    commands = "".join(
+        f"write -q -P {pattern} {offset} {CLUSTER}\n"
+        for offset in range(first * CLUSTER, size, step * CLUSTER)
+    )
+    run("qemu-io", "-f", "qcow2", part, input=commands)
+    part.rename(image)
+    return image
+
+
+def new_qcow2(image: Path, size: str, preallocation: str = "off") -> Path:
+    """A new qcow2 with the benchmarks' cluster size, for one write run of one peer."""
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o",
+        f"cluster_size={CLUSTER},preallocation={preallocation}", image, size)
+    return image
+
+
+def check_image(image: Path) -> dict[str, Any]:
+    """`qemu-img check`; any error, corruption or leak ends the benchmark with its report.
+
+    Returns the check's JSON (allocated, compressed and fragmented cluster counts...).
+    """
+    result = subprocess.run(["qemu-img", "check", "--output=json", str(image)], text=True,
+                            capture_output=True)
+    if result.returncode != 0:
+        sys.exit(f"qemu-img check {image} failed (exit {result.returncode}):\n"
+                 f"{result.stdout}{result.stderr}")
+    return json.loads(result.stdout)
+
+
+def warm_page_cache(*files: Path) -> float:
+    """Read `files` into the host page cache; returns the fraction that `fincore` finds there."""
+    for path in files:
+        with open(path, "rb", buffering=0) as f:
+            while f.read(8 * MiB):
+                pass
+    rows = run("fincore", "--bytes", "--noheadings", "--raw", "--output=RES,SIZE",
+               *files).stdout.split()
+    resident, size = sum(map(int, rows[0::2])), sum(map(int, rows[1::2]))
+    return resident / size if size else 1.0
 
 
 @dataclass
@@ -131,10 +208,26 @@ class FioResult:
     def iops(self) -> float:
         return self.ios / self.seconds
 
+    def rate(self, unit: str) -> float:
+        """MB/s when `unit` is "MB/s", else IOPS."""
+        return self.mb_s if unit == "MB/s" else self.iops
+
+    @property
+    def cpu_per_request(self) -> float:
+        """Daemon CPU seconds per fio request."""
+        return self.cpu / max(self.ios, 1)
+
 
 def fio(target: Mounted, *, rw: str, bs: str, iodepth: int = 1, size: str | None = None,
-        runtime: int = 10, direct: bool = True, extra: tuple[str, ...] = ()) -> FioResult:
-    drop_caches()
+        runtime: int = 10, direct: bool = True, hot: bool = False,
+        extra: tuple[str, ...] = ()) -> FioResult:
+    """One fio job on a mounted raw file; the page cache is dropped first unless `hot`.
+
+    With `hot`, whatever the caller put into the page cache stays there (see
+    `warm_page_cache`); pair it with `direct` so that each request still reaches the daemon.
+    """
+    if not hot:
+        drop_caches()
     engine = "libaio" if iodepth > 1 else "psync"
     args = [
         "fio", "--name=bench", f"--filename={target.path}", f"--rw={rw}", f"--bs={bs}",
@@ -154,6 +247,48 @@ def fio(target: Mounted, *, rw: str, bs: str, iodepth: int = 1, size: str | None
     return FioResult(side["io_bytes"], side["total_ios"], seconds, cpu)
 
 
+@dataclass
+class Probe:
+    """A daemon looked at just before unmounting."""
+
+    peak_rss: int  # VmHWM, bytes: the most memory the daemon has held since it started
+    nodes: list[dict[str, object]]  # vdiskfs: every node's stats JSON, top first; QSD: none
+    #: The kernel's limit on the FUSE connection's background requests (async direct I/O from
+    #: libaio is sent as such): how many of a deep queue can reach the daemon at once.
+    max_background: int | None
+
+
+def peak_rss(pid: int) -> int:
+    """VmHWM of a process in bytes (its peak resident set size)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmHWM in /proc/{pid}/status")
+
+
+def fuse_max_background(target: Mounted) -> int | None:
+    """max_background of the mount's FUSE connection (fusectl), None if it cannot be read."""
+    connection = Path("/sys/fs/fuse/connections") / str(os.minor(os.stat(target.path).st_dev))
+    try:
+        return int((connection / "max_background").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def vdiskfs_stats(target: Mounted) -> list[dict[str, object]]:
+    """Every node's statistics for the image of a vdiskfs mount, in the `tree` file's order."""
+    directory = target.path.parent / "stats" / target.path.stem
+    names = [line.split()[0] for line in (directory / "tree").read_text().splitlines()]
+    return [json.loads((directory / name).read_text()) for name in names]
+
+
+def probe(target: Mounted) -> Probe:
+    """Peak RSS, FUSE max_background and (vdiskfs) node statistics; call it inside the
+    mount's `with`, after the job."""
+    nodes = vdiskfs_stats(target) if target.name == "vdiskfs" else []
+    return Probe(peak_rss(target.pid), nodes, fuse_max_background(target))
+
+
 def median_result(results: list[FioResult]) -> FioResult:
     """The run with the median rate: a shared machine's host cache makes single runs swing."""
     ordered = sorted(results, key=lambda r: r.bytes / r.seconds)
@@ -161,17 +296,14 @@ def median_result(results: list[FioResult]) -> FioResult:
 
 
 def report(title: str, ours: FioResult, peer: FioResult, unit: str) -> str:
-    if unit == "MB/s":
-        a, b = ours.mb_s, peer.mb_s
-    else:
-        a, b = ours.iops, peer.iops
+    a, b = ours.rate(unit), peer.rate(unit)
     gib_ours = ours.bytes / GiB or 1
     gib_peer = peer.bytes / GiB or 1
     line = (
         f"{title:<34} vdiskfs {a:9.1f} {unit:<5} qsd {b:9.1f} {unit:<5} ratio {a / b:5.2f}x"
         f" | cpu/GiB {ours.cpu / gib_ours:6.2f}s vs {peer.cpu / gib_peer:6.2f}s"
-        f" | cpu/req {ours.cpu / max(ours.ios, 1) * 1e6:6.1f}us"
-        f" vs {peer.cpu / max(peer.ios, 1) * 1e6:6.1f}us"
+        f" | cpu/req {ours.cpu_per_request * 1e6:6.1f}us"
+        f" vs {peer.cpu_per_request * 1e6:6.1f}us"
     )
     print(line, flush=True)
     return line

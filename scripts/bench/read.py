@@ -23,51 +23,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
     CACHE,
-    GiB,
     MiB,
+    build_chain_base,
+    build_overlay,
+    build_single,
     fio,
     median_result,
     qsd_mount,
-    random_file,
     report,
     require_root,
-    run,
     vdiskfs_mount,
 )
 
-CLUSTER = 64 * 1024
-
-
-def build_single() -> Path:
-    image = CACHE / "single.qcow2"
-    if not image.exists():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        raw = random_file(CACHE / "single.tmp", 2 * GiB)
-        run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-o",
-            f"cluster_size={CLUSTER}", raw, image.with_suffix(".part"))
-        raw.unlink()
-        image.with_suffix(".part").rename(image)
-    return image
-
 
 def build_chain() -> Path:
-    top = CACHE / "chain-top.qcow2"
-    if top.exists():
-        return top
-    base, mid = CACHE / "chain-base.qcow2", CACHE / "chain-mid.qcow2"
-    if not base.exists():
-        run("cp", "--reflink=auto", build_single(), base)
-    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", mid)
-    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", mid.name, "-F", "qcow2",
-        top.with_suffix(".part"))
-    # Each upper layer rewrites every third cluster (mid: 1, 4, 7...; top: 2, 5, 8...).
-    for image, first, pattern in ((mid, 1, 0xAA), (top.with_suffix(".part"), 2, 0x55)):
-        commands = "".join(
-            f"write -q -P {pattern} {offset} {CLUSTER}\n"
-            for offset in range(first * CLUSTER, 2 * GiB, 3 * CLUSTER)
-        )
-        run("qemu-io", "-f", "qcow2", image, input=commands)
-    top.with_suffix(".part").rename(top)
+    """chain-top.qcow2 -> chain-mid.qcow2 -> chain-base.qcow2 (a copy of single.qcow2)."""
+    top, mid = CACHE / "chain-top.qcow2", CACHE / "chain-mid.qcow2"
+    if not top.exists():
+        # Each upper layer rewrites every third cluster (mid: 1, 4, 7...; top: 2, 5, 8...).
+        build_overlay(mid, build_chain_base(), first=1, step=3, pattern=0xAA)
+        build_overlay(top, mid, first=2, step=3, pattern=0x55)
     return top
 
 

@@ -20,14 +20,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import fio, median_result, qsd_mount, report, require_root, run, vdiskfs_mount
-
-
-def new_image(directory: Path, name: str, preallocation: str) -> Path:
-    image = directory / f"{name}.qcow2"
-    run("qemu-img", "create", "-q", "-f", "qcow2", "-o",
-        f"cluster_size=65536,preallocation={preallocation}", image, "1G")
-    return image
+from common import (
+    check_image,
+    fio,
+    median_result,
+    new_qcow2,
+    qsd_mount,
+    report,
+    require_root,
+    vdiskfs_mount,
+)
 
 
 def main() -> None:
@@ -49,12 +51,12 @@ def main() -> None:
             for name, kwargs, unit in jobs:
                 mine, theirs = [], []
                 for _ in range(args.repeat):  # alternating; the median run is printed
-                    ours_image = new_image(directory, "ours", preallocation)
+                    ours_image = new_qcow2(directory / "ours.qcow2", "1G", preallocation)
                     with vdiskfs_mount(ours_image, ("--rw",)) as ours:
                         mine.append(fio(ours, **kwargs))  # type: ignore[arg-type]
-                    run("qemu-img", "check", ours_image)
+                    check_image(ours_image)
                     ours_image.unlink()
-                    peer_image = new_image(directory, "peer", preallocation)
+                    peer_image = new_qcow2(directory / "peer.qcow2", "1G", preallocation)
                     with qsd_mount(peer_image, writable=True) as peer:
                         theirs.append(fio(peer, **kwargs))  # type: ignore[arg-type]
                     peer_image.unlink()

@@ -26,8 +26,17 @@ __all__ = ["MountInfo", "find_mount", "process_alive", "serve", "unmount"]
 log = logging.getLogger(__name__)
 
 FSTYPE = "fuse.vdiskfs"
-#: Concurrent FUSE requests in flight: enough for a queue depth of 32 and a loop device.
+#: Concurrent FUSE requests in flight (pyfuse3 worker tasks): a queue depth of 64 reaches the
+#: stack whole. Each worker holds a receive buffer of up to 1 MiB (a write's payload), so this
+#: also bounds what the kernel can make the daemon hold.
 MAX_TASKS = 64
+#: The kernel sends a FUSE daemon at most ``max_background`` asynchronous requests (reads ahead,
+#: O_DIRECT aio) at once, 12 by default: a queue depth of 16 or 64 would reach the daemon as 12.
+#: Raised through the connection's fusectl files to the number of workers, with the congestion
+#: threshold at the kernel's own ratio (3/4).
+MAX_BACKGROUND = MAX_TASKS
+CONGESTION_THRESHOLD = MAX_BACKGROUND * 3 // 4
+FUSECTL = "/sys/fs/fuse/connections"
 #: Readahead of the mount's backing device info. The kernel's default, 128 KiB, makes a
 #: sequential reader (cat, dd, a loop device) send 128 KiB requests, and each request costs
 #: this Python daemon far more than its bytes do; with 4 MiB the kernel sends 1 MiB requests
@@ -64,7 +73,7 @@ async def serve(
     pyfuse3.init(operations, mountpoint, options)
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_raise_readahead_after_init, operations, mountpoint)
+            nursery.start_soon(_tune_after_init, operations, mountpoint)
             task_status.started()
             await pyfuse3.main(min_tasks=1, max_tasks=MAX_TASKS)
             nursery.cancel_scope.cancel()
@@ -72,29 +81,50 @@ async def serve(
         pyfuse3.close(unmount=True)
 
 
-async def _raise_readahead_after_init(operations: VdiskOperations, mountpoint: str) -> None:
+async def _tune_after_init(operations: VdiskOperations, mountpoint: str) -> None:
     # The kernel's FUSE INIT reply sets the readahead (to at most what the kernel proposed, its
-    # 128 KiB default); pyfuse3 calls Operations.init() while handling INIT and sends the reply
-    # before any other task runs, so by the time this task wakes the reply has been applied.
+    # 128 KiB default) and the connection's limits; pyfuse3 calls Operations.init() while
+    # handling INIT and sends the reply before any other task runs, so by the time this task
+    # wakes the reply has been applied and can be overridden.
     await operations.initialized.wait()
-    _raise_readahead(mountpoint)
-
-
-def _raise_readahead(mountpoint: str) -> None:
-    """Set READAHEAD_KB on the mount's own bdi (root only; otherwise the default stays).
-
-    The device number comes from mountinfo: stat() of the mount point would send this very
-    process a FUSE request that nobody serves yet. ``mountpoint`` is absolute.
-    """
     info = find_mount(mountpoint, resolve=False)
     if info is None or info.device is None:
         return
-    path = f"/sys/class/bdi/{info.device}/read_ahead_kb"
+    _raise_readahead(info.device)
+    _raise_max_background(info.device)
+
+
+def _write_setting(path: str, value: int) -> bool:
     try:
         with open(path, "w") as f:
-            f.write(f"{READAHEAD_KB}\n")
+            f.write(f"{value}\n")
     except OSError as exc:
         log.debug("cannot set %s: %s", path, exc)
+        return False
+    return True
+
+
+def _raise_readahead(device: str) -> None:
+    """Set READAHEAD_KB on the mount's own bdi (root only; otherwise the default stays).
+
+    ``device`` is ``major:minor`` from mountinfo: stat() of the mount point would send this
+    very process a FUSE request that nobody serves yet.
+    """
+    _write_setting(f"/sys/class/bdi/{device}/read_ahead_kb", READAHEAD_KB)
+
+
+def _raise_max_background(device: str) -> None:
+    """Raise the connection's ``max_background`` and ``congestion_threshold`` (root only).
+
+    fusectl names a connection by its device number, which for FUSE's anonymous devices is
+    the minor number; it is mounted here when nothing has mounted it yet (Debian does not).
+    """
+    directory = os.path.join(FUSECTL, device.partition(":")[2])
+    if not os.path.isdir(directory) and os.path.isdir(FUSECTL):
+        subprocess.run(["mount", "-t", "fusectl", "fusectl", FUSECTL], capture_output=True)
+    # max_background first: the threshold may not exceed it on older kernels.
+    if _write_setting(os.path.join(directory, "max_background"), MAX_BACKGROUND):
+        _write_setting(os.path.join(directory, "congestion_threshold"), CONGESTION_THRESHOLD)
 
 
 def terminate() -> None:

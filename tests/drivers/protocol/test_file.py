@@ -126,3 +126,26 @@ async def test_qemu_writer_refuses_our_writer_and_warns_our_reader(qemu_writer: 
         assert reader.lock_warning is not None
     finally:
         await reader.aclose()
+
+
+async def test_zero_past_the_end_never_cuts_off_a_write_in_flight(tmp_path: Path) -> None:
+    """``size`` counts completed writes only; a write in flight beyond it (here: one that
+    landed, its completion not yet seen) must survive zeroing past ``size``. ftruncate to grow
+    the file cut such writes off (found by concurrent qcow2 allocations at the end of a file)."""
+    path = tmp_path / "f"
+    path.write_bytes(b"a" * 4096)
+    node = await _open(path, read_only=False)
+    try:
+        with open(path, "r+b") as f:  # the write "in flight": on the file, not in node.size
+            f.seek(1 << 20)
+            f.write(b"b" * 4096)
+        assert node.size == 4096
+        await node.zero(8192, 65536)
+        assert path.stat().st_size == (1 << 20) + 4096
+        with open(path, "rb") as f:
+            f.seek(1 << 20)
+            assert f.read() == b"b" * 4096
+            f.seek(8192)
+            assert f.read(65536) == bytes(65536)
+    finally:
+        await node.aclose()

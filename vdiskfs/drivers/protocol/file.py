@@ -1,14 +1,16 @@
 """Protocol driver ``file``: the only layer that touches the host's files.
 
-Every request is one positional system call (``os.pread``/``os.pwrite``), so concurrent requests
-never race on a shared file position. Reads and writes run inline on the trio thread, even when
-they wait for the disk: the daemon is bound by the CPU of its one Python thread, and a hop to a
-worker thread costs more CPU than it saves. Measured here (``scripts/bench/read.py``, cold
-page cache, alternating runs): random 4 KiB reads through FUSE at queue depth 1 made 9.1k and
-11.0k IOPS inline against 6.2k and 7.2k with cache misses sent to threads (preadv RWF_NOWAIT
-first), and at queue depth 16 10.7k and 11.5k against 7.2k and 7.9k; a cached read inline
-costs a sixth to a twelfth of a hop (``scripts/bench/file_inline_vs_thread.py``). Only
-``fdatasync``, which blocks for milliseconds and is rare, runs in a worker thread.
+Every request is positional (``pread``/``pwrite`` at an offset), so concurrent requests never
+race on a shared file position, and none blocks the event loop: a read is first tried inline
+with ``preadv2(RWF_NOWAIT)``, which the kernel answers from the page cache in a couple of
+microseconds or refuses with EAGAIN instead of waiting; whatever it did not return, every
+write (``RWF_NOWAIT`` writes where the file system supports them, else all of them) and
+``fdatasync`` go to the asynchronous engine (:mod:`.engine`: io_uring, or a thread pool where
+io_uring is unavailable), which keeps many host requests in flight. Before the engine, reads
+ran inline and waited for the disk one at a time: a queue depth of 16 ran at depth-1 speed
+(about 10k IOPS at both, issue 9); hops to ``trio.to_thread`` for every miss had lost to
+that (``scripts/bench/file_inline_vs_thread.py``), so only the misses leave the thread now, and
+through an engine built for it (``scripts/bench/io_engines.py``).
 
 Image locking is QEMU's (``block/file-posix.c``), so vdiskfs and QEMU see each other: open file
 description locks on byte ``100 + i`` for each permission bit ``i`` the opener holds, and on
@@ -27,11 +29,10 @@ import stat
 from dataclasses import dataclass
 from typing import Any
 
-import trio
-
 from vdiskfs.block.node import BlockNode, BlockStatus, Buffer, NodeKind
-from vdiskfs.block.stats import Counters
+from vdiskfs.block.stats import StatsSnapshot
 from vdiskfs.drivers.protocol import _linux
+from vdiskfs.drivers.protocol.engine import HostFile, IoCounters, IoEngine, current_engine
 from vdiskfs.errors import HostIOError, LockedError
 
 __all__ = ["FileNode"]
@@ -53,9 +54,11 @@ LOCK_SHARED_BASE = 200
 
 
 @dataclass(slots=True)
-class FileCounters(Counters):
-    #: System calls made on the file (pread, pwrite, fdatasync, fallocate, lseek, ftruncate).
-    syscalls: int = 0
+class FileCounters(IoCounters):
+    """``syscalls`` counts every system call on the file (reads, writes, syncs, fallocate,
+    lseek, ftruncate); the engine's counters come from :class:`~.engine.IoCounters`."""
+
+    #: Read, write and sync requests this node served (each one or more system calls).
     pread_calls: int = 0
     pwrite_calls: int = 0
     sync_calls: int = 0
@@ -77,6 +80,8 @@ class FileNode(BlockNode):
         self.locking = locking
         #: Set when a read-only open found the image in use by a writer (see module doc).
         self.lock_warning: str | None = None
+        self._engine: IoEngine | None = None
+        self._io: HostFile | None = None
 
     async def open(self) -> None:
         flags = (os.O_RDONLY if self.read_only else os.O_RDWR) | os.O_CLOEXEC
@@ -98,6 +103,8 @@ class FileNode(BlockNode):
                 raise
         # A writable regular file grows when a format driver allocates past its end.
         self.growable = not self.read_only and not self.is_block_device
+        self._engine = current_engine()
+        self._io = HostFile(self.fd, self.counters)
 
     def _close_fd(self) -> None:
         if self.fd >= 0:
@@ -162,47 +169,48 @@ class FileNode(BlockNode):
             return {}
         return {"disk_size": st.st_blocks * 512, "filename": self.path}
 
+    def stats_snapshot(self) -> StatsSnapshot:
+        snapshot = super().stats_snapshot()
+        engine = self._engine
+        if engine is not None:
+            # The engine's caps and bytes are shared by every file node of the daemon.
+            snapshot.driver.update(
+                io_engine=engine.name,
+                engine_inflight_bytes_cap=engine.max_inflight_bytes,
+                engine_max_inflight_bytes=engine.stats.max_inflight_bytes,
+            )
+        return snapshot
+
     async def _pread(self, offset: int, length: int) -> Buffer:
-        counters = self.counters
-        counters.syscalls += 1
-        counters.pread_calls += 1
+        self.counters.pread_calls += 1
+        buf = bytearray(length)
+        assert self._engine is not None and self._io is not None
         try:
-            data = os.pread(self.fd, length, offset)
-            if len(data) == length:
-                return data
-            # Short read: retry the rest; a file that shrank under us is an I/O error.
-            buf = bytearray(data)
-            while len(buf) < length:
-                counters.syscalls += 1
-                counters.pread_calls += 1
-                more = os.pread(self.fd, length - len(buf), offset + len(buf))
-                if not more:
-                    raise OSError(errno.EIO, f"file ends at {offset + len(buf)} (shrunk?)")
-                buf += more
-            return buf
+            done = await self._engine.read(self._io, memoryview(buf), offset)
+            if done < length:
+                # A file that shrank under us is an I/O error, not zeros.
+                raise OSError(errno.EIO, f"file ends at {offset + done} (shrunk?)")
         except OSError as exc:
             raise HostIOError.wrap(exc, self.path, "read failed", offset) from exc
+        return buf
 
     async def _pwrite(self, offset: int, data: Buffer) -> None:
-        counters = self.counters
+        self.counters.pwrite_calls += 1
+        assert self._engine is not None and self._io is not None
         view = memoryview(data)
-        done = 0
         try:
-            while done < len(view):
-                counters.syscalls += 1
-                counters.pwrite_calls += 1
-                done += os.pwrite(self.fd, view[done:], offset + done)
+            await self._engine.write(self._io, view, offset)
         except OSError as exc:
-            raise HostIOError.wrap(exc, self.path, "write failed", offset + done) from exc
+            raise HostIOError.wrap(exc, self.path, "write failed", offset) from exc
         end = offset + len(view)
         if end > self.size:
             self.size = end
 
     async def _flush(self) -> None:
-        self.counters.syscalls += 1
         self.counters.sync_calls += 1
+        assert self._engine is not None and self._io is not None
         try:
-            await trio.to_thread.run_sync(os.fdatasync, self.fd)
+            await self._engine.fdatasync(self._io)
         except OSError as exc:
             raise HostIOError.wrap(exc, self.path, "fdatasync failed") from exc
 
@@ -218,9 +226,12 @@ class FileNode(BlockNode):
     async def _zero(self, offset: int, length: int, may_unmap: bool) -> None:
         end = offset + length
         if end > self.size and not self.is_block_device:
-            # Past the end: extending the file gives zeros without writing them.
+            # Past the end: growing the file gives zeros without writing them. Grown by writing
+            # its last byte, never by ftruncate: with writes in flight beyond self.size (which
+            # counts only completed ones) ftruncate would cut them off (issue 9, found by
+            # concurrent qcow2 allocations at the end of the file). A write only ever grows.
             old_size = self.size
-            await self.truncate(end)
+            await self._pwrite(end - 1, b"\0")
             if offset >= old_size:
                 return
             length = old_size - offset

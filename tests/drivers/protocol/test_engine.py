@@ -14,6 +14,7 @@ import trio
 
 from tests.support.images import random_bytes
 from vdiskfs.drivers.protocol import engine as engine_module
+from vdiskfs.drivers.protocol._cachestat import PageCacheProbe
 from vdiskfs.drivers.protocol.engine import (
     HostFile,
     InlineEngine,
@@ -274,3 +275,37 @@ async def test_file_node_keeps_requests_in_flight(tmp_path: Path) -> None:
         assert snapshot["engine_inflight_bytes_cap"] > 0
     finally:
         await node.aclose()
+
+
+def test_the_page_cache_probe_tells_cached_from_cold(data_file: tuple[int, bytes]) -> None:
+    probe = PageCacheProbe.create()
+    if probe is None:  # pragma: no cover - a kernel before 6.5
+        pytest.skip("no cachestat(2) here")
+    fd, _data = data_file
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    assert not probe.all_cached(fd, 8192, 4096)
+    os.pread(fd, 4096, 8192)
+    assert probe.all_cached(fd, 8192, 4096)
+    assert probe.all_cached(fd, 8192 + 100, 200)  # within the page
+    # Spanning into a page that is not cached (the pread above read ahead at most 128 KiB).
+    assert not probe.all_cached(fd, 8192, 2 << 20)
+
+
+@pytest.mark.parametrize("name", ["io_uring", "threads"])
+async def test_a_cold_read_goes_to_the_engine_and_a_cached_one_does_not(
+        name: str, data_file: tuple[int, bytes]) -> None:
+    fd, data = data_file
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    async with trio.open_nursery() as nursery:
+        engine = _make(name, nursery=nursery)
+        f = HostFile(fd, IoCounters())
+        buf = bytearray(4096)
+        assert await engine.read(f, memoryview(buf), 1 << 20) == 4096
+        assert buf == data[1 << 20:(1 << 20) + 4096]
+        assert f.counters.engine_submitted == 1 and f.counters.inline_reads == 0
+        assert await engine.read(f, memoryview(buf), 1 << 20) == 4096
+        assert f.counters.engine_submitted == 1 and f.counters.inline_reads == 1
+        engine.close()
+        nursery.cancel_scope.cancel()

@@ -26,6 +26,10 @@ IORING_ENTER_GETEVENTS = 1 << 0
 
 # io_uring_register opcodes
 IORING_REGISTER_EVENTFD = 4
+IORING_REGISTER_IOWQ_MAX_WORKERS = 19
+
+# sqe.flags
+IOSQE_ASYNC = 1 << 4  # do not try inline: hand the request to an io-wq worker at once
 
 # mmap offsets of the three areas
 IORING_OFF_SQ_RING = 0

@@ -2,13 +2,16 @@
 
 The daemon is one Python thread running trio. A ``pread`` that misses the page cache waits for
 the disk; made inline, it stops every other request too, so a queue depth of 16 ran at the
-speed of depth 1. The ``file`` node therefore serves what the page cache holds inline
-(``preadv2(RWF_NOWAIT)``, a couple of microseconds) and hands everything that would wait -- reads
-that miss, writes, ``fdatasync`` -- to an engine that keeps many host requests in flight and
-wakes the waiting task when one completes. Three engines, chosen by ``VDISKFS_IO_ENGINE``:
+speed of depth 1. The ``file`` node therefore serves what the page cache holds inline (asked
+first with ``cachestat(2)``, then ``preadv2(RWF_NOWAIT)``: a few microseconds) and hands
+everything that would wait -- reads that miss, writes, ``fdatasync`` -- to an engine that keeps
+many host requests in flight and wakes the waiting task when one completes. Asking before
+trying matters: a ``RWF_NOWAIT`` read that misses still starts the readahead I/O on the calling
+thread (see :mod:`._cachestat`). Three engines, chosen by ``VDISKFS_IO_ENGINE``:
 
 ``io_uring`` (the default where the kernel allows it)
-    One ring per event loop. A request is one submission entry and one ``io_uring_enter``; the
+    One ring per event loop. A request is one submission entry and one ``io_uring_enter``
+    (flagged ``IOSQE_ASYNC``: it goes to a kernel io-wq worker, up to 256 of them); the
     kernel signals completions on an eventfd that a trio system task waits on, and that task
     drains the completion ring and reschedules the waiting tasks. No threads, no GIL hand-offs.
     Written against the kernel ABI with ctypes (:mod:`._uring_abi`): the PyPI binding that was
@@ -62,6 +65,7 @@ from trio.lowlevel import Abort, ParkingLot, RunVar, current_task, reschedule
 
 from vdiskfs.block.stats import Counters
 from vdiskfs.drivers.protocol import _uring_abi as abi
+from vdiskfs.drivers.protocol._cachestat import PageCacheProbe
 
 __all__ = [
     "DEFAULT_MAX_INFLIGHT_BYTES",
@@ -145,11 +149,15 @@ class IoEngine:
     name: ClassVar[str] = "?"
     #: Try reads (and writes) inline with RWF_NOWAIT before handing them to the engine.
     tries_nowait: ClassVar[bool] = True
+    #: The same for writes (io_uring: no, its submission tries without waiting itself).
+    tries_nowait_writes: ClassVar[bool] = True
 
     def __init__(self, max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES) -> None:
         self.max_inflight_bytes = max_inflight_bytes
         self.stats = EngineStats()
         self._room = ParkingLot()
+        #: Asks the page cache before a read is tried inline (None: the kernel cannot say).
+        self._cache = PageCacheProbe.create() if self.tries_nowait else None
 
     # -- the caps ---------------------------------------------------------------------------------
 
@@ -186,21 +194,27 @@ class IoEngine:
         length = len(view)
         done = 0
         counters = f.counters
+        cold = False
         if self.tries_nowait and f.nowait_reads:
-            counters.syscalls += 1
-            try:
-                done = os.preadv(f.fd, (view,), offset, os.RWF_NOWAIT)
-            except BlockingIOError:
-                pass  # nothing cached: all of it goes to the engine
-            except OSError as exc:
-                if exc.errno not in _NOWAIT_UNSUPPORTED:
-                    raise
-                f.nowait_reads = False
-            if done == length:
-                counters.inline_reads += 1
-                return done
+            cache = self._cache
+            if cache is not None:
+                counters.syscalls += 1
+                cold = not cache.all_cached(f.fd, offset, length)
+            if not cold:
+                counters.syscalls += 1
+                try:
+                    done = os.preadv(f.fd, (view,), offset, os.RWF_NOWAIT)
+                except BlockingIOError:
+                    pass  # nothing cached after all: all of it goes to the engine
+                except OSError as exc:
+                    if exc.errno not in _NOWAIT_UNSUPPORTED:
+                        raise
+                    f.nowait_reads = False
+                if done == length:
+                    counters.inline_reads += 1
+                    return done
         while done < length:
-            n = await self._counted(counters, self._read(f, view[done:], offset + done))
+            n = await self._counted(counters, self._read(f, view[done:], offset + done, cold))
             if not n:
                 break
             done += n
@@ -211,7 +225,7 @@ class IoEngine:
         length = len(view)
         done = 0
         counters = f.counters
-        if self.tries_nowait and f.nowait_writes:
+        if self.tries_nowait_writes and f.nowait_writes:
             counters.syscalls += 1
             try:
                 done = os.pwritev(f.fd, (view,), offset, os.RWF_NOWAIT)
@@ -240,7 +254,7 @@ class IoEngine:
             counters.engine_in_flight -= 1
             counters.engine_completed += 1
 
-    async def _read(self, f: HostFile, view: memoryview, offset: int) -> int:
+    async def _read(self, f: HostFile, view: memoryview, offset: int, cold: bool) -> int:
         raise NotImplementedError
 
     async def _write(self, f: HostFile, view: memoryview, offset: int) -> int:
@@ -258,8 +272,9 @@ class InlineEngine(IoEngine):
 
     name = "inline"
     tries_nowait = False
+    tries_nowait_writes = False
 
-    async def _read(self, f: HostFile, view: memoryview, offset: int) -> int:
+    async def _read(self, f: HostFile, view: memoryview, offset: int, cold: bool) -> int:
         reserved = await self._admit(len(view))
         try:
             return os.preadv(f.fd, (view,), offset)
@@ -374,7 +389,7 @@ class ThreadEngine(IoEngine):
         self._jobs.put(job)
         return await trio.lowlevel.wait_task_rescheduled(_abort_for(job))
 
-    async def _read(self, f: HostFile, view: memoryview, offset: int) -> int:
+    async def _read(self, f: HostFile, view: memoryview, offset: int, cold: bool) -> int:
         return await self._run(_READ, len(view), os.preadv, f.fd, (view,), offset)
 
     async def _write(self, f: HostFile, view: memoryview, offset: int) -> int:
@@ -406,11 +421,11 @@ class UringEngine(IoEngine):
     """io_uring through the kernel ABI: one ring, completions signalled on an eventfd."""
 
     name = "io_uring"
-    # No RWF_NOWAIT try first: io_uring tries without waiting itself (see _submit), and a try
-    # followed by a second read of the same page makes the kernel's readahead take random
-    # reads for sequential ones (measured: 5000 random 4 KiB reads of a 2 GiB file left 82 %
-    # of it cached, read ahead 8 MiB at a time).
-    tries_nowait = False
+    # A read the page cache holds (cachestat says so) is made inline like every engine's:
+    # preadv2 costs ~2.5 us there against ~11.5 us for a submission through the ring from
+    # Python, and the ring's own eventfd wake-up would follow each one (measured in
+    # scripts/bench/io_engines.py). Reads that miss go to io-wq workers (IOSQE_ASYNC).
+    tries_nowait_writes = False
 
     def __init__(self, max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES) -> None:
         super().__init__(max_inflight_bytes)
@@ -468,11 +483,16 @@ class UringEngine(IoEngine):
         fd = ctypes.c_int(self._efd)
         _check(abi.io_uring_register(self._fd, abi.IORING_REGISTER_EVENTFD, ctypes.byref(fd), 1),
                "IORING_REGISTER_EVENTFD")
+        # Reads that miss the cache are run by io-wq workers, by default at most 4 per CPU:
+        # let as many block as the engine admits. (Best effort: before Linux 5.15 the kernel
+        # keeps its default.)
+        workers = (ctypes.c_uint * 2)(MAX_INFLIGHT_OPS, 0)  # bounded, unbounded (0: unchanged)
+        abi.io_uring_register(self._fd, abi.IORING_REGISTER_IOWQ_MAX_WORKERS, workers, 2)
 
     # -- submission -------------------------------------------------------------------------------
 
     async def _submit(self, kind: int, opcode: int, f: HostFile, buffer: Buffer | None,
-                      offset: int, rw_flags: int) -> int:
+                      offset: int, rw_flags: int, sqe_flags: int = 0) -> int:
         job = _Job(kind, await self._admit(len(buffer) if buffer is not None else 0))
         addr = length = 0
         if buffer is not None:
@@ -493,8 +513,8 @@ class UringEngine(IoEngine):
         sq = self._sq
         tail = sq[self._sq_tail]
         index = tail & self._sq_mask
-        abi.SQE.pack_into(self._sqes, index * abi.SQE.size, opcode, 0, 0, f.fd, offset, addr,
-                          length, rw_flags, user_data, 0, 0, 0, 0, 0)
+        abi.SQE.pack_into(self._sqes, index * abi.SQE.size, opcode, sqe_flags, 0, f.fd, offset,
+                          addr, length, rw_flags, user_data, 0, 0, 0, 0, 0)
         sq[self._sq_array + index] = index
         # The entry is written before the tail that publishes it (x86 keeps stores in order).
         sq[self._sq_tail] = (tail + 1) & 0xFFFFFFFF
@@ -581,8 +601,11 @@ class UringEngine(IoEngine):
 
     # -- the verbs --------------------------------------------------------------------------------
 
-    async def _read(self, f: HostFile, view: memoryview, offset: int) -> int:
-        return await self._submit(_READ, abi.IORING_OP_READ, f, view, offset, 0)
+    async def _read(self, f: HostFile, view: memoryview, offset: int, cold: bool) -> int:
+        # A read known to miss the page cache goes straight to an io-wq worker: tried inline,
+        # the kernel would start its I/O on this thread first (see _cachestat).
+        return await self._submit(_READ, abi.IORING_OP_READ, f, view, offset, 0,
+                                  abi.IOSQE_ASYNC if cold else 0)
 
     async def _write(self, f: HostFile, view: memoryview, offset: int) -> int:
         return await self._submit(_WRITE, abi.IORING_OP_WRITE, f, view, offset, 0)

@@ -1,16 +1,14 @@
 """Protocol driver ``file``: the only layer that touches the host's files.
 
 Every request is positional (``pread``/``pwrite`` at an offset), so concurrent requests never
-race on a shared file position, and none blocks the event loop: a read is first tried inline
-with ``preadv2(RWF_NOWAIT)``, which the kernel answers from the page cache in a couple of
-microseconds or refuses with EAGAIN instead of waiting; whatever it did not return, every
-write (``RWF_NOWAIT`` writes where the file system supports them, else all of them) and
-``fdatasync`` go to the asynchronous engine (:mod:`.engine`: io_uring, or a thread pool where
-io_uring is unavailable), which keeps many host requests in flight. Before the engine, reads
-ran inline and waited for the disk one at a time: a queue depth of 16 ran at depth-1 speed
-(about 10k IOPS at both, issue 9); hops to ``trio.to_thread`` for every miss had lost to
-that (``scripts/bench/file_inline_vs_thread.py``), so only the misses leave the thread now, and
-through an engine built for it (``scripts/bench/io_engines.py``).
+race on a shared file position, and none blocks the event loop: a read that the page cache
+holds (``cachestat(2)`` says so) is made inline with ``preadv2(RWF_NOWAIT)``, a few
+microseconds; every other read, every write and ``fdatasync`` go to the asynchronous engine
+(:mod:`.engine`: io_uring, or a thread pool where io_uring is unavailable), which keeps many
+host requests in flight. Before the engine, reads ran inline and waited for the disk one at a
+time: a queue depth of 16 ran at depth-1 speed (about 10k IOPS at both, issue 9); a hop to
+``trio.to_thread`` per miss had cost more than it saved, so the engine is built for it
+(``scripts/bench/io_engines.py``).
 
 Image locking is QEMU's (``block/file-posix.c``), so vdiskfs and QEMU see each other: open file
 description locks on byte ``100 + i`` for each permission bit ``i`` the opener holds, and on

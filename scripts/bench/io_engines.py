@@ -23,7 +23,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from vdiskfs.drivers.protocol import engine as engines  # noqa: E402
+from vdiskfs.drivers.protocol import engine as engines
 
 SIZE = 512 << 20
 BLOCK = 4096

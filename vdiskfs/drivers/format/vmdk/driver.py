@@ -7,9 +7,10 @@ its parent in ``parentFileNameHint``; the parent's ``CID`` must equal the delta'
 
 The node keeps what it learned at open -- the extents, each sparse extent's grain directory -- and
 two caches: grain tables (``gt_cache_*`` counters) and decompressed grains of stream-optimized
-extents (``grain_cache_*``). Mapping a guest range to runs is :mod:`.mapping`'s pure work; this
-module does the I/O: it loads grain tables, reads coalesced data runs from the extent files,
-inflates compressed grains, and reads the backing file for unallocated grains.
+extents (``grain_cache_*``), each loaded once however many readers miss on it together. Mapping
+a guest range to runs is :mod:`.mapping`'s pure work; this module loads grain tables and inflates
+compressed grains (the executor's ``read_compressed`` hook), and the format layer's run executor
+(:func:`~vdiskfs.drivers.format.runs.read_runs`) reads the runs, concurrently.
 
 Writing (every variant but ``streamOptimized``, which QEMU keeps read-only too): flat extents are
 written in place; a sparse extent appends a grain for each unallocated or zeroed grain written,

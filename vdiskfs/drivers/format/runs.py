@@ -158,7 +158,7 @@ def first_run(runs: Iterable[Run]) -> Run:
     return current
 
 
-# -- block status ---------------------------------------------------------------------------------
+# -- block status ----------------------------------------------------------------------------------
 
 _DATA_STATUS = BlockStatus.DATA | BlockStatus.ALLOCATED
 _ZERO_STATUS = BlockStatus.ZERO | BlockStatus.ALLOCATED
@@ -222,7 +222,7 @@ def runs_status(node: FormatNode, runs: Iterable[Run], *,
     return status, total
 
 
-# -- the executor ---------------------------------------------------------------------------------
+# -- the executor ----------------------------------------------------------------------------------
 
 
 @dataclass(slots=True)
@@ -399,7 +399,7 @@ async def write_runs(runs: Sequence[Run], offset: int, data: memoryview, file: B
             await allocate(run, data[run.offset - offset : run.end - offset])
 
 
-# -- caches -------------------------------------------------------------------------------------
+# -- caches ----------------------------------------------------------------------------------------
 
 K = TypeVar("K")
 V = TypeVar("V")

@@ -21,7 +21,6 @@ from vdiskfs.drivers.format.runs import (
     RunCounters,
     RunKind,
     coalesce,
-    first_run,
     read_runs,
     run_status,
     runs_status,
@@ -87,7 +86,7 @@ def _pattern(n: int, seed: int = 1) -> bytes:
     return bytes((i * 7 + seed) & 0xFF for i in range(n))
 
 
-# -- Run, coalesce, first_run ----------------------------------------------------------------------
+# -- Run, coalesce ---------------------------------------------------------------------------------
 
 
 def test_coalesce_merges_what_one_read_serves() -> None:
@@ -115,18 +114,6 @@ def test_coalesce_merges_what_one_read_serves() -> None:
         Run(BACKING, 45, 10),
     ]
     assert runs[0].end == 10
-
-
-def test_first_run_consumes_no_more_than_needed() -> None:
-    def mapping() -> object:
-        yield Run(ZERO, 0, 4)
-        yield Run(ZERO, 4, 4)
-        yield Run(DATA, 8, 4, 0)
-        raise AssertionError("mapped past the first run that does not continue the first")
-
-    assert first_run(mapping()) == Run(ZERO, 0, 8)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="empty mapping"):
-        first_run([Run(ZERO, 0, 0)])
 
 
 # -- the backing rule and block status -------------------------------------------------------------

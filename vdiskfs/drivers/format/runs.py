@@ -50,7 +50,6 @@ __all__ = [
     "RunKind",
     "coalesce",
     "fan_out",
-    "first_run",
     "le_bytes",
     "le_table",
     "read_runs",
@@ -144,24 +143,6 @@ def coalesce(runs: Iterable[Run]) -> list[Run]:
                 continue
         out.append(run)
     return out
-
-
-def first_run(runs: Iterable[Run]) -> Run:
-    """The first coalesced run of a lazily produced mapping, consuming no more than needed."""
-    current: Run | None = None
-    for run in runs:
-        if run.length == 0:
-            continue
-        if current is None:
-            current = run
-            continue
-        merged = _merged(current, run)
-        if merged is None:
-            break
-        current = merged
-    if current is None:
-        raise ValueError("empty mapping")
-    return current
 
 
 # -- block status ----------------------------------------------------------------------------------

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from vdiskfs.block.node import BlockNode, Buffer, NodeKind
 from vdiskfs.block.registry import OpenContext
 from vdiskfs.errors import FormatError
+
+if TYPE_CHECKING:
+    from vdiskfs.drivers.format.runs import Run
 
 __all__ = ["FormatNode"]
 
@@ -65,6 +68,42 @@ class FormatNode(BlockNode):
         self.add_child("backing", node)
         self.backing = node
         return node
+
+    # -- the backing file: one rule for every format ----------------------------------------------
+
+    def backing_length(self, offset: int, length: int) -> int:
+        """How many of the guest bytes ``[offset, offset + length)`` the backing file holds,
+        from ``offset`` on; the rest read as zeros.
+
+        A backing file may be shorter than the image (QEMU allows it for qcow2, qed, vmdk,
+        vhdx and vpc, and a user may resize an overlay), and an image may have none or be opened
+        without it: past its end, or without one, an unallocated range reads as zeros. This and
+        :meth:`read_backing` are the only places that rule is written, as QEMU's
+        ``bdrv_co_preadv_part`` zero-fills past a child's end in one place.
+        """
+        backing = self.backing
+        if backing is None or offset >= backing.size:
+            return 0
+        return min(length, backing.size - offset)
+
+    async def read_backing(self, offset: int, length: int) -> Buffer:
+        """The guest bytes ``[offset, offset + length)`` as the backing file shows them: its
+        bytes where it has them, zeros past its end or without one. The backing file's own
+        buffer is handed back when it covers the whole range (no copy)."""
+        present = self.backing_length(offset, length)
+        if present and present == length:
+            assert self.backing is not None
+            return await self.backing.pread(offset, length)
+        out = bytearray(length)
+        if present:
+            assert self.backing is not None
+            out[:present] = await self.backing.pread(offset, present)
+        return out
+
+    async def read_compressed(self, run: Run) -> Buffer:
+        """Driver hook of the run executor: the ``run.length`` guest bytes of a COMPRESSED run
+        (the driver reads and decompresses what ``run.payload`` describes)."""
+        raise self.format_error(f"{self.driver}: compressed data is not supported here")
 
     def format_error(self, message: str, *, field: str | None = None,
                      offset: int | None = None) -> FormatError:

@@ -25,8 +25,8 @@ from vdiskfs.drivers.format.qcow2.mapping import (
     OFLAG_COPIED,
     OFLAG_ZERO,
     Geometry,
-    RunKind,
 )
+from vdiskfs.drivers.format.runs import Run, RunKind
 from vdiskfs.errors import FormatError
 
 ALL = sorted(RECIPES)
@@ -133,10 +133,10 @@ async def test_counters_move(qcow2_images: Qcow2Images, name: str) -> None:
         assert first["backing_reads"] > 0 and first["backing_bytes"] > 0
     else:
         assert first["backing_reads"] == 0
-    served = first["backing_bytes"] + first["zero_bytes_read"]
+    served = first["backing_bytes"] + first["zero_bytes"]
     assert served <= node.size
     assert set(second) >= {"l2_cache_hits", "l2_cache_misses", "compressed_clusters_read",
-                           "backing_reads", "backing_bytes", "zero_bytes_read", "data_reads"}
+                           "backing_reads", "backing_bytes", "zero_bytes", "data_reads"}
 
 
 # -- particular behaviour ------------------------------------------------------------------------
@@ -373,15 +373,16 @@ def test_standard_runs() -> None:
     table[3] = OFLAG_ZERO
     table[4] = OFLAG_ZERO | 7 * c  # zero, preallocated
     table[6] = OFLAG_COMPRESSED | 12345
-    assert g.next_run(table, 100, 10 * c) == (RunKind.DATA, 5 * c + 100, 2 * c - 100)
-    assert g.next_run(table, 2 * c, 10 * c) == (RunKind.DATA, 9 * c, c)
-    assert g.next_run(table, 3 * c + 1, 10 * c) == (RunKind.ZERO, 0, 2 * c - 1)
-    assert g.next_run(table, 5 * c, 10 * c) == (RunKind.BACKING, 0, c)
-    assert g.next_run(table, 6 * c + 10, 10 * c) == (RunKind.COMPRESSED, table[6], c - 10)
+    assert g.next_run(table, 100, 10 * c) == Run(RunKind.DATA, 100, 2 * c - 100, 5 * c + 100)
+    assert g.next_run(table, 2 * c, 10 * c) == Run(RunKind.DATA, 2 * c, c, 9 * c)
+    assert g.next_run(table, 3 * c + 1, 10 * c) == Run(RunKind.ZERO, 3 * c + 1, 2 * c - 1)
+    assert g.next_run(table, 5 * c, 10 * c) == Run(RunKind.BACKING, 5 * c, c)
+    assert g.next_run(table, 6 * c + 10, 10 * c) == (
+        Run(RunKind.COMPRESSED, 6 * c + 10, c - 10, payload=table[6]))
     # Unallocated to the end of the slice, and never past the request.
-    assert g.next_run(table, 7 * c, 1 << 40) == (RunKind.BACKING, 0,
-                                                 (g.slice_entries - 7) * c)
-    assert g.next_run(table, 7 * c, 5) == (RunKind.BACKING, 0, 5)
+    assert g.next_run(table, 7 * c, 1 << 40) == Run(RunKind.BACKING, 7 * c,
+                                                    (g.slice_entries - 7) * c)
+    assert g.next_run(table, 7 * c, 5) == Run(RunKind.BACKING, 7 * c, 5)
 
 
 def test_standard_entry_errors() -> None:
@@ -396,7 +397,7 @@ def test_standard_entry_errors() -> None:
     # With an external data file, offset 0 with COPIED is data, and must equal the guest offset.
     g = _geometry(16, data_file=True)
     table[0] = OFLAG_COPIED
-    assert g.next_run(table, 0, 10) == (RunKind.DATA, 0, 10)
+    assert g.next_run(table, 0, 10) == Run(RunKind.DATA, 0, 10, 0)
     table[1] = OFLAG_COPIED | (7 << 16)
     with pytest.raises(FormatError, match="differs from the guest offset"):
         g.next_run(table, 1 << 16, 10)
@@ -418,16 +419,17 @@ def test_extended_runs() -> None:
     put(2, 0, 0, 0xFFFFFFFF)  # unallocated cluster, all zero
     put(3, 0, 0, 0)
     put(4, OFLAG_COPIED | 8 * c, 0xFFFFFFFF, 0)  # not contiguous with cluster 1's host
-    assert g.next_run(table, 0, c) == (RunKind.BACKING, 0, sc)
-    assert g.next_run(table, sc + 7, 10 * c) == (RunKind.DATA, 5 * c + sc + 7, 2 * sc - 7)
-    assert g.next_run(table, 3 * sc, 10 * c) == (RunKind.ZERO, 0, sc)
-    assert g.next_run(table, 4 * sc, 10 * c) == (RunKind.BACKING, 0, c - 4 * sc)
-    assert g.next_run(table, c, 10 * c) == (RunKind.DATA, 6 * c, c)
-    assert g.next_run(table, 2 * c + 5, 10 * c) == (RunKind.ZERO, 0, c - 5)
-    assert g.next_run(table, 3 * c, 10 * c) == (RunKind.BACKING, 0, c)
+    assert g.next_run(table, 0, c) == Run(RunKind.BACKING, 0, sc)
+    assert g.next_run(table, sc + 7, 10 * c) == (
+        Run(RunKind.DATA, sc + 7, 2 * sc - 7, 5 * c + sc + 7))
+    assert g.next_run(table, 3 * sc, 10 * c) == Run(RunKind.ZERO, 3 * sc, sc)
+    assert g.next_run(table, 4 * sc, 10 * c) == Run(RunKind.BACKING, 4 * sc, c - 4 * sc)
+    assert g.next_run(table, c, 10 * c) == Run(RunKind.DATA, c, c, 6 * c)
+    assert g.next_run(table, 2 * c + 5, 10 * c) == Run(RunKind.ZERO, 2 * c + 5, c - 5)
+    assert g.next_run(table, 3 * c, 10 * c) == Run(RunKind.BACKING, 3 * c, c)
     put(5, OFLAG_COPIED | 9 * c, 0xFFFFFFFF, 0)
     put(6, OFLAG_COPIED | 10 * c, 0xFFFF, 0)
-    assert g.next_run(table, 4 * c, 10 * c) == (RunKind.DATA, 8 * c, 2 * c + 16 * sc)
+    assert g.next_run(table, 4 * c, 10 * c) == Run(RunKind.DATA, 4 * c, 2 * c + 16 * sc, 8 * c)
     put(7, OFLAG_COPIED | 11 * c, 1, 1)
     with pytest.raises(FormatError, match="both allocated and reading as zeros"):
         g.next_run(table, 7 * c, 1)

@@ -42,10 +42,10 @@ from vdiskfs.drivers.format.qcow2.mapping import (
     OFLAG_COPIED,
     OFLAG_ZERO,
     Geometry,
-    RunKind,
 )
 from vdiskfs.drivers.format.qcow2.metadata_cache import MetadataCache
 from vdiskfs.drivers.format.qcow2.refcount import RefcountCodec
+from vdiskfs.drivers.format.runs import RunKind
 from vdiskfs.errors import FormatError, NoSpaceError
 
 KiB = 1024
@@ -74,8 +74,8 @@ async def _open_rw(path: Path, **options: object) -> Qcow2Node:
 async def _hot_spots(node: Qcow2Node) -> tuple[int, ...]:
     """Starts of the image's runs of every kind: where the workload should hit on purpose."""
     spots: dict[RunKind, list[int]] = {}
-    for kind, guest, _host, _n in await node._map(0, node.size):
-        spots.setdefault(kind, []).append(guest)
+    for run in await node._map(0, node.size):
+        spots.setdefault(run.kind, []).append(run.offset)
     return tuple(offset for offsets in spots.values() for offset in offsets[:8])
 
 

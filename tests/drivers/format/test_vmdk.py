@@ -20,9 +20,10 @@ from tests.support.vmdk_images import (
 )
 from vdiskfs.block.node import BlockNode, BlockStatus
 from vdiskfs.block.registry import OpenOptions, open_image
+from vdiskfs.drivers.format.runs import Run, RunKind
 from vdiskfs.drivers.format.vmdk import VmdkNode
 from vdiskfs.drivers.format.vmdk.descriptor import looks_like_descriptor, parse_descriptor
-from vdiskfs.drivers.format.vmdk.mapping import Run, RunKind, SparseGeometry, map_grain_table
+from vdiskfs.drivers.format.vmdk.mapping import SparseGeometry, map_grain_table
 
 MiB = 1 << 20
 # Writes with qemu-io patterns: data, data spanning grains and grain tables, zeros.
@@ -320,26 +321,28 @@ def test_map_grain_table_is_pure_and_coalesces() -> None:
     unallocated one and a compressed one each keep their kind."""
     geometry = SparseGeometry(grain_size=4096, gtes_per_gt=8, compressed=False, zero_grain=True)
     table = [100, 108, 0, 1, 0, 300, 200, 208]  # sectors; 108 = 100 + one 4 KiB grain
-    runs = map_grain_table(geometry, table, extent=2, guest_base=1 << 20, offset=8 * 4096 + 10,
-                           length=8 * 4096 - 20, file_size=1 << 20, table_offset=512,
-                           label="x.vmdk")
+    runs = map_grain_table(geometry, table, extent=2, child=None, guest_base=1 << 20,
+                           offset=8 * 4096 + 10, length=8 * 4096 - 20, file_size=1 << 20,
+                           table_offset=512, label="x.vmdk")
     # offset 8*4096 is grain 0 of the *second* table: indexes restart at 0.
     assert runs == [
-        Run(RunKind.DATA, (1 << 20) + 8 * 4096 + 10, 2 * 4096 - 10, 2, 100 * 512 + 10),
+        Run(RunKind.DATA, (1 << 20) + 8 * 4096 + 10, 2 * 4096 - 10, 100 * 512 + 10),
         Run(RunKind.BACKING, (1 << 20) + 10 * 4096, 4096),
         Run(RunKind.ZERO, (1 << 20) + 11 * 4096, 4096),
         Run(RunKind.BACKING, (1 << 20) + 12 * 4096, 4096),
-        Run(RunKind.DATA, (1 << 20) + 13 * 4096, 4096, 2, 300 * 512),
-        Run(RunKind.DATA, (1 << 20) + 14 * 4096, 2 * 4096 - 10, 2, 200 * 512),
+        Run(RunKind.DATA, (1 << 20) + 13 * 4096, 4096, 300 * 512),
+        Run(RunKind.DATA, (1 << 20) + 14 * 4096, 2 * 4096 - 10, 200 * 512),
     ]
-    assert map_grain_table(geometry, None, extent=0, guest_base=0, offset=5, length=7,
+    assert map_grain_table(geometry, None, extent=0, child=None, guest_base=0, offset=5,
+                           length=7,
                            file_size=0, table_offset=0, label="x") == [
         Run(RunKind.BACKING, 5, 7)]
     compressed = SparseGeometry(4096, 8, compressed=True, zero_grain=False)
-    assert map_grain_table(compressed, [7, 1, 0, 0, 0, 0, 0, 0], extent=0, guest_base=0,
+    assert map_grain_table(compressed, [7, 1, 0, 0, 0, 0, 0, 0], extent=3, child=None,
+                           guest_base=0,
                            offset=100, length=5000, file_size=1 << 20, table_offset=0,
                            label="x") == [
-        Run(RunKind.COMPRESSED, 100, 3996, 0, 7 * 512, 100),
+        Run(RunKind.COMPRESSED, 100, 3996, 7 * 512, None, 3),
         # Without the zeroed-grain flag, entry 1 is a grain at sector 1, as QEMU reads it.
-        Run(RunKind.COMPRESSED, 4096, 1004, 0, 512, 0),
+        Run(RunKind.COMPRESSED, 4096, 1004, 512, None, 3),
     ]

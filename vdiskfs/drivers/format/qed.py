@@ -61,6 +61,7 @@ import struct
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar
 
 import trio
@@ -74,11 +75,10 @@ from vdiskfs.drivers.format.runs import (
     RunCounters,
     RunKind,
     coalesce,
-    first_run,
     le_bytes,
     le_table,
     read_runs,
-    run_status,
+    runs_status,
     write_runs,
 )
 from vdiskfs.errors import FormatError, UnsupportedError
@@ -363,8 +363,6 @@ class QedNode(FormatNode):
     def __init__(self, file: BlockNode, ctx: OpenContext) -> None:
         super().__init__(file, ctx)
         self._l2_cache: LruCache[L2PageKey, array.array[int]] = LruCache(L2_CACHE_PAGES)
-        #: Bumped by every L2 update: a page loaded while one ran may be stale and is not cached.
-        self._l2_generation = 0
         #: One allocating write at a time, as QEMU's ``allocating_acb``.
         self._alloc_lock = trio.Lock()
         self._last_allocation = 0.0
@@ -436,44 +434,39 @@ class QedNode(FormatNode):
     # -- mapping and reads ------------------------------------------------------------------------
 
     async def _load_l2_pages(self, keys: list[L2PageKey]) -> dict[L2PageKey, array.array[int]]:
-        geom = self.geometry
-        page_bytes = 8 * geom.l2_page_entries
         pages: dict[L2PageKey, array.array[int]] = {}
         for key in keys:
             if key in pages:
                 continue
-            page = self._l2_cache.get(key)
-            if page is None:
-                self.counters.l2_cache_misses += 1
-                l2_offset, number = key
-                generation = self._l2_generation
-                raw = await self.read_metadata(l2_offset + number * page_bytes, page_bytes,
-                                               "l2_table")
-                page = le_table(raw, 8)
-                # An update that ran while this page was read may not be in it: use it for
-                # this request only.
-                if generation == self._l2_generation:
-                    self._l2_cache.put(key, page)
-            else:
+            # Single-flight: concurrent readers of one uncached page read it once; a page read
+            # while an update ran is used by its own request only (LruCache's rules).
+            page, hit = await self._l2_cache.load(key, partial(self._read_l2_page, key))
+            if hit:
                 self.counters.l2_cache_hits += 1
+            else:
+                self.counters.l2_cache_misses += 1
             pages[key] = page
         return pages
+
+    async def _read_l2_page(self, key: L2PageKey) -> array.array[int]:
+        l2_offset, number = key
+        page_bytes = 8 * self.geometry.l2_page_entries
+        raw = await self.read_metadata(l2_offset + number * page_bytes, page_bytes, "l2_table")
+        return le_table(raw, 8)
 
     async def _map(self, offset: int, length: int) -> Iterator[Run]:
         pages = await self._load_l2_pages(l2_pages_needed(self.geometry, self.l1, offset, length))
         return map_range(self.geometry, self.l1, pages, offset, length)
 
     async def _pread(self, offset: int, length: int) -> Buffer:
-        runs = coalesce(await self._map(offset, length))
-        return await read_runs(runs, self.file, self.backing, self.counters)
+        return await read_runs(self, coalesce(await self._map(offset, length)))
 
     async def _block_status(self, offset: int, length: int) -> tuple[BlockStatus, int]:
         # Map no further than the end of one L2 page's reach: one table read at most.
         geom = self.geometry
         page_span = geom.l2_page_entries << geom.l2_shift
         window = min(length, page_span - offset % page_span)
-        run = first_run(await self._map(offset, window))
-        return run_status(run, self.backing)
+        return runs_status(self, await self._map(offset, window))
 
     # -- writes -----------------------------------------------------------------------------------
 
@@ -526,12 +519,9 @@ class QedNode(FormatNode):
         if length == 0:
             return b""
         self.counters.cow_bytes += length
-        backing = self.backing
-        if kind is RunKind.ZERO or backing is None or offset >= backing.size:
+        if kind is RunKind.ZERO:
             return bytes(length)
-        stored = min(length, backing.size - offset)
-        data = bytes(await backing.pread(offset, stored))
-        return data + bytes(length - stored)
+        return bytes(await self.read_backing(offset, length))
 
     async def _update_l2(self, start: int, count: int, value: int) -> None:
         """Point the L2 entries of the ``count`` clusters from guest ``start`` at ``value``
@@ -554,20 +544,23 @@ class QedNode(FormatNode):
         else:
             pages = await self._load_l2_pages([(l2_offset, n) for n in keys_needed])
         step = 0 if value == ZERO_CLUSTER else geom.cluster_size
-        for i in range(count):
-            page, in_page = divmod(first + i, page_entries)
-            pages[(l2_offset, page)][in_page] = value + i * step
-        self._l2_generation += 1
-        try:
-            for (table, number), page in pages.items():
-                self._l2_cache.put((table, number), page)
-                lo = max(first, number * page_entries) - number * page_entries
-                hi = min(first + count, (number + 1) * page_entries) - number * page_entries
-                await self._write_table_span(table + 8 * page_entries * number, page, lo, hi)
-        except BaseException:
-            # The cache may now hold entries the file does not: read them again.
-            self._l2_cache.clear()
-            raise
+        # Readers see each entry either old or new (no await between the changes below), and
+        # a page loaded while the change reaches the disk is not cached (it may predate it).
+        with self._l2_cache.updating():
+            for i in range(count):
+                page, in_page = divmod(first + i, page_entries)
+                pages[(l2_offset, page)][in_page] = value + i * step
+            try:
+                for (table, number), page in pages.items():
+                    self._l2_cache.put((table, number), page)
+                    lo = max(first, number * page_entries) - number * page_entries
+                    hi = min(first + count, (number + 1) * page_entries) - number * page_entries
+                    await self._write_table_span(table + 8 * page_entries * number, page, lo,
+                                                 hi)
+            except BaseException:
+                # The cache may now hold entries the file does not: read them again.
+                self._l2_cache.clear()
+                raise
         if new_table:
             # The table must be on disk before the L1 entry that points at it.
             await self.file.flush()
@@ -602,8 +595,7 @@ class QedNode(FormatNode):
     async def _zero_unallocated(self, run: Run) -> None:
         """Make the unallocated ``run`` (within one L2 table) read as zeros: whole clusters
         become zero clusters, partial ones are allocated with zeros, as QEMU does."""
-        backing = self.backing
-        if backing is None or run.offset >= backing.size:
+        if self.backing_length(run.offset, run.length) == 0:
             return  # it reads as zeros already
         cluster_size = self.geometry.cluster_size
         first = -(-run.offset // cluster_size) * cluster_size

@@ -63,11 +63,10 @@ from vdiskfs.drivers.format.runs import (
     RunCounters,
     RunKind,
     coalesce,
-    first_run,
     le_bytes,
     le_table,
     read_runs,
-    run_status,
+    runs_status,
     write_runs,
 )
 from vdiskfs.errors import FormatError, NoSpaceError, UnsupportedError
@@ -360,11 +359,10 @@ class VdiNode(FormatNode):
         return coalesce(map_range(self.geometry, self.bmap, offset, length))
 
     async def _pread(self, offset: int, length: int) -> Buffer:
-        return await read_runs(self._map(offset, length), self.file, None, self.counters)
+        return await read_runs(self, self._map(offset, length))
 
     async def _block_status(self, offset: int, length: int) -> tuple[BlockStatus, int]:
-        run = first_run(map_range(self.geometry, self.bmap, offset, length))
-        return run_status(run, None)
+        return runs_status(self, map_range(self.geometry, self.bmap, offset, length))
 
     # -- writes -----------------------------------------------------------------------------------
 

@@ -7,10 +7,12 @@ into runs, :mod:`.compression` decodes clusters. The node does the I/O and the a
 for writing, it hands writes, zeroing, discards, flushes and close to its :mod:`.writer`.
 
 A read maps the request into runs (``_map``), merging neighbours of one kind -- data runs only
-when contiguous on the host, so each becomes one child read -- and then serves each run: data from
+when contiguous on the host, so each becomes one child read -- and the format layer's run
+executor (:func:`~vdiskfs.drivers.format.runs.read_runs`) serves them, concurrently: data from
 the data file, zeros without I/O, the backing file (zeros past its end), or a decompressed
-cluster. A request inside one plain data cluster whose L2 slice is cached skips all of that
-(``_pread`` fast path): a few integer operations, two dict operations, one child read.
+cluster (this node's ``read_compressed`` hook). A request inside one plain data cluster whose L2
+slice is cached skips all of that (``_pread`` fast path): a few integer operations, two dict
+operations, one child read.
 """
 
 from __future__ import annotations
@@ -18,12 +20,12 @@ from __future__ import annotations
 from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from vdiskfs.block.format import FormatNode
 from vdiskfs.block.node import BlockNode, BlockStatus, Buffer
 from vdiskfs.block.registry import OpenContext, register
-from vdiskfs.block.stats import Counters
 from vdiskfs.drivers.format.qcow2.compression import DecompressionError, decompress_cluster
 from vdiskfs.drivers.format.qcow2.header import (
     MAGIC,
@@ -38,7 +40,6 @@ from vdiskfs.drivers.format.qcow2.mapping import (
     OFLAG_COMPRESSED,
     OFLAG_ZERO,
     Geometry,
-    RunKind,
     decode_table,
 )
 from vdiskfs.drivers.format.qcow2.snapshots import (
@@ -48,6 +49,15 @@ from vdiskfs.drivers.format.qcow2.snapshots import (
     parse_snapshot_table,
 )
 from vdiskfs.drivers.format.qcow2.writer import Qcow2Writer
+from vdiskfs.drivers.format.runs import (
+    LruCache,
+    Run,
+    RunCounters,
+    RunKind,
+    coalesce,
+    read_runs,
+    run_status,
+)
 from vdiskfs.errors import FormatError
 
 __all__ = ["Qcow2Counters", "Qcow2Node"]
@@ -60,33 +70,23 @@ _STATUS_MERGE_RUNS = 1024
 #: Extended L2 bitmap of a cluster whose 32 subclusters are all allocated data.
 _ALL_ALLOCATED = 0xFFFFFFFF
 
-_DATA, _ZERO, _BACKING, _COMPRESSED = (
-    RunKind.DATA, RunKind.ZERO, RunKind.BACKING, RunKind.COMPRESSED,
-)
-_DATA_STATUS = BlockStatus.DATA | BlockStatus.ALLOCATED
-_ZERO_STATUS = BlockStatus.ZERO | BlockStatus.ALLOCATED
-_UNALLOCATED_ZERO = BlockStatus.ZERO
-_FROM_BACKING = BlockStatus(0)
+#: Decompressed clusters kept (by L2 entry), in bytes: small sequential reads of a compressed
+#: cluster, and concurrent readers of one, decompress it once.
+_DECOMPRESSED_CACHE_BYTES = 4 << 20
 
 
 @dataclass(slots=True)
-class Qcow2Counters(Counters):
+class Qcow2Counters(RunCounters):
+    """The run counters (``data_reads``, ``backing_reads``, ``zero_bytes``...) and qcow2's."""
+
     #: L2 slice lookups served from the cache (a task that waited for another's load counts).
     l2_cache_hits: int = 0
     #: L2 slices read from the image.
     l2_cache_misses: int = 0
     #: Slices dropped to make room (the cache holds at most 32 MiB of L2 entries).
     l2_cache_evictions: int = 0
-    #: Reads of guest data from the data file, after merging host-contiguous clusters.
-    data_reads: int = 0
     #: Compressed clusters read and decompressed.
     compressed_clusters_read: int = 0
-    #: Reads passed to the backing file, and the bytes they asked for.
-    backing_reads: int = 0
-    backing_bytes: int = 0
-    #: Guest bytes served as zeros without I/O (zero clusters, unallocated without backing,
-    #: past the end of a shorter backing file).
-    zero_bytes_read: int = 0
     # -- writing (all zero on a read-only node) --
     #: Write steps that went to clusters the image owns, without metadata changes.
     in_place_writes: int = 0
@@ -124,9 +124,6 @@ class Qcow2Counters(Counters):
     refcount_rebuilds: int = 0
 
 
-Run = tuple[RunKind, int, int, int]  # kind, guest offset, host offset (or L2 entry), length
-
-
 @register
 class Qcow2Node(FormatNode):
     """A qcow2 image (version 2 or 3)."""
@@ -144,10 +141,8 @@ class Qcow2Node(FormatNode):
         self.l2_cache: L2SliceCache | None = None
         self._l1: array[int] = array("Q")
         self._data: BlockNode = file
-        # The last decompressed cluster, by its L2 entry: small sequential reads of a compressed
-        # cluster decompress it once.
-        self._compressed_entry = -1
-        self._compressed_data = b""
+        # Decompressed clusters by L2 entry; sized at open by the cluster size.
+        self._decompressed: LruCache[int, bytes] = LruCache(1)
         # Read fast path parameters, copied from the geometry by _init_fast_path. Until then a
         # zero cluster size sends every read to the mapped path.
         self._slices: OrderedDict[int, array[int]] = OrderedDict()
@@ -197,6 +192,7 @@ class Qcow2Node(FormatNode):
             self.counters,
         )
         self._init_fast_path(geometry)
+        self._decompressed = LruCache(max(1, _DECOMPRESSED_CACHE_BYTES // geometry.cluster_size))
         if self._writer is not None:
             await self._writer.open()
 
@@ -258,7 +254,7 @@ class Qcow2Node(FormatNode):
         finally:
             if self.l2_cache is not None:
                 self.l2_cache.invalidate()
-            self._compressed_data = b""
+            self._decompressed.clear()
 
     # -- information ------------------------------------------------------------------------------
 
@@ -328,6 +324,7 @@ class Qcow2Node(FormatNode):
                             counters = self.counters
                             counters.l2_cache_hits += 1
                             counters.data_reads += 1
+                            counters.data_bytes += length
                             writer = self._writer
                             if writer is None:
                                 return await data.pread(start, length)
@@ -343,76 +340,51 @@ class Qcow2Node(FormatNode):
     async def _pread_mapped(self, offset: int, length: int) -> Buffer:
         writer = self._writer
         if writer is None:
-            return await self._read_runs(await self._map(offset, length), offset, length)
+            return await read_runs(self, await self._map(offset, length), self._data)
+        # Clusters this read maps may be freed by a concurrent write: keep them until it is done.
         token = writer.io_begin()
         try:
-            return await self._read_runs(await self._map(offset, length), offset, length)
+            return await read_runs(self, await self._map(offset, length), self._data)
         finally:
             writer.io_end(token)
 
     async def _reads_as_zero(self, offset: int, length: int) -> bool:
         """Whether the guest range reads as zeros by its mapping alone (zero clusters,
         unallocated with no backing data below), without reading anything."""
-        backing = self.backing
-        for kind, guest, _host, _n in await self._map(offset, length):
-            if kind == _ZERO:
+        for run in await self._map(offset, length):
+            if run.kind is RunKind.ZERO:
                 continue
-            if kind == _BACKING and (backing is None or guest >= backing.size):
+            if run.kind is RunKind.BACKING and self.backing_length(run.offset, run.length) == 0:
                 continue
             return False
         return True
 
-    async def _read_runs(self, runs: list[Run], offset: int, length: int) -> Buffer:
-        counters = self.counters
-        if len(runs) == 1:
-            # One run: hand back the child's buffer without copying it.
-            kind, guest, host, n = runs[0]
-            if kind == _DATA:
-                return await self._read_data(host, n)
-            if kind == _ZERO:
-                counters.zero_bytes_read += n
-                return bytes(n)
-            if kind == _BACKING and self.backing is not None and guest + n <= self.backing.size:
-                counters.backing_reads += 1
-                counters.backing_bytes += n
-                return await self.backing.pread(guest, n)
-        out = bytearray(length)
-        view = memoryview(out)
-        for kind, guest, host, n in runs:
-            at = guest - offset
-            if kind == _DATA:
-                view[at : at + n] = await self._read_data(host, n)
-            elif kind == _ZERO:
-                counters.zero_bytes_read += n  # already zero
-            elif kind == _BACKING:
-                await self._read_backing(view[at : at + n], guest)
-            else:
-                cluster = await self._read_compressed(host)
-                start = guest & self._cluster_mask
-                view[at : at + n] = memoryview(cluster)[start : start + n]
-        return out
-
     async def _map(self, offset: int, length: int) -> list[Run]:
         """The runs covering ``[offset, offset + length)``, neighbours of one kind merged (data
-        only when contiguous on the host; compressed clusters never)."""
+        only when contiguous on the host; compressed clusters never). Every data run is checked
+        to lie inside the data file, so that a corrupt entry is named as such."""
         runs: list[Run] = []
         pos = offset
         end = offset + length
         while pos < end:
-            kind, host, n = await self._next_run(pos, end - pos)
-            if runs:
-                last_kind, last_guest, last_host, last_n = runs[-1]
-                if kind == last_kind and kind != _COMPRESSED and (
-                    kind != _DATA or last_host + last_n == host
-                ):
-                    runs[-1] = (kind, last_guest, last_host, last_n + n)
-                    pos += n
-                    continue
-            runs.append((kind, pos, host, n))
-            pos += n
+            run = await self._next_run(pos, end - pos)
+            runs.append(run)
+            pos += run.length
+        runs = coalesce(runs) if len(runs) > 1 else runs
+        data = self._data
+        for run in runs:
+            if run.kind is RunKind.DATA and run.host_offset + run.length > data.size:
+                raise FormatError(
+                    f"data cluster ({run.length} bytes at {run.host_offset:#x}) lies past the "
+                    f"end of the {'external data file' if data is not self.file else 'file'} "
+                    f"(size {data.size})",
+                    path=self.label,
+                    field="L2 entry",
+                    offset=run.host_offset,
+                )
         return runs
 
-    async def _next_run(self, offset: int, nbytes: int) -> tuple[RunKind, int, int]:
+    async def _next_run(self, offset: int, nbytes: int) -> Run:
         """One mapping run at ``offset``: find the L2 slice (cache or image), then ask the
         geometry."""
         g = self.geometry
@@ -439,36 +411,16 @@ class Qcow2Node(FormatNode):
             await self.read_metadata(host_offset, self.geometry.slice_bytes, "L2 table")
         )
 
-    async def _read_data(self, host: int, length: int) -> Buffer:
-        data = self._data
-        if host + length > data.size:
-            raise FormatError(
-                f"data cluster ({length} bytes at {host:#x}) lies past the end of the "
-                f"{'external data file' if data is not self.file else 'file'} "
-                f"(size {data.size})",
-                path=self.label,
-                field="L2 entry",
-                offset=host,
-            )
-        self.counters.data_reads += 1
-        return await data.pread(host, length)
+    async def read_compressed(self, run: Run) -> Buffer:
+        """The executor's hook: the bytes of ``run`` from its decompressed cluster."""
+        cluster, hit = await self._decompressed.load(
+            run.payload, partial(self._decompress, run.payload))
+        if not hit:
+            self.counters.compressed_clusters_read += 1
+        start = run.offset & self._cluster_mask
+        return memoryview(cluster)[start : start + run.length]
 
-    async def _read_backing(self, out: memoryview, guest: int) -> None:
-        """Fill ``out`` with the backing file's bytes at ``guest``; zeros past its end."""
-        backing = self.backing
-        n = len(out)
-        present = 0
-        counters = self.counters
-        if backing is not None and guest < backing.size:
-            present = min(n, backing.size - guest)
-            out[:present] = await backing.pread(guest, present)
-            counters.backing_reads += 1
-            counters.backing_bytes += present
-        counters.zero_bytes_read += n - present
-
-    async def _read_compressed(self, entry: int) -> bytes:
-        if entry == self._compressed_entry:
-            return self._compressed_data
+    async def _decompress(self, entry: int) -> bytes:
         g, header, file = self.geometry, self.header, self.file
         assert g is not None and header is not None
         host, stored = g.compressed(entry)
@@ -485,7 +437,7 @@ class Qcow2Node(FormatNode):
         stored = min(stored, file.size - host)
         raw = await file.pread(host, stored)
         try:
-            data = decompress_cluster(header.compression_type, bytes(raw), g.cluster_size)
+            return decompress_cluster(header.compression_type, bytes(raw), g.cluster_size)
         except DecompressionError as exc:
             raise FormatError(
                 f"compressed cluster ({stored} bytes at {host:#x}): {exc}",
@@ -493,9 +445,6 @@ class Qcow2Node(FormatNode):
                 field="compressed cluster",
                 offset=host,
             ) from None
-        self.counters.compressed_clusters_read += 1
-        self._compressed_entry, self._compressed_data = entry, data
-        return data
 
     # -- writing: the writer does it -------------------------------------------------------------
 
@@ -519,29 +468,17 @@ class Qcow2Node(FormatNode):
     # -- block status -----------------------------------------------------------------------------
 
     async def _block_status(self, offset: int, length: int) -> tuple[BlockStatus, int]:
-        kind, _host, n = await self._next_run(offset, length)
-        status, run = self._status(kind, offset, n)
+        run = await self._next_run(offset, length)
+        status, n = run_status(self, run)
         end = offset + length
-        pos = offset + run
+        pos = offset + n
         merged = 0
         # Extend over following runs with the same status (a clipped run ends the extent).
-        while run == n and pos < end and merged < _STATUS_MERGE_RUNS:
-            kind, _host, n = await self._next_run(pos, end - pos)
-            next_status, run = self._status(kind, pos, n)
+        while n == run.length and pos < end and merged < _STATUS_MERGE_RUNS:
+            run = await self._next_run(pos, end - pos)
+            next_status, n = run_status(self, run)
             if next_status != status:
                 break
-            pos += run
+            pos += n
             merged += 1
         return status, pos - offset
-
-    def _status(self, kind: RunKind, offset: int, n: int) -> tuple[BlockStatus, int]:
-        """Status of a run, clipped where an unallocated run crosses the backing file's end."""
-        if kind in (_DATA, _COMPRESSED):
-            return _DATA_STATUS, n
-        if kind == _ZERO:
-            return _ZERO_STATUS, n
-        backing = self.backing
-        if backing is None or offset >= backing.size:
-            # As QEMU's bdrv_co_block_status: unallocated with nothing below reads as zeros.
-            return _UNALLOCATED_ZERO, n
-        return _FROM_BACKING, min(n, backing.size - offset)

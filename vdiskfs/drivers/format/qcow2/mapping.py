@@ -2,9 +2,10 @@
 
 As QEMU's ``qcow2_get_host_offset`` (``block/qcow2-cluster.c``), :meth:`Geometry.next_run`
 takes a guest offset, the number of bytes wanted and the decoded L2 slice that maps the offset,
-and returns *one* run of a single kind: its :class:`RunKind`, the host offset where it applies,
-and its length. A data run covers as many clusters as lie contiguously on the host, so the
-driver reads them with one request; runs never cross the end of the slice they came from.
+and returns *one* :class:`~vdiskfs.drivers.format.runs.Run` of a single kind: data at a host
+offset, zero, backing (unallocated), or compressed (``payload``: the L2 entry). A data run covers
+as many clusters as lie contiguously on the host, so the format layer's executor reads them with
+one request; runs never cross the end of the slice they came from.
 
 L2 slices are decoded once, when the driver loads them, into ``array('Q')`` of native integers
 (:func:`decode_table`); with extended L2 entries each guest cluster takes two words, the entry and
@@ -13,12 +14,12 @@ its subcluster bitmap.
 
 from __future__ import annotations
 
-import enum
 import sys
 from array import array
 from dataclasses import dataclass
 
 from vdiskfs.drivers.format.qcow2.header import Header
+from vdiskfs.drivers.format.runs import Run, RunKind
 from vdiskfs.errors import FormatError
 
 __all__ = [
@@ -29,7 +30,6 @@ __all__ = [
     "OFLAG_COPIED",
     "OFLAG_ZERO",
     "Geometry",
-    "RunKind",
     "decode_table",
 ]
 
@@ -59,24 +59,9 @@ def decode_table(data: bytes) -> array[int]:
     return table
 
 
-class RunKind(enum.IntEnum):
-    """What a run of guest bytes reads as."""
-
-    #: Not allocated in this image: read the backing file (zeros without one, or past its end).
-    BACKING = 0
-    #: Reads as zeros (a zero cluster or subcluster); no I/O.
-    ZERO = 1
-    #: Plain data at ``host`` in the data file (the image file, or the external data file).
-    DATA = 2
-    #: One compressed cluster; ``host`` is the whole L2 entry (see :meth:`Geometry.compressed`).
-    COMPRESSED = 3
-
-
-# Plain ints for the inner loops: IntEnum members compare and hash like ints.
 _BACKING, _ZERO, _DATA, _COMPRESSED = (
     RunKind.BACKING, RunKind.ZERO, RunKind.DATA, RunKind.COMPRESSED,
 )
-Run = tuple[RunKind, int, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +129,7 @@ class Geometry:
         """The run at ``offset`` when its L1 entry is empty: to the end of that L2 table."""
         coverage = self.l2_coverage_bits
         table_end = ((offset >> coverage) + 1) << coverage
-        return _BACKING, 0, min(nbytes, table_end - offset)
+        return Run(_BACKING, offset, min(nbytes, table_end - offset))
 
     # -- compressed clusters ----------------------------------------------------------------------
 
@@ -180,7 +165,8 @@ class Geometry:
 
         if entry & OFLAG_COMPRESSED:
             self._check_compressed(offset)
-            return _COMPRESSED, entry, min(nbytes, (1 << cluster_bits) - in_cluster)
+            return Run(_COMPRESSED, offset, min(nbytes, (1 << cluster_bits) - in_cluster),
+                       payload=entry)
 
         host = entry & L2E_OFFSET_MASK
         end = index + 1
@@ -189,11 +175,11 @@ class Geometry:
                 raise self._corrupt(offset, "zero cluster in a version 2 image")
             while end < last and table[end] & (OFLAG_COMPRESSED | OFLAG_ZERO) == OFLAG_ZERO:
                 end += 1
-            kind, host_offset = _ZERO, 0
+            kind, host_offset = _ZERO, -1
         elif not host and not (self.has_data_file and entry & OFLAG_COPIED):
             while end < last and not self._allocated(table[end]):
                 end += 1
-            kind, host_offset = _BACKING, 0
+            kind, host_offset = _BACKING, -1
         else:
             self._check_host(offset, host)
             expected = host + (1 << cluster_bits)
@@ -207,7 +193,8 @@ class Geometry:
                 end += 1
                 expected += 1 << cluster_bits
             kind, host_offset = _DATA, host + in_cluster
-        return kind, host_offset, min(nbytes, ((end - index) << cluster_bits) - in_cluster)
+        return Run(kind, offset, min(nbytes, ((end - index) << cluster_bits) - in_cluster),
+                   host_offset)
 
     def _allocated(self, entry: int) -> bool:
         """Whether a standard entry is anything but "unallocated" (for run counting)."""
@@ -225,7 +212,8 @@ class Geometry:
         entry = table[2 * index]
         if entry & OFLAG_COMPRESSED:
             self._check_compressed(offset)
-            return _COMPRESSED, entry, min(nbytes, (1 << cluster_bits) - in_cluster)
+            return Run(_COMPRESSED, offset, min(nbytes, (1 << cluster_bits) - in_cluster),
+                       payload=entry)
 
         kind, mask, host = self._classify_subclusters(offset, entry, table[2 * index + 1],
                                                       in_cluster >> sc_bits)
@@ -247,15 +235,15 @@ class Geometry:
                     )
                 except FormatError:
                     break  # reported when a read reaches that cluster
-                if next_kind != kind or (kind == _DATA and next_host != expected):
+                if next_kind is not kind or (kind is _DATA and next_host != expected):
                     break
                 run = _trailing_ones(next_mask)
                 length += run << sc_bits
                 if run < SUBCLUSTERS_PER_CLUSTER or length >= nbytes:
                     break
                 expected += 1 << cluster_bits
-        host_offset = host + in_cluster if kind == _DATA else 0
-        return kind, host_offset, min(nbytes, length)
+        host_offset = host + in_cluster if kind is _DATA else -1
+        return Run(kind, offset, min(nbytes, length), host_offset)
 
     def _classify_subclusters(self, offset: int, entry: int, bitmap: int,
                               sc: int) -> tuple[RunKind, int, int]:

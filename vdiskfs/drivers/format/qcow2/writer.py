@@ -74,6 +74,7 @@ from vdiskfs.drivers.format.qcow2.mapping import (
 )
 from vdiskfs.drivers.format.qcow2.metadata_cache import MetadataCache
 from vdiskfs.drivers.format.qcow2.refcount import RefcountCodec, Refcounts, encode_table
+from vdiskfs.drivers.format.runs import RunKind
 from vdiskfs.errors import FormatError
 
 if TYPE_CHECKING:
@@ -812,9 +813,8 @@ class Qcow2Writer:
         if length <= 0:
             return None
         node = self.node
-        backing = node.backing
         # Unallocated with nothing below reads as zeros: known without mapping it again.
-        zero = (plan.unallocated and (backing is None or guest >= backing.size)) or (
+        zero = (plan.unallocated and node.backing_length(guest, length) == 0) or (
             await node._reads_as_zero(guest, length))
         if zero:
             if plan.fresh:
@@ -983,7 +983,7 @@ class Qcow2Writer:
         """Whether ``[start, stop)`` already reads as zeros with nothing allocated here and no
         backing file below: then zeroing it changes nothing (and allocates no L2 table)."""
         node = self.node
-        if node.backing is not None and start < node.backing.size:
+        if node.backing_length(start, stop - start):
             return False
         g = node.geometry
         assert g is not None
@@ -991,7 +991,7 @@ class Qcow2Writer:
         if not l1_entry & L1E_OFFSET_MASK:
             return True
         runs = await node._map(start, stop - start)
-        return len(runs) == 1 and runs[0][0] == 0  # RunKind.BACKING: unallocated
+        return len(runs) == 1 and runs[0].kind is RunKind.BACKING  # unallocated
 
     async def discard(self, offset: int, length: int) -> None:
         """Deallocate whole clusters (QEMU's qcow2_cluster_discard): they read as zeros on v3,

@@ -52,6 +52,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar
 
 import trio
@@ -65,11 +66,10 @@ from vdiskfs.drivers.format.runs import (
     RunCounters,
     RunKind,
     coalesce,
-    first_run,
     le_bytes,
     le_table,
     read_runs,
-    run_status,
+    runs_status,
     write_runs,
 )
 from vdiskfs.drivers.format.vhdx import bat as batmap
@@ -167,7 +167,6 @@ class VhdxNode(FormatNode):
         self._dirty_pages: dict[int, array.array[int]] = {}
         self._dirty_sectors: set[int] = set()
         #: Bumped by every BAT change: a page read from the file meanwhile is not cached.
-        self._bat_generation = 0
         self._bitmaps: LruCache[int, bytes] = LruCache(1)
         #: One allocation or BAT write-back at a time.
         self._alloc_lock = trio.Lock()
@@ -382,20 +381,24 @@ class VhdxNode(FormatNode):
 
     async def _bat_page(self, page_number: int) -> array.array[int]:
         page = self._dirty_pages.get(page_number)
-        if page is None:
-            page = self._bat_pages.get(page_number)
         if page is not None:
             self.counters.bat_cache_hits += 1
             return page
-        self.counters.bat_cache_misses += 1
+        # Single-flight: concurrent readers of one uncached page read it once; a page read
+        # while a BAT entry changed is used by its own request only (LruCache's rules).
+        page, hit = await self._bat_pages.load(page_number,
+                                               partial(self._read_bat_page, page_number))
+        if hit:
+            self.counters.bat_cache_hits += 1
+        else:
+            self.counters.bat_cache_misses += 1
+        return page
+
+    async def _read_bat_page(self, page_number: int) -> array.array[int]:
         first = page_number * BAT_PAGE_ENTRIES
         count = min(BAT_PAGE_ENTRIES, self.geometry.bat_entries - first)
-        generation = self._bat_generation
-        page = le_table(await self.read_metadata(self.bat_offset + 8 * first, 8 * count, "bat"), 8)
-        # A BAT change made while the page was read may not be in it: use it this once only.
-        if generation == self._bat_generation:
-            self._bat_pages.put(page_number, page)
-        return page
+        return le_table(await self.read_metadata(self.bat_offset + 8 * first, 8 * count, "bat"),
+                        8)
 
     async def _bat_entries(self, indices: list[int]) -> dict[int, int]:
         entries: dict[int, int] = {}
@@ -405,24 +408,24 @@ class VhdxNode(FormatNode):
         return entries
 
     async def _sector_bitmaps(self, blocks: list[int]) -> dict[int, bytes]:
-        geom = self.geometry
         bitmaps: dict[int, bytes] = {}
         for block in blocks:
-            bitmap = self._bitmaps.get(block)
-            if bitmap is None:
-                self.counters.bitmap_cache_misses += 1
-                chunk, block_in_chunk = divmod(block, geom.chunk_ratio)
-                index = batmap.sector_bitmap_index(geom, chunk)
-                entry = (await self._bat_entries([index]))[index]
-                base = geom.check_sector_bitmap(chunk, entry)
-                size = geom.bitmap_bytes_per_block
-                bitmap = await self.read_metadata(base + block_in_chunk * size, size,
-                                                  "sector_bitmap")
-                self._bitmaps.put(block, bitmap)
-            else:
+            bitmap, hit = await self._bitmaps.load(block, partial(self._read_sector_bitmap, block))
+            if hit:
                 self.counters.bitmap_cache_hits += 1
+            else:
+                self.counters.bitmap_cache_misses += 1
             bitmaps[block] = bitmap
         return bitmaps
+
+    async def _read_sector_bitmap(self, block: int) -> bytes:
+        geom = self.geometry
+        chunk, block_in_chunk = divmod(block, geom.chunk_ratio)
+        index = batmap.sector_bitmap_index(geom, chunk)
+        entry = (await self._bat_entries([index]))[index]
+        base = geom.check_sector_bitmap(chunk, entry)
+        size = geom.bitmap_bytes_per_block
+        return await self.read_metadata(base + block_in_chunk * size, size, "sector_bitmap")
 
     async def _map(self, offset: int, length: int) -> Iterator[Run]:
         geom = self.geometry
@@ -431,14 +434,12 @@ class VhdxNode(FormatNode):
         return batmap.map_range(geom, entries, bitmaps, offset, length)
 
     async def _pread(self, offset: int, length: int) -> Buffer:
-        runs = coalesce(await self._map(offset, length))
-        return await read_runs(runs, self.file, self.backing, self.counters)
+        return await read_runs(self, coalesce(await self._map(offset, length)))
 
     async def _block_status(self, offset: int, length: int) -> tuple[BlockStatus, int]:
         span = BLOCK_STATUS_BLOCKS * self.geometry.block_size
         window = min(length, span - offset % span)
-        run = first_run(await self._map(offset, window))
-        return run_status(run, self.backing)
+        return runs_status(self, await self._map(offset, window))
 
     # -- writes -----------------------------------------------------------------------------------
 
@@ -476,11 +477,13 @@ class VhdxNode(FormatNode):
     async def _set_bat_entry(self, index: int, entry: int) -> None:
         page_number, in_page = divmod(index, BAT_PAGE_ENTRIES)
         page = await self._bat_page(page_number)
-        page[in_page] = entry
-        self._bat_generation += 1
-        self._dirty_pages[page_number] = page
-        self._bat_pages.put(page_number, page)
-        self._dirty_sectors.add(index // BAT_SECTOR_ENTRIES)
+        # No await from here on: a reader sees the entry old or new, and the page stays in
+        # _dirty_pages (looked up first) until it is written back.
+        with self._bat_pages.updating():
+            page[in_page] = entry
+            self._dirty_pages[page_number] = page
+            self._bat_pages.put(page_number, page)
+            self._dirty_sectors.add(index // BAT_SECTOR_ENTRIES)
 
     async def _zero(self, offset: int, length: int, may_unmap: bool) -> None:
         # Blocks that are not present read as zeros already (no parent: differencing files

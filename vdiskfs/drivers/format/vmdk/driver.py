@@ -7,9 +7,10 @@ its parent in ``parentFileNameHint``; the parent's ``CID`` must equal the delta'
 
 The node keeps what it learned at open -- the extents, each sparse extent's grain directory -- and
 two caches: grain tables (``gt_cache_*`` counters) and decompressed grains of stream-optimized
-extents (``grain_cache_*``). Mapping a guest range to runs is :mod:`.mapping`'s pure work; this
-module does the I/O: it loads grain tables, reads coalesced data runs from the extent files,
-inflates compressed grains, and reads the backing file for unallocated grains.
+extents (``grain_cache_*``), each loaded once however many readers miss on it together. Mapping
+a guest range to runs is :mod:`.mapping`'s pure work; this module loads grain tables and inflates
+compressed grains (the executor's ``read_compressed`` hook), and the format layer's run executor
+(:func:`~vdiskfs.drivers.format.runs.read_runs`) reads the runs, concurrently.
 
 Writing (every variant but ``streamOptimized``, which QEMU keeps read-only too): flat extents are
 written in place; a sparse extent appends a grain for each unallocated or zeroed grain written,
@@ -43,6 +44,7 @@ import zlib
 from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import trio
@@ -50,7 +52,16 @@ import trio
 from vdiskfs.block.format import FormatNode
 from vdiskfs.block.node import BlockNode, BlockStatus, Buffer
 from vdiskfs.block.registry import PROTOCOL_ONLY, OpenContext, register
-from vdiskfs.drivers.format.runs import LruCache, RunCounters, le_table
+from vdiskfs.drivers.format.runs import (
+    LruCache,
+    Run,
+    RunCounters,
+    RunKind,
+    coalesce,
+    le_table,
+    read_runs,
+    runs_status,
+)
 from vdiskfs.drivers.format.vmdk.alloc import SparseWriteState, check_directories, table_bytes
 from vdiskfs.drivers.format.vmdk.descriptor import (
     DESCRIPTOR_CREATE_TYPES,
@@ -66,10 +77,7 @@ from vdiskfs.drivers.format.vmdk.descriptor import (
 )
 from vdiskfs.drivers.format.vmdk.mapping import (
     GTE_ZEROED,
-    Run,
-    RunKind,
     SparseGeometry,
-    append_run,
     gt_window,
     map_grain_table,
 )
@@ -215,9 +223,6 @@ class VmdkNode(FormatNode):
         # s->lock: allocation decides from the tables and then changes them. Reads do not
         # take it; a write changes a table only after the grain's bytes are in place.
         self._write_lock = trio.Lock()
-        # Bumped whenever a grain table changes in memory: a read that loaded a table from
-        # the file meanwhile may hold an older copy and must not cache it.
-        self._table_epoch = 0
         self._dirty_tables = 0
         # Where the CID's digits lie in self.file, and the digits, until the first write
         # replaces them (None: nothing to update, or already done).
@@ -460,31 +465,31 @@ class VmdkNode(FormatNode):
         sector = extent.gd[gd_index]
         if sector == 0:
             return None, 0
-        key = (index, gd_index)
-        table = self._gt_cache.get(key)
-        if table is not None:
+        # Single-flight: concurrent readers of one uncached table read it once. A table read
+        # while a write changed tables is used by its own request only (LruCache's rules):
+        # the changed table is found dirty, or cached after its write-back.
+        table, hit = await self._gt_cache.load((index, gd_index),
+                                               partial(self._read_grain_table, index, gd_index))
+        if hit:
             self.counters.gt_cache_hits += 1
-            return table, sector * SECTOR
-        self.counters.gt_cache_misses += 1
+        else:
+            self.counters.gt_cache_misses += 1
+        return table, sector * SECTOR
+
+    async def _read_grain_table(self, index: int, gd_index: int) -> array[int]:
+        extent = self.extents[index]
+        assert extent.gd is not None and extent.geometry is not None and extent.file is not None
         assert extent.header is not None
-        epoch = self._table_epoch
         data = await _read_checked(
             extent.file,
-            sector * SECTOR,
+            extent.gd[gd_index] * SECTOR,
             extent.geometry.gtes_per_gt * 4,
             f"grain table {gd_index}",
             extent.label,
             field="grain directory entry",
             field_offset=extent.header.gd_offset * SECTOR + 4 * gd_index,
         )
-        if self._table_epoch != epoch:
-            # A write changed tables while this one was read: the bytes may predate it, so
-            # look again (the changed table is found dirty, or cached after its write-back).
-            return await self._grain_table(index, gd_index)
-        # Two readers may both miss and load the same table; both get equal tables.
-        table = le_table(data, 4)
-        self._gt_cache.put(key, table)
-        return table, sector * SECTOR
+        return le_table(data, 4)
 
     async def _map(self, offset: int, length: int, *, first_window: bool = False) -> list[Run]:
         """Runs for guest ``[offset, offset + length)``; with ``first_window``, only as far as
@@ -497,93 +502,65 @@ class VmdkNode(FormatNode):
             relative = offset - extent.guest_start
             n = min(end - offset, extent.size - relative)
             if extent.kind is ExtentKind.FLAT:
-                append_run(runs, Run(RunKind.DATA, offset, n, index,
-                                     extent.file_offset + relative))
+                runs.append(Run(RunKind.DATA, offset, n, extent.file_offset + relative,
+                                extent.file))
             elif extent.kind is ExtentKind.ZERO:
-                append_run(runs, Run(RunKind.ZERO, offset, n))
+                runs.append(Run(RunKind.ZERO, offset, n))
             else:
                 assert extent.geometry is not None and extent.file is not None
                 gd_index, n = gt_window(extent.geometry, relative, n)
                 table, table_offset = await self._grain_table(index, gd_index)
-                for run in map_grain_table(
+                runs.extend(map_grain_table(
                     extent.geometry,
                     table,
                     extent=index,
+                    child=extent.file,
                     guest_base=extent.guest_start,
                     offset=relative,
                     length=n,
                     file_size=extent.file.size,
                     table_offset=table_offset,
                     label=extent.label,
-                ):
-                    append_run(runs, run)
+                ))
             offset += n
             if first_window:
                 break
-        return runs
+        return coalesce(runs)
 
     # -- I/O ------------------------------------------------------------------------------------
 
     async def _pread(self, offset: int, length: int) -> Buffer:
-        runs = await self._map(offset, length)
-        if len(runs) == 1 and runs[0].kind is RunKind.DATA:
-            return await self._read_data(runs[0])
-        buf = bytearray(length)
-        view = memoryview(buf)
-        for run in runs:
-            start = run.guest_offset - offset
-            piece = view[start : start + run.length]
-            if run.kind is RunKind.DATA:
-                piece[:] = await self._read_data(run)
-            elif run.kind is RunKind.COMPRESSED:
-                piece[:] = await self._read_compressed(run)
-            elif run.kind is RunKind.BACKING:
-                await self._read_backing(run.guest_offset, piece)
-            else:
-                # ZERO: the buffer is zeros already.
-                self.counters.zero_bytes += run.length
-        return buf
+        return await read_runs(self, await self._map(offset, length))
 
-    async def _read_data(self, run: Run) -> Buffer:
-        node = self.extents[run.extent].file
-        assert node is not None
-        self.counters.data_reads += 1
-        self.counters.data_bytes += run.length
-        return await node.pread(run.host_offset, run.length)
-
-    async def _read_backing(self, offset: int, piece: memoryview) -> None:
-        """Fill ``piece`` (zeroed) from the backing file; past its end, or without one, it
-        stays zero, as QEMU reads a parent shorter than the delta."""
-        backing = self.backing
-        length = len(piece)
-        available = 0 if backing is None else max(0, min(length, backing.size - offset))
-        if available:
-            assert backing is not None
-            self.counters.backing_reads += 1
-            self.counters.backing_bytes += available
-            piece[:available] = await backing.pread(offset, available)
-        self.counters.zero_bytes += length - available
-
-    async def _read_compressed(self, run: Run) -> bytes:
-        grain = await self._inflated_grain(run.extent, run.host_offset)
-        end = run.grain_offset + run.length
+    async def read_compressed(self, run: Run) -> bytes:
+        """The executor's hook: the bytes of ``run`` from its inflated grain (``run.payload``
+        is the extent index, ``run.host_offset`` the grain's place in the extent file)."""
+        extent = self.extents[run.payload]
+        assert extent.geometry is not None
+        grain = await self._inflated_grain(run.payload, run.host_offset)
+        start = (run.offset - extent.guest_start) % extent.geometry.grain_size
+        end = start + run.length
         if end > len(grain):
-            extent = self.extents[run.extent]
             raise FormatError(
                 f"compressed grain inflates to {len(grain)} bytes; {end} are needed",
                 path=extent.label,
                 field="grain",
                 offset=run.host_offset,
             )
-        return grain[run.grain_offset : end]
+        return grain[start:end]
 
     async def _inflated_grain(self, index: int, host_offset: int) -> bytes:
-        key = (index, host_offset)
-        cached = self._grain_cache.get(key)
-        if cached is not None:
+        # Single-flight: readers of one grain (small sequential reads, in flight together)
+        # read and inflate it once.
+        grain, hit = await self._grain_cache.load(
+            (index, host_offset), partial(self._read_grain, index, host_offset))
+        if hit:
             self.counters.grain_cache_hits += 1
-            return cached
-        self.counters.grain_cache_misses += 1
+        else:
+            self.counters.grain_cache_misses += 1
+        return grain
+
+    async def _read_grain(self, index: int, host_offset: int) -> bytes:
         extent = self.extents[index]
         assert extent.file is not None and extent.header is not None
         grain_size = extent.header.grain_size
@@ -604,9 +581,7 @@ class VmdkNode(FormatNode):
         compressed = await _read_checked(file, start, data_len, "compressed grain", extent.label,
                                          field_offset=host_offset)
         self.counters.compressed_bytes_read += len(compressed)
-        grain = self._inflate(compressed, grain_size, extent.label, host_offset)
-        self._grain_cache.put(key, grain)
-        return grain
+        return self._inflate(compressed, grain_size, extent.label, host_offset)
 
     @staticmethod
     def _inflate(compressed: bytes, grain_size: int, label: str, offset: int) -> bytes:
@@ -741,7 +716,7 @@ class VmdkNode(FormatNode):
             gd_index, n = gt_window(geometry, relative + done, len(data) - done)
             table = await self._table_for_write(index, gd_index)
             for run in self._table_runs(index, table, gd_index, relative + done, n):
-                start = run.guest_offset - extent.guest_start - relative
+                start = run.offset - extent.guest_start - relative
                 piece = data[start : start + run.length]
                 if run.kind is RunKind.DATA:
                     self._check_not_metadata(extent, run.host_offset, run.length)
@@ -758,6 +733,7 @@ class VmdkNode(FormatNode):
             extent.geometry,
             table,
             extent=index,
+            child=extent.file,
             guest_base=extent.guest_start,
             offset=offset,
             length=length,
@@ -805,7 +781,9 @@ class VmdkNode(FormatNode):
         if gd_index not in state.dirty_tables:
             state.dirty_tables[gd_index] = table
             self._dirty_tables += 1
-        self._table_epoch += 1
+        # Readers find the table dirty from now on; a load of it from the file in flight
+        # may predate this change and must not be cached.
+        self._gt_cache.changed()
 
     async def _allocate_grains(self, index: int, table: array[int], gd_index: int, run: Run,
                                data: memoryview | None) -> None:
@@ -818,7 +796,7 @@ class VmdkNode(FormatNode):
         geometry, state, file = extent.geometry, extent.write, extent.file
         assert geometry is not None and state is not None and file is not None
         grain = geometry.grain_size
-        start = run.guest_offset - extent.guest_start
+        start = run.offset - extent.guest_start
         end = start + run.length
         first = start // grain
         count = -(-end // grain) - first
@@ -834,8 +812,8 @@ class VmdkNode(FormatNode):
         else:
             await file.pwrite(host + head, data)
         if tail:
-            await self._fill_grain(extent, host + head + run.length, run.guest_offset
-                                   + run.length, tail, from_backing)
+            await self._fill_grain(extent, host + head + run.length, run.end, tail,
+                                   from_backing)
         slot = first - gd_index * geometry.gtes_per_gt
         for k in range(count):
             table[slot + k] = (host + k * grain) // SECTOR
@@ -849,14 +827,15 @@ class VmdkNode(FormatNode):
         file = extent.file
         assert file is not None
         self.counters.cow_bytes += length
-        backing = self.backing
         end = guest + length
         pos = guest
-        if from_backing and backing is not None:
-            readable = min(end, extent.guest_end, backing.size)
+        if from_backing:
+            # The last grain may reach past the extent's end: only the extent's bytes are the
+            # parent's; the rest of the grain is zeros.
+            readable = guest + self.backing_length(guest, min(end, extent.guest_end) - guest)
             while pos < readable:
                 n = min(COW_CHUNK, readable - pos)
-                await file.pwrite(host + pos - guest, await backing.pread(pos, n))
+                await file.pwrite(host + pos - guest, await self.read_backing(pos, n))
                 self.counters.cow_backing_bytes += n
                 pos += n
         if pos < end:
@@ -899,7 +878,7 @@ class VmdkNode(FormatNode):
                 if run.kind is RunKind.DATA:
                     self._check_not_metadata(extent, run.host_offset, run.length)
                     await extent.file.zero(run.host_offset, run.length)
-                elif self.backing is not None and run.guest_offset < self.backing.size:
+                elif self.backing_length(run.offset, run.length):
                     table = await self._table_for_write(index, gd_index)
                     await self._hide_backing(index, table, gd_index, run)
                 # else: unallocated and no parent bytes there: it reads as zeros already.
@@ -912,7 +891,7 @@ class VmdkNode(FormatNode):
         geometry = extent.geometry
         assert geometry is not None
         grain = geometry.grain_size
-        start = run.guest_offset - extent.guest_start
+        start = run.offset - extent.guest_start
         end = start + run.length
         whole_start = -(-start // grain) * grain
         # The extent's last grain may be short: reaching the extent's end covers it whole.
@@ -991,35 +970,21 @@ class VmdkNode(FormatNode):
             state.dirty_tables.clear()
             state.dirty_directory.clear()
         self._dirty_tables = 0
-        self._table_epoch += 1
+        self._gt_cache.changed()
 
     # -- block status ---------------------------------------------------------------------------
 
-    def _status(self, kind: RunKind) -> BlockStatus:
-        if kind is RunKind.ZERO:
-            return BlockStatus.ZERO | BlockStatus.ALLOCATED
-        if kind is RunKind.BACKING:
-            # Without a backing file, unallocated grains read as zeros.
-            return BlockStatus(0) if self.backing is not None else BlockStatus.ZERO
-        return BlockStatus.DATA | BlockStatus.ALLOCATED
-
     async def _block_status(self, offset: int, length: int) -> tuple[BlockStatus, int]:
+        _index, extent = self._extent_at(offset)
         runs = await self._map(offset, length, first_window=True)
-        first = runs[0]
-        extent = self.extents[first.extent] if first.extent >= 0 else None
-        if extent is not None and extent.kind is ExtentKind.FLAT:
+        if extent.kind is ExtentKind.FLAT:
             # A flat extent is as sparse as its file: ask the file, as QEMU's RECURSE does.
             assert extent.file is not None
+            first = runs[0]
             status, run = await extent.file.block_status(first.host_offset, first.length)
             kind = BlockStatus.ZERO if status & BlockStatus.ZERO else BlockStatus.DATA
             return kind | BlockStatus.ALLOCATED, run
-        status = self._status(first.kind)
-        total = first.length
-        for run in runs[1:]:
-            if self._status(run.kind) != status:
-                break
-            total += run.length
-        return status, total
+        return runs_status(self, runs)
 
     # -- information ----------------------------------------------------------------------------
 

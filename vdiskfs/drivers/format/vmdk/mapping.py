@@ -1,58 +1,30 @@
 """Guest ranges to runs, for sparse extents: pure functions, no I/O.
 
 As QEMU's ``qcow2_get_host_offset`` and dissect's ``_yield_runs``, the node asks "what are these
-guest bytes?" and gets a list of :class:`Run` -- zero, backing, data at a host offset, or a piece
-of a compressed grain -- that it then serves with as few child reads as possible. The node loads
-the grain table (through its cache) and hands it in; this module never reads.
+guest bytes?" and gets a list of :class:`~vdiskfs.drivers.format.runs.Run` -- zero, backing,
+data at a host offset of the extent's file, or a piece of a compressed grain -- that the format
+layer's executor then serves with as few child reads as possible. The node loads the grain
+table (through its cache) and hands it in; this module never reads.
 """
 
 from __future__ import annotations
 
-import enum
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from vdiskfs.block.node import BlockNode
+from vdiskfs.drivers.format.runs import Run, RunKind, coalesce
 from vdiskfs.drivers.format.vmdk.sparse import SECTOR, SparseHeader
 from vdiskfs.errors import FormatError
 
 __all__ = [
-    "Run",
-    "RunKind",
     "SparseGeometry",
-    "append_run",
-    "coalesce",
     "gt_window",
     "map_grain_table",
 ]
 
 #: Grain table entry of a zeroed grain (when the header sets the zeroed-grain flag).
 GTE_ZEROED = 1
-
-
-class RunKind(enum.Enum):
-    #: Reads as zeros, and this image says so (zeroed grain, ZERO extent).
-    ZERO = "zero"
-    #: Not allocated here: the backing file's bytes, or zeros without one.
-    BACKING = "backing"
-    #: Stored as is at ``host_offset`` in the extent's file.
-    DATA = "data"
-    #: Part of the deflated grain whose marker is at ``host_offset``.
-    COMPRESSED = "compressed"
-
-
-@dataclass(frozen=True, slots=True)
-class Run:
-    """A contiguous guest range whose bytes come from one place."""
-
-    kind: RunKind
-    guest_offset: int
-    length: int
-    #: Index of the extent whose file holds DATA or COMPRESSED bytes.
-    extent: int = -1
-    host_offset: int = 0
-    #: COMPRESSED: where the run starts inside the decompressed grain.
-    grain_offset: int = 0
-
 
 @dataclass(frozen=True, slots=True)
 class SparseGeometry:
@@ -80,39 +52,12 @@ def gt_window(geometry: SparseGeometry, offset: int, length: int) -> tuple[int, 
     return index, min(length, (index + 1) * coverage - offset)
 
 
-def _mergeable(a: Run, b: Run) -> bool:
-    if a.kind is not b.kind or a.guest_offset + a.length != b.guest_offset:
-        return False
-    if a.kind in (RunKind.ZERO, RunKind.BACKING):
-        return True
-    # Adjacent grains that are adjacent in the file too: one child read serves both.
-    return (a.kind is RunKind.DATA and a.extent == b.extent
-            and a.host_offset + a.length == b.host_offset)
-
-
-def append_run(runs: list[Run], run: Run) -> None:
-    """Append ``run``, merging it into the last run when one read (or none) serves both."""
-    if runs and _mergeable(runs[-1], run):
-        last = runs[-1]
-        runs[-1] = Run(last.kind, last.guest_offset, last.length + run.length, last.extent,
-                       last.host_offset, last.grain_offset)
-    else:
-        runs.append(run)
-
-
-def coalesce(runs: Iterable[Run]) -> list[Run]:
-    """Merge adjacent runs of the same kind (DATA only where the host bytes are contiguous)."""
-    out: list[Run] = []
-    for run in runs:
-        append_run(out, run)
-    return out
-
-
 def map_grain_table(
     geometry: SparseGeometry,
     table: Sequence[int] | None,
     *,
     extent: int,
+    child: BlockNode | None,
     guest_base: int,
     offset: int,
     length: int,
@@ -123,8 +68,10 @@ def map_grain_table(
     """Runs for extent bytes ``[offset, offset + length)``, all mapped by one grain ``table``.
 
     ``table`` is None when the grain directory has no table there (all unallocated).
-    ``guest_base`` is the extent's first guest byte; ``file_size`` and ``table_offset`` (the
-    table's place in the file) serve the error for an entry pointing outside the file.
+    ``extent`` (the extent's index, the payload of COMPRESSED runs) and ``child`` (its file,
+    where DATA and COMPRESSED bytes are) tag the runs. ``guest_base`` is the extent's first
+    guest byte; ``file_size`` and ``table_offset`` (the table's place in the file) serve the
+    error for an entry pointing outside the file.
     """
     guest = guest_base + offset
     if table is None:
@@ -146,11 +93,11 @@ def map_grain_table(
             host = entry * SECTOR
             if geometry.compressed:
                 needed_end = host + 1  # the marker's length is checked when it is read
-                run = Run(RunKind.COMPRESSED, guest, n, extent, host, in_grain)
+                run = Run(RunKind.COMPRESSED, guest, n, host, child, extent)
             else:
                 host += in_grain
                 needed_end = host + n
-                run = Run(RunKind.DATA, guest, n, extent, host)
+                run = Run(RunKind.DATA, guest, n, host, child)
             if needed_end > file_size:
                 raise FormatError(
                     f"grain table entry {index} (sector {entry}) points outside the file "
@@ -159,8 +106,8 @@ def map_grain_table(
                     field="grain table entry",
                     offset=table_offset + 4 * index,
                 )
-        append_run(runs, run)
+        runs.append(run)
         offset += n
         guest += n
         index += 1
-    return runs
+    return coalesce(runs)

@@ -37,6 +37,7 @@ import os
 import struct
 from array import array
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import trio
@@ -48,7 +49,6 @@ from vdiskfs.drivers.format.runs import (
     LruCache,
     Run,
     RunCounters,
-    RunKind,
     coalesce,
     read_runs,
     run_status,
@@ -152,9 +152,6 @@ class VpcNode(FormatNode):
         # a write set (pinned here, not in the LRU cache, until written).
         self._bat_dirty: set[int] = set()
         self._bitmaps_dirty: dict[int, bytearray] = {}
-        # Bumped when a bitmap changes in memory: a read that loaded one from the file meanwhile
-        # must not cache it.
-        self._bitmap_epoch = 0
 
     @classmethod
     def probe(cls, head: bytes, tail: bytes, filename: str) -> int:
@@ -296,26 +293,23 @@ class VpcNode(FormatNode):
 
     async def _bitmap(self, index: int, entry: int) -> bytes | bytearray:
         """The sector bitmap of allocated block ``index`` (BAT ``entry``): a changed one not yet
-        written back, else cached, else read."""
+        written back, else cached, else read (once, however many readers want it)."""
         dirty = self._bitmaps_dirty.get(index)
         if dirty is not None:
             self.counters.bitmap_cache_hits += 1
             return dirty
-        bitmap = self._bitmaps.get(index)
-        if bitmap is not None:
+        bitmap, hit = await self._bitmaps.load(index, partial(self._read_bitmap, index, entry))
+        if hit:
             self.counters.bitmap_cache_hits += 1
-            return bitmap
-        self.counters.bitmap_cache_misses += 1
-        assert self.geometry is not None
-        epoch = self._bitmap_epoch
-        # check_bat placed every allocated block, bitmap included, inside the file.
-        bitmap = await self.read_metadata(entry * 512, self.geometry.bitmap_size,
-                                          f"sector bitmap of block {index}")
-        if self._bitmap_epoch != epoch:
-            # A write changed bitmaps meanwhile: these bytes may predate it; look again.
-            return await self._bitmap(index, entry)
-        self._bitmaps.put(index, bitmap)
+        else:
+            self.counters.bitmap_cache_misses += 1
         return bitmap
+
+    async def _read_bitmap(self, index: int, entry: int) -> bytes:
+        assert self.geometry is not None
+        # check_bat placed every allocated block, bitmap included, inside the file.
+        return await self.read_metadata(entry * 512, self.geometry.bitmap_size,
+                                        f"sector bitmap of block {index}")
 
     async def _block_runs(self, offset: int, length: int) -> tuple[list[Run], int]:
         """Runs of the part of ``[offset, offset + length)`` in one block, and that length."""
@@ -344,12 +338,7 @@ class VpcNode(FormatNode):
             self.counters.data_reads += 1
             self.counters.data_bytes += length
             return await self.file.pread(offset, length)
-        runs = await self._map(offset, length)
-        if len(runs) == 1 and runs[0].kind is RunKind.DATA:
-            self.counters.data_reads += 1
-            self.counters.data_bytes += length
-            return await self.file.pread(runs[0].host_offset, length)
-        return await read_runs(runs, self.file, self.backing, self.counters)
+        return await read_runs(self, await self._map(offset, length))
 
     async def _block_status(self, offset: int, length: int) -> tuple[BlockStatus, int]:
         if self.disk_type is DiskType.FIXED:
@@ -362,7 +351,7 @@ class VpcNode(FormatNode):
         for _ in range(STATUS_SCAN_BLOCKS):
             block_runs, n = await self._block_runs(offset, end - offset)
             for run in block_runs:
-                run_flags, run_length = run_status(run, self.backing)
+                run_flags, run_length = run_status(self, run)
                 if status is None:
                     status = run_flags
                 elif run_flags != status:
@@ -487,7 +476,7 @@ class VpcNode(FormatNode):
         bat[index] = place // SECTOR
         self._bat_dirty.add(index)
         self._bitmaps.put(index, bytes(bitmap))
-        self._bitmap_epoch += 1
+        self._bitmaps.changed()
         self.counters.blocks_allocated += 1
 
     async def _write_existing_block(self, index: int, start: int, data: memoryview) -> None:
@@ -509,7 +498,7 @@ class VpcNode(FormatNode):
             changed = set_sectors(work, first, end)
         if changed:
             self._bitmaps_dirty[index] = work
-            self._bitmap_epoch += 1
+            self._bitmaps.changed()
 
     async def _write_sectors(self, index: int, data_at: int, bitmap: bytearray, start: int,
                              data: memoryview) -> bool:
@@ -535,11 +524,7 @@ class VpcNode(FormatNode):
 
     async def _parent_bytes(self, offset: int, length: int) -> bytes:
         """The parent's bytes (zeros past its end)."""
-        backing = self.backing
-        assert backing is not None
-        available = max(0, min(length, backing.size - offset))
-        data = bytes(await backing.pread(offset, available)) if available else b""
-        return data + bytes(length - available)
+        return bytes(await self.read_backing(offset, length))
 
     async def _zero(self, offset: int, length: int, may_unmap: bool) -> None:
         if self.disk_type is DiskType.FIXED:
@@ -553,8 +538,7 @@ class VpcNode(FormatNode):
                 index, n = block_window(geometry, offset, end - offset)
                 entry = bat[index]
                 if geometry.uses_bitmap:
-                    backing = self.backing
-                    hides_parent = backing is not None and offset < backing.size
+                    hides_parent = self.backing_length(offset, n) > 0
                     if entry != BAT_UNALLOCATED or hides_parent:
                         for at in range(offset, offset + n, ZERO_CHUNK):
                             size = min(ZERO_CHUNK, offset + n - at)
@@ -568,7 +552,7 @@ class VpcNode(FormatNode):
                         work = bytearray(bitmap)
                         set_sectors(work, first, stop)
                         self._bitmaps_dirty[index] = work
-                        self._bitmap_epoch += 1
+                        self._bitmaps.changed()
                 # An unallocated dynamic block reads as zeros already.
                 offset += n
             await self._write_back_if_many()
@@ -609,7 +593,7 @@ class VpcNode(FormatNode):
             self._bitmaps.put(index, bytes(bitmap))
         self._bitmaps_dirty.clear()
         self._bat_dirty.clear()
-        self._bitmap_epoch += 1
+        self._bitmaps.changed()
 
     # -- information ----------------------------------------------------------------------------
 

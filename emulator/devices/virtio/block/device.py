@@ -244,17 +244,23 @@ class BlockDevice(VirtioDevice):
 
     async def _run_queue(self, index: int, *, until_idle: bool) -> None:
         state = self._queue_states[index]
+        if state.wakeup is not None:
+            # A second dispatcher would take the first one's wake-ups and leave it waiting.
+            raise RuntimeError(f"{self.kind} queue {index} is already served")
         state.wakeup = trio.Event()
-        async with trio.open_nursery() as requests:
-            while True:
-                self._publish(state)
-                idle = self._admit(index, state, requests)
-                if until_idle and idle and state.in_flight == 0:
+        try:
+            async with trio.open_nursery() as requests:
+                while True:
                     self._publish(state)
-                    return
-                await state.wakeup.wait()
-                # Everything that happened until now is handled by the next turn.
-                state.wakeup = trio.Event()
+                    idle = self._admit(index, state, requests)
+                    if until_idle and idle and state.in_flight == 0:
+                        self._publish(state)
+                        return
+                    await state.wakeup.wait()
+                    # Everything that happened until now is handled by the next turn.
+                    state.wakeup = trio.Event()
+        finally:
+            state.wakeup = None
 
     @contextmanager
     def _guest(self, generation: int) -> Iterator[GuestMemory | None]:

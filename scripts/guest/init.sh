@@ -6,6 +6,9 @@
 #   - writes a file (on / when it is the disk root, or on vdiskfs.writedev= mounted at /mnt);
 #   - with vdiskfs.readbench=DEV, reads DEV sequentially and reports the rate (for
 #     scripts/bench/boot.py; "VDISKFS-MARK name" lines let the VMM time that phase);
+#   - with vdiskfs.parallel=DEV (and vdiskfs.parallel_jobs=N, default 4), copies 2 MiB block i
+#     of DEV to block N+i with N dd processes at once, O_DIRECT both ways, so that the virtio
+#     queue holds many requests at once (tests/emulator/test_boot.py checks the copies);
 #   - powers off.
 # Parameters come from /proc/cmdline (the kernel keeps dotted ones away from init's env).
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
@@ -40,6 +43,29 @@ if [ -n "$readbench" ]; then
     dd if="$readbench" of=/dev/null bs=1M iflag=direct 2>&1 | tail -n 1 \
         | sed 's/^/VDISKFS-GUEST: readbench direct /'
     echo "VDISKFS-MARK readbench-direct-end"
+fi
+
+parallel=$(param vdiskfs.parallel)
+if [ -n "$parallel" ]; then
+    jobs=$(param vdiskfs.parallel_jobs)
+    jobs=${jobs:-4}
+    # One 2 MiB read and one 2 MiB write per job: the block layer splits each into requests of
+    # at most 1280 KiB and dispatches them together (one kick), and the jobs overlap.
+    echo "VDISKFS-MARK parallel-start"
+    pids=""
+    i=0
+    while [ "$i" -lt "$jobs" ]; do
+        dd if="$parallel" of="$parallel" bs=2M count=1 skip="$i" seek=$((jobs + i)) \
+            iflag=direct oflag=direct conv=notrunc 2>/dev/null &
+        pids="$pids $!"
+        i=$((i + 1))
+    done
+    failed=0
+    for pid in $pids; do
+        wait "$pid" || failed=$((failed + 1))
+    done
+    echo "VDISKFS-MARK parallel-end"
+    echo "VDISKFS-GUEST: parallel copies done: $jobs jobs, $failed failed"
 fi
 
 writedev=$(param vdiskfs.writedev)

@@ -308,7 +308,7 @@ class BlockDevice(VirtioDevice):
                         queue.go_to_previous_position()
                         self.counters.in_flight_cap_waits += 1
                         return False
-                    self._started(state, size)
+                    self._started(state, request)
                     nursery.start_soon(self._serve_request, state, chain.head, request,
                                        state.generation)
             except QueueBrokenError as exc:
@@ -350,12 +350,14 @@ class BlockDevice(VirtioDevice):
             written = self._answer(memory, status_address(chain), status_of(exc), 0)
             state.done.append((chain.head, written, state.generation))
             return None
-        counter = _REQUEST_COUNTER[RequestType(request.type)]
-        setattr(counters, counter, getattr(counters, counter) + 1)
         return request
 
-    def _started(self, state: _QueueState, size: int) -> None:
+    def _started(self, state: _QueueState, request: Request) -> None:
+        # Counted here, not when parsed: a chain given back for lack of room is parsed again.
         counters = self.counters
+        counter = _REQUEST_COUNTER[RequestType(request.type)]
+        setattr(counters, counter, getattr(counters, counter) + 1)
+        size = request.data_length
         state.in_flight += 1
         state.in_flight_bytes += size
         counters.in_flight += 1

@@ -203,6 +203,8 @@ async def test_byte_cap_and_an_oversized_request_alone(node: GatedNode,
     assert h.status(big_status) == Status.OK
     stats = h.device.stats()
     assert stats["max_in_flight_bytes"] == 128 << 10 and stats["status_ok"] == 11
+    # Chains given back for lack of room were parsed again, but counted once.
+    assert stats["read_requests"] == 11 and stats["read_bytes"] == (10 * 16 + 128) << 10
     assert stats["in_flight_cap_waits"] > waits
 
 

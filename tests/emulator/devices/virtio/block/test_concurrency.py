@@ -361,3 +361,22 @@ async def test_one_dispatcher_per_queue(node: GatedNode) -> None:
         with pytest.raises(RuntimeError, match="already served"):
             await h.device.process_queue()
         node.open_gate()
+
+
+async def test_reset_before_an_out_payload_is_read_writes_nothing(node: GatedNode) -> None:
+    """A reset between taking a write and reading its payload: the guest may already reuse
+    those pages, so nothing of them may reach the disk."""
+    h = Harness(node)
+    before = bytes(node.data[3 * 512 : 4 * 512])
+    _, status, _ = h.request(RequestType.OUT, 3, data=b"x" * 512)
+    state = h.device._queue_states[0]
+    async with trio.open_nursery() as nursery:
+        # White-box: one dispatcher turn takes the chain; its task has not run yet.
+        h.device._admit(0, state, nursery)
+        assert h.device.stats()["in_flight"] == 1
+        h.device.reset()
+    assert not node.parked and node.max_running == 0  # no I/O was started
+    assert bytes(node.data[3 * 512 : 4 * 512]) == before
+    h.device._publish(state)
+    assert h.status(status) == 0xFF and h.driver.used_idx() == 0
+    assert h.device.stats()["completions_discarded"] == 1

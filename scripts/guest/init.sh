@@ -6,6 +6,11 @@
 #   - writes a file (on / when it is the disk root, or on vdiskfs.writedev= mounted at /mnt);
 #   - with vdiskfs.readbench=DEV, reads DEV sequentially and reports the rate (for
 #     scripts/bench/boot.py; "VDISKFS-MARK name" lines let the VMM time that phase);
+#   - with vdiskfs.parallel=DEV, keeps DEV's virtio queue busy with many requests at once:
+#     vdiskfs.parallel_jobs=N (default 2) dd processes at once copy block i (of
+#     vdiskfs.parallel_kib KiB, default 1024) to block N+i with O_DIRECT; then vdiskfs.scatter=M
+#     (default 16) 4 KiB blocks i go to every other 4 KiB block after those, written back by
+#     one sync (tests/emulator/test_boot.py checks the copies);
 #   - powers off.
 # Parameters come from /proc/cmdline (the kernel keeps dotted ones away from init's env).
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
@@ -40,6 +45,48 @@ if [ -n "$readbench" ]; then
     dd if="$readbench" of=/dev/null bs=1M iflag=direct 2>&1 | tail -n 1 \
         | sed 's/^/VDISKFS-GUEST: readbench direct /'
     echo "VDISKFS-MARK readbench-direct-end"
+fi
+
+parallel=$(param vdiskfs.parallel)
+if [ -n "$parallel" ]; then
+    jobs=$(param vdiskfs.parallel_jobs)
+    jobs=${jobs:-2}
+    kib=$(param vdiskfs.parallel_kib)
+    kib=${kib:-1024}
+    scatter=$(param vdiskfs.scatter)
+    scatter=${scatter:-16}
+    echo "VDISKFS-MARK parallel-start"
+    # 1. Block i ($kib KiB) to block jobs+i, by $jobs dd processes at once, O_DIRECT both ways:
+    # large requests from processes that overlap.
+    pids=""
+    i=0
+    while [ "$i" -lt "$jobs" ]; do
+        dd if="$parallel" of="$parallel" bs="${kib}K" count=1 skip="$i" seek=$((jobs + i)) \
+            iflag=direct oflag=direct conv=notrunc 2>/dev/null &
+        pids="$pids $!"
+        i=$((i + 1))
+    done
+    failed=0
+    for pid in $pids; do
+        wait "$pid" || failed=$((failed + 1))
+    done
+    # 2. 4 KiB block i to every other 4 KiB block of the area after those copies, through the
+    # page cache, then one sync: writeback plugs the scattered pages (no two adjacent, so no
+    # merging) and hands them to the driver 16 at a time, one kick per batch -- requests that
+    # sit in the ring together, whatever the timing. The shell holds DEV open meanwhile: the
+    # last close of a block device writes its dirty pages back, one dd at a time.
+    exec 3<"$parallel"
+    area=$((2 * jobs * kib / 4))
+    i=0
+    while [ "$i" -lt "$scatter" ]; do
+        dd if="$parallel" of="$parallel" bs=4K count=1 skip="$i" seek=$((area + 2 * i)) \
+            conv=notrunc 2>/dev/null || failed=$((failed + 1))
+        i=$((i + 1))
+    done
+    sync
+    exec 3<&-
+    echo "VDISKFS-MARK parallel-end"
+    echo "VDISKFS-GUEST: parallel copies done: $jobs jobs, $scatter scattered, $failed failed"
 fi
 
 writedev=$(param vdiskfs.writedev)

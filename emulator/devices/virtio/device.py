@@ -98,6 +98,9 @@ class VirtioDevice:
         self.active = False
         #: Bumped at every reset, so work started before a reset never completes into it.
         self.generation = 0
+        #: Held by activate/reset (vCPU thread) and by the trio side around every access to
+        #: guest memory on behalf of a request: checking ``active``/``generation`` under it
+        #: and then writing is atomic with respect to a reset.
         self._state_lock = threading.Lock()
 
     # -- configuration space ----------------------------------------------------------------------
@@ -130,6 +133,8 @@ class VirtioDevice:
             self.active = True
 
     def reset(self) -> None:
+        """Back to the initial state (the driver wrote 0 to the status register). Once this
+        returns, no request taken before it writes into guest memory any more."""
         with self._state_lock:
             self.active = False
             self.generation += 1

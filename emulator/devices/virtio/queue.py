@@ -17,14 +17,21 @@ the queue size, a head index outside the table) raises :class:`QueueBrokenError`
 then asks for a reset, as QEMU's ``virtio_error`` does.
 
 Modelled on rust-vmm ``virtio-queue`` (``queue.rs``, ``chain.rs``); the notification
-suppression follows its ``enable_notification``/``needs_notification``.
+suppression follows its ``enable_notification``/``needs_notification``, with a full fence
+(:mod:`emulator.arch.x86_64.fence`) between storing one side's index and loading the other's.
+
+Completions may be returned in any order and in batches (:meth:`SplitQueue.add_used_batch`):
+the elements are written first, then the used index once, so the driver sees a whole batch or
+none of it.
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 
+from emulator.arch.x86_64 import fence
 from emulator.memory import GuestMemory
 
 __all__ = [
@@ -248,14 +255,35 @@ class SplitQueue:
 
     # -- device -> driver -----------------------------------------------------------------------
 
+    def go_to_previous_position(self) -> None:
+        """Give back the chain taken by the last :meth:`pop`: the next pop returns it again.
+
+        For a device that walked a chain and found no room for it (rust-vmm has the same
+        ``go_to_previous_position``); the descriptors stay the driver's until then.
+        """
+        self.next_avail = (self.next_avail - 1) & 0xFFFF
+
     def add_used(self, memory: GuestMemory, head: int, length: int) -> None:
         """Return a chain to the driver with ``length`` bytes written into its buffers."""
-        slot = self.used_ring + 4 + 8 * (self.next_used % self.size)
-        _USED_ELEM.pack_into(memory.view(slot, 8), 0, head, length)
-        self.next_used = (self.next_used + 1) & 0xFFFF
-        # The element is stored before the index that publishes it (x86 keeps stores in order,
-        # and CPython executes these two in program order).
-        memory.write_u16(self.used_ring + 2, self.next_used)
+        self.add_used_batch(memory, ((head, length),))
+
+    def add_used_batch(self, memory: GuestMemory, elements: Iterable[tuple[int, int]]) -> int:
+        """Return chains ``(head, length)`` in the order given, published by one index store;
+        how many were returned."""
+        count = 0
+        next_used = self.next_used
+        for head, length in elements:
+            slot = self.used_ring + 4 + 8 * (next_used % self.size)
+            _USED_ELEM.pack_into(memory.view(slot, 8), 0, head, length)
+            next_used = (next_used + 1) & 0xFFFF
+            count += 1
+        if count:
+            self.next_used = next_used
+            # The elements are stored before the index that publishes them: x86 keeps stores
+            # in order (no fence needed, as in rust-vmm), and CPython runs them in program
+            # order.
+            memory.write_u16(self.used_ring + 2, next_used)
+        return count
 
     def needs_notification(self, memory: GuestMemory) -> bool:
         """Whether the driver wants an interrupt for what was used since the last one.
@@ -264,6 +292,11 @@ class SplitQueue:
         since the last interrupt (``vring_need_event``); without: unless the driver set
         ``VRING_AVAIL_F_NO_INTERRUPT``.
         """
+        # The used index was just stored; what follows loads the driver's side. Without a full
+        # fence the load may be served before the store is visible: the device reads an old
+        # used_event while the driver, re-checking the used index after writing a new
+        # used_event, still sees the old index -- both skip, the interrupt is lost.
+        fence.full_fence()
         new = self.next_used
         old, self._signalled_used = self._signalled_used, new
         if not self.event_idx:
@@ -285,5 +318,8 @@ class SplitQueue:
             memory.write_u16(self.used_ring + 4 + 8 * self.size, self.next_avail)
         else:
             memory.write_u16(self.used_ring, 0)
+        # Store then load again (the mirror of needs_notification): the driver stores the
+        # avail index, then loads avail_event / the flags. Without the fence both can read the
+        # other's old value: the driver skips the notification, the device goes to sleep.
+        fence.full_fence()
         return self.pending(memory) > 0
-

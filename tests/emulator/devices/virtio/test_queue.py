@@ -245,3 +245,90 @@ def test_validate(driver: MockDriver, memory: GuestMemory) -> None:
 def test_max_size_must_be_power_of_two() -> None:
     with pytest.raises(ValueError, match="power of two"):
         SplitQueue(100)
+
+
+# -- the fence between a store and a later load (rust-vmm virtio-queue does the same) ----------
+
+
+class RecordingMemory(GuestMemory):
+    """Guest memory that logs its 16-bit index accesses, in order, into ``log``."""
+
+    def __init__(self, size: int, log: list[str], names: dict[int, str]) -> None:
+        super().__init__(GuestMemory.for_tests(size).regions)
+        self.log = log
+        self.names = names
+
+    def read_u16(self, gpa: int) -> int:
+        if gpa in self.names:
+            self.log.append(f"load {self.names[gpa]}")
+        return super().read_u16(gpa)
+
+    def write_u16(self, gpa: int, value: int) -> None:
+        if gpa in self.names:
+            self.log.append(f"store {self.names[gpa]}")
+        super().write_u16(gpa, value)
+
+
+def _recording(monkeypatch: pytest.MonkeyPatch) -> tuple[MockDriver, RecordingMemory, list[str]]:
+    from emulator.arch.x86_64 import fence
+
+    log: list[str] = []
+    memory = RecordingMemory(MEMORY_SIZE, log, {})
+    driver = MockDriver(memory, size=16)
+    memory.names.update({
+        driver.avail_ring: "avail.flags",
+        driver.avail_ring + 2: "avail.idx",
+        driver.avail_ring + 4 + 2 * driver.size: "used_event",
+        driver.used_ring: "used.flags",
+        driver.used_ring + 2: "used.idx",
+        driver.used_ring + 4 + 8 * driver.size: "avail_event",
+    })
+    monkeypatch.setattr(fence, "full_fence", lambda: log.append("fence"))
+    return driver, memory, log
+
+
+@pytest.mark.parametrize("event_idx", [True, False])
+def test_fence_between_used_idx_store_and_used_event_load(
+    monkeypatch: pytest.MonkeyPatch, event_idx: bool
+) -> None:
+    driver, memory, log = _recording(monkeypatch)
+    queue = driver.queue(event_idx=event_idx)
+    queue.needs_notification(memory)  # past the first-time shortcut
+    log.clear()
+    queue.add_used_batch(memory, [(0, 0), (1, 0)])
+    queue.needs_notification(memory)
+    load = "load used_event" if event_idx else "load avail.flags"
+    assert log == ["store used.idx", "fence", load]
+
+
+@pytest.mark.parametrize("event_idx", [True, False])
+def test_fence_between_avail_event_store_and_avail_idx_load(
+    monkeypatch: pytest.MonkeyPatch, event_idx: bool
+) -> None:
+    driver, memory, log = _recording(monkeypatch)
+    queue = driver.queue(event_idx=event_idx)
+    log.clear()
+    queue.enable_notification(memory)
+    store = "store avail_event" if event_idx else "store used.flags"
+    assert log == [store, "fence", "load avail.idx"]
+
+
+def test_batch_is_published_by_one_index_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    driver, memory, log = _recording(monkeypatch)
+    queue = driver.queue()
+    assert queue.add_used_batch(memory, [(5, 1), (2, 2), (9, 3)]) == 3
+    assert log.count("store used.idx") == 1
+    assert driver.pop_used() == [(5, 1), (2, 2), (9, 3)]
+    assert queue.add_used_batch(memory, []) == 0
+    assert log.count("store used.idx") == 1
+
+
+def test_go_to_previous_position_returns_the_chain_again(driver: MockDriver,
+                                                         memory: GuestMemory) -> None:
+    queue = driver.queue()
+    head = driver.add_chain([Buf(driver.alloc(8), 8, write=True)])
+    first = queue.pop(memory)
+    assert first is not None and queue.pop(memory) is None
+    queue.go_to_previous_position()
+    again = queue.pop(memory)
+    assert again is not None and again.head == head == first.head

@@ -10,66 +10,23 @@ from pathlib import Path
 import pytest
 import trio
 
-from emulator.devices.eventfd import EventFd
-from emulator.devices.irq import RecordingLine
-from emulator.devices.virtio.block.backend import BlockBackend, status_of
+from emulator.devices.virtio.block.backend import status_of
 from emulator.devices.virtio.block.device import (
     VIRTIO_BLK_F_DISCARD,
     VIRTIO_BLK_F_RO,
-    BlockDevice,
 )
 from emulator.devices.virtio.block.request import RequestError, RequestType, Status
 from emulator.devices.virtio.device import (
     VIRTIO_F_EVENT_IDX,
-    VIRTIO_F_INDIRECT_DESC,
-    VIRTIO_F_VERSION_1,
 )
-from emulator.devices.virtio.mmio import MmioTransport
 from emulator.devices.virtio.queue import VIRTQ_DESC_F_NEXT
-from emulator.memory import GuestMemory
-from tests.emulator.devices.virtio.mock import Buf, MockDriver
+from tests.emulator.devices.virtio.block.harness import FEATURES, Harness
+from tests.emulator.devices.virtio.mock import Buf
 from vdiskfs.block.node import BlockNode, Buffer
 from vdiskfs.block.registry import OpenOptions, open_image
 from vdiskfs.errors import HostIOError, UnsupportedError
 
 DISK_SIZE = 1 << 20
-FEATURES = VIRTIO_F_VERSION_1 | VIRTIO_F_INDIRECT_DESC
-
-
-class Harness:
-    """A device activated on a mock driver's queue, with its transport as the interrupt."""
-
-    def __init__(self, node: BlockNode, *, read_only: bool = False,
-                 features: int = FEATURES) -> None:
-        self.memory = GuestMemory.for_tests(4 << 20)
-        self.driver = MockDriver(self.memory, size=16)
-        self.backend = BlockBackend(node, read_only=read_only, serial="disk-serial-0123456789")
-        self.device = BlockDevice(self.backend, queue_size=16)
-        self.line = RecordingLine()
-        self.kick = EventFd()
-        self.transport = MmioTransport(self.device, self.memory, self.line, [self.kick])
-        self.driver.configure(self.device.queues[0])
-        self.device.activate(self.memory, self.transport, features)
-
-    def request(self, kind: int, sector: int = 0, *, data: bytes = b"", read: int = 0,
-                indirect: bool = False) -> tuple[int, int, int]:
-        """Post one request; returns (head, status address, data address)."""
-        hdr = self.driver.alloc(16, struct.pack("<IIQ", kind, 0, sector))
-        buffers = [Buf(hdr, 16)]
-        data_addr = 0
-        if data:
-            data_addr = self.driver.alloc(len(data), data)
-            buffers.append(Buf(data_addr, len(data)))
-        if read:
-            data_addr = self.driver.alloc(read)
-            buffers.append(Buf(data_addr, read, write=True))
-        status = self.driver.alloc(1, b"\xff")
-        buffers.append(Buf(status, 1, write=True))
-        head = self.driver.add_chain(buffers, indirect=indirect)
-        return head, status, data_addr
-
-    def status(self, addr: int) -> int:
-        return self.memory.read(addr, 1)[0]
 
 
 @pytest.fixture
@@ -232,7 +189,10 @@ async def test_event_idx_suppresses_interrupts(node: BlockNode) -> None:
     h.request(RequestType.IN, 0, read=512)
     await h.device.process_queue()
     assert h.line.pulses == 2
-    assert h.device.stats()["interrupts_suppressed"] == 3
+    stats = h.device.stats()
+    # One decision per published batch: every batch either interrupted or was suppressed.
+    assert stats["interrupts_suppressed"] >= 1
+    assert stats["interrupts"] + stats["interrupts_suppressed"] == stats["used_batches"]
     # The device asks to be notified for the next buffer it has not seen.
     assert h.driver.avail_event() == 5
 

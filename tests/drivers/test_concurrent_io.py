@@ -8,8 +8,8 @@ it, checked against a ``bytearray`` model of the guest disk:
    boundaries (so neighbouring stripes share clusters, grains and blocks, and their writers race
    to allocate them); each writer owns some stripes and writes and zeroes inside them, one
    request at a time, so the final bytes are defined. Readers read anything meanwhile: a stripe
-   untouched during a read reads exactly as the model, one written once during it reads each
-   byte old or new. A flusher flushes throughout.
+   untouched during a read reads exactly as the model; in one written during it, each byte
+   reads as before or as one of the writes put it. A flusher flushes throughout.
 2. *Overlapping writers, serialized per zone.* A few zones (again sharing clusters with their
    neighbours) are written by every task, overlapping one another, under one lock per zone:
    different zones are written concurrently, the same zone in the test's order.
@@ -22,153 +22,26 @@ and so does a fresh open.
 from __future__ import annotations
 
 import bisect
-import functools
 import random
-import shutil
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import trio
 
-from tests.support.images import create, qemu_io, random_bytes, reference_raw
+from tests.support.concurrency import (
+    ENGINES,
+    VARIANTS,
+    assert_one_of_values,
+    copy_image,
+    file_nodes,
+    settle,
+    use_engine,
+)
 from tests.support.workload import assert_clean, assert_image_matches, qemu_compare
 from vdiskfs.block.node import BlockNode
 from vdiskfs.block.registry import OpenOptions, open_image
-from vdiskfs.drivers.protocol.engine import UringEngine, UringError, current_engine
 
-MiB = 1 << 20
 KiB = 1 << 10
-SIZE = 8 * MiB + 3 * 512  # a partial last cluster, grain or block
-ENGINES = ["io_uring", "threads", "inline"]
-BLOCK_PREFILL = ("write -P 0xab 0 64k", "write -P 0x11 1900k 300k", "write -z 4M 64k",
-                 "write -P 0x22 5M 1M")
-
-
-@dataclass(frozen=True)
-class Variant:
-    fmt: str
-    #: Cluster, grain or block size: the stripes are sized to share these between writers.
-    unit: int
-    #: Builds the image in an empty directory; returns its path.
-    build: Callable[[Path], Path]
-    #: qemu-img can check the format (it cannot check raw and vpc).
-    checkable: bool = True
-
-
-def _raw(d: Path) -> Path:
-    path = d / "disk.raw"
-    path.write_bytes(random_bytes(7, SIZE))
-    return path
-
-
-def _qcow2(d: Path) -> Path:
-    # 4 KiB clusters: 8 MiB take four L2 tables and many refcount entries, all allocated here.
-    path = create(d / "disk.qcow2", SIZE, cluster_size=4096)
-    qemu_io(path, "write -P 0x21 1M 3M", "write -z 5M 1M", "write -P 0x22 7M 100k")
-    return path
-
-
-def _qcow2_chain(d: Path) -> Path:
-    base = create(d / "base.qcow2", SIZE)
-    qemu_io(base, "write -P 0x11 0 4M", "write -P 0x12 6M 2M")
-    # Smaller clusters than the base: a partial write copies from the backing file.
-    path = create(d / "disk.qcow2", SIZE, cluster_size=16 * KiB, backing="base.qcow2",
-                  backing_fmt="qcow2")
-    qemu_io(path, "write -P 0x31 2M 1M", "write -z 6M 64k")
-    return path
-
-
-def _qcow2_compressed(d: Path) -> Path:
-    path = create(d / "disk.qcow2", SIZE)
-    qemu_io(path, "write -c -P 0x23 0 2M", "write -c -P 0x24 4M 1M", "write -P 0x25 6M 64k")
-    return path
-
-
-def _block_format(fmt: str, **options: object) -> Callable[[Path], Path]:
-    def build(d: Path) -> Path:
-        path = create(d / f"disk.{fmt}", SIZE, fmt, **options)
-        qemu_io(path, *BLOCK_PREFILL, fmt=fmt)
-        return path
-
-    return build
-
-
-VARIANTS: dict[str, Variant] = {
-    "raw": Variant("raw", 4 * KiB, _raw, checkable=False),
-    "qcow2": Variant("qcow2", 4 * KiB, _qcow2),
-    "qcow2-chain": Variant("qcow2", 16 * KiB, _qcow2_chain),
-    "qcow2-compressed": Variant("qcow2", 64 * KiB, _qcow2_compressed),
-    "vmdk": Variant("vmdk", 64 * KiB, _block_format("vmdk")),
-    "vpc": Variant("vpc", 2 * MiB, _block_format("vpc"), checkable=False),
-    "vhdx": Variant("vhdx", MiB, _block_format("vhdx", block_size="1M")),
-    "vdi": Variant("vdi", MiB, _block_format("vdi")),
-    "qed": Variant("qed", 16 * KiB, _block_format("qed", cluster_size=16 * KiB)),
-}
-
-
-@dataclass
-class Image:
-    path: Path
-    fmt: str
-    reference: Path
-
-
-@pytest.fixture(scope="session")
-def templates(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Each variant built once, in a directory of its own (with its backing file)."""
-    root = tmp_path_factory.mktemp("concurrent")
-    out = {}
-    for name, variant in VARIANTS.items():
-        d = root / name
-        d.mkdir()
-        out[name] = variant.build(d)
-    return out
-
-
-def copy_image(templates: dict[str, Path], name: str, tmp_path: Path) -> Image:
-    """A copy of the variant's directory, and QEMU's raw view of the image."""
-    source = templates[name]
-    d = tmp_path / name
-    shutil.copytree(source.parent, d)
-    path = d / source.name
-    fmt = VARIANTS[name].fmt
-    return Image(path, fmt, reference_raw(path, tmp_path / f"{name}.raw", fmt))
-
-
-@functools.cache
-def uring_available() -> bool:
-    try:
-        UringEngine().close()
-    except UringError:
-        return False
-    return True
-
-
-def use_engine(monkeypatch: pytest.MonkeyPatch, engine: str) -> None:
-    """Make this test's event loop create ``engine`` (read at the first file opened)."""
-    if engine == "io_uring" and not uring_available():
-        pytest.skip("io_uring is unavailable here")
-    monkeypatch.setenv("VDISKFS_IO_ENGINE", engine)
-
-
-def file_nodes(node: BlockNode) -> list[BlockNode]:
-    return [n for _depth, _role, n in node.walk() if n.driver == "file"]
-
-
-async def settle(node: BlockNode) -> None:
-    """Nothing in flight in any node of the tree; the engine's own count drains to zero
-    (a read abandoned by a cancelled caller ends when its host I/O does)."""
-    for _depth, role, child in node.walk():
-        assert child.stats.in_flight == 0, f"{role or 'root'} {child.driver}: requests in flight"
-        if child.driver == "file":
-            assert child.counters.engine_in_flight == 0  # type: ignore[attr-defined]
-    engine = current_engine()
-    with trio.fail_after(10):
-        while engine.stats.in_flight:
-            await trio.sleep(0.01)
-    assert engine.stats.inflight_bytes == 0
 
 
 # -- the workload ---------------------------------------------------------------------------------
@@ -195,17 +68,6 @@ class Stripes:
         first = bisect.bisect_right(self.starts, offset) - 1
         last = bisect.bisect_left(self.starts, offset + length)
         return range(first, last)
-
-
-def assert_one_of_values(got: bytes, where: int, *candidates: bytes, chunk: int = 512) -> None:
-    """Each byte of ``got`` (read at ``where``) equals that byte of one of ``candidates``."""
-    for start in range(0, len(got), chunk):
-        piece = got[start : start + chunk]
-        if any(piece == c[start : start + chunk] for c in candidates):
-            continue
-        for i in range(start, min(len(got), start + chunk)):
-            assert any(got[i] == c[i] for c in candidates), (
-                f"byte {where + i:#x} reads {got[i]:#x}, which no write put there")
 
 
 async def disjoint_phase(node: BlockNode, model: bytearray, rng: random.Random, unit: int, *,
@@ -325,11 +187,11 @@ async def overlapping_phase(node: BlockNode, model: bytearray, rng: random.Rando
 
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("name", list(VARIANTS))
-async def test_concurrent_readers_and_writers(templates: dict[str, Path], name: str, engine: str,
-                                              tmp_path: Path,
+async def test_concurrent_readers_and_writers(variant_templates: dict[str, Path], name: str,
+                                              engine: str, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     use_engine(monkeypatch, engine)
-    image = copy_image(templates, name, tmp_path)
+    image = copy_image(variant_templates, name, tmp_path)
     unit = VARIANTS[name].unit
     model = bytearray(image.reference.read_bytes())
     rng = random.Random(f"{name}-{engine}")

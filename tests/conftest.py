@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
+
+from tests.support.concurrency import build_templates
 
 
 def _can_mount() -> bool:
@@ -19,3 +22,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "mount" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def variant_templates(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One small pre-filled image of every writable format (tests.support.concurrency)."""
+    return build_templates(tmp_path_factory.mktemp("variants"))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,8 @@ from vdiskfs.block.registry import OpenContext, OpenOptions, get_driver
 from vdiskfs.drivers.protocol.file import FileNode
 
 KiB = 1 << 10
+#: Seconds a test step may take before it counts as hung (each takes well under one).
+TIMEOUT = 30
 
 
 class Gate(FilterNode):
@@ -152,10 +155,12 @@ async def test_cancelled_readers_leave_nothing_in_flight(variant_templates: dict
                 offset = rng.randrange(size - 1)
                 ranges.append((offset, min(size - offset, rng.randrange(1, 3 * unit))))
             gate.hold_after(point)
-            if await _cancel_some_readers(node, gate, reference, ranges):
-                held_at.append(point)
-            await settle(node)
-            assert bytes(await node.pread(0, size)) == reference
+            # A reader left waiting for ever fails the test rather than hanging it.
+            with trio.fail_after(TIMEOUT):
+                if await _cancel_some_readers(node, gate, reference, ranges):
+                    held_at.append(point)
+                await settle(node)
+                assert bytes(await node.pread(0, size)) == reference
         finally:
             await node.aclose()
     # The reads needed more requests below the format than the first cancel points.
@@ -226,15 +231,8 @@ async def test_cancelled_writers_leave_a_consistent_image(variant_templates: dic
                 model[offset : offset + len(data)] = data
 
             gate.hold_after(POINTS[round_ % len(POINTS)])
-            async with trio.open_nursery() as nursery:
-                with trio.CancelScope() as doomed:
-                    async with trio.open_nursery() as doomed_nursery:
-                        for i, (offset, data, zero) in enumerate(ops):
-                            (doomed_nursery if i % 2 else nursery).start_soon(
-                                write, offset, data, zero)
-                        held_rounds += await until_held(gate)
-                        doomed.cancel()
-                gate.release()
+            with trio.fail_after(TIMEOUT):
+                held_rounds += await _cancel_some_writers(gate, ops, write)
             assert_nothing_in_flight(node)
             # What the cancelled writes left: each byte old or new; the model takes it.
             for i, (offset, data, _zero) in enumerate(ops):
@@ -264,6 +262,21 @@ async def test_cancelled_writers_leave_a_consistent_image(variant_templates: dic
 
 #: Formats whose cancelled writes leak clusters (qemu-img check: leaks, no corruption).
 CANCEL_LEAKS: dict[str, str] = {}
+
+
+async def _cancel_some_writers(gate: Gate, ops: list[tuple[int, bytes, bool]],
+                               write: Callable[[int, bytes, bool], Awaitable[None]]) -> bool:
+    """Run ``write`` for every op at once, the odd ones in a scope cancelled once every task
+    waits; whether a request waited in the gate then."""
+    async with trio.open_nursery() as nursery:
+        with trio.CancelScope() as doomed:
+            async with trio.open_nursery() as doomed_nursery:
+                for i, (offset, data, zero) in enumerate(ops):
+                    (doomed_nursery if i % 2 else nursery).start_soon(write, offset, data, zero)
+                held = await until_held(gate)
+                doomed.cancel()
+        gate.release()
+    return held
 
 
 def _disjoint_ops(rng: random.Random, size: int, unit: int,

@@ -11,6 +11,7 @@ afterwards, the engine's count drains to zero, and the image stays consistent.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,7 +40,8 @@ CANCEL_AFTER = 0.1
 
 
 @pytest.fixture
-def slow_dir(variant_templates: dict[str, Path], tmp_path: Path) -> tuple[Path, Path, Path]:
+def slow_dir(variant_templates: dict[str, Path],
+             tmp_path: Path) -> Iterator[tuple[Path, Path, Path]]:
     """``(slow mount, its source directory, control file)``: the qcow2 variant's image
     (4 KiB clusters) and its raw reference, served without delay until the control says."""
     image = copy_image(variant_templates, "qcow2", tmp_path)

@@ -33,7 +33,6 @@ reader here; the bits are kept true anyway for other readers (Virtual PC, Hyper-
 from __future__ import annotations
 
 import errno
-import os
 import struct
 from array import array
 from dataclasses import dataclass
@@ -263,11 +262,10 @@ class VpcNode(FormatNode):
         refused: ChainError | None = None
         for reference in candidates:
             try:
-                path = self.ctx.resolve(reference, field_name="parent_locator")
+                if not await self.ctx.exists(reference, field_name="parent_locator"):
+                    continue
             except ChainError as exc:
                 refused = refused or exc
-                continue
-            if not os.path.exists(path):
                 continue
             node = await self.open_backing(reference, field="parent_locator", format="vpc")
             assert node is not None  # opened only when backing files are wanted

@@ -256,7 +256,7 @@ class VpcNode(FormatNode):
             locator_data[locator.index] = await self.read_metadata(
                 locator.data_offset, locator.data_length, field_name
             )
-        candidates = parent_candidates(header, locator_data)
+        candidates = parent_candidates(header, locator_data, label=self.label)
         if not candidates:
             raise self.format_error("differencing disk names no parent", field="parent_locator")
         refused: ChainError | None = None

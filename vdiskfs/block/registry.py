@@ -182,10 +182,25 @@ class OpenContext:
                 )
         return resolved
 
-    async def exists(self, reference: str, *, field_name: str) -> bool:
-        """Whether something exists where ``reference`` resolves (a candidate parent path)."""
-        return await _blocking(lambda: os.path.exists(self.resolve(reference,
-                                                                   field_name=field_name)))
+    async def exists(self, reference: str, *, field_name: str, role: str = "parent") -> bool:
+        """Whether something exists where ``reference`` resolves (a candidate parent path).
+
+        Only a missing file is "no": any other failure (a name too long, a symlink loop, a
+        component that is no directory) is an error naming the chain, as :meth:`open_child`
+        would raise it, rather than a silent "not found".
+        """
+        def check() -> bool:
+            path = self.resolve(reference, field_name=field_name)
+            try:
+                os.stat(path)
+            except FileNotFoundError:
+                return False
+            except OSError as exc:
+                raise self._child_error(HostIOError.wrap(exc, path, "cannot open"), reference,
+                                        path, role, field_name) from exc
+            return True
+
+        return await _blocking(check)
 
     async def realpath(self, reference: str, *, field_name: str) -> str:
         """The real path that ``reference`` resolves to (to tell two names of one file)."""

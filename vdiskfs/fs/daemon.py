@@ -204,18 +204,28 @@ async def _open_unless_signalled(
     """
     signalled: int | None = None
     opened: tuple[list[Export], list[BlockNode]] | None = None
+    failure: Exception | None = None
+    opening = trio.CancelScope()
     async with trio.open_nursery() as nursery:
 
         async def watch() -> None:
             nonlocal signalled
             async for signum in signals:
                 signalled = signum
-                nursery.cancel_scope.cancel()
+                opening.cancel()
                 return
 
         nursery.start_soon(watch)
-        opened = await open_exports(request, warn)
+        try:
+            with opening:
+                opened = await open_exports(request, warn)
+        except Exception as exc:
+            # Raised below, outside the nursery, so that it is not wrapped in an ExceptionGroup
+            # and reaches the user as the one-line error it is.
+            failure = exc
         nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
     if signalled is None:
         assert opened is not None
         return opened

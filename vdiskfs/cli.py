@@ -26,6 +26,11 @@ __all__ = ["main"]
 
 log = logging.getLogger("vdiskfs")
 
+#: Seconds a background ``mount`` waits for its daemon to open every image and mount them
+#: (``--timeout``). Opening reads only headers and tables, well under a second for sane
+#: images; a minute means a file on a hung file system (or a log replay of a huge image).
+READY_TIMEOUT = 60.0
+
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -58,6 +63,9 @@ def _build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--no-follow-outside", dest="follow_outside", action="store_false",
                        help="refuse backing files and extents outside the image's directory")
     mount.add_argument("--log-file", metavar="FILE", help="where the background daemon logs")
+    mount.add_argument("--timeout", metavar="SECONDS", type=float, default=READY_TIMEOUT,
+                       help="give up (and stop the daemon) when the images are not mounted "
+                       f"after SECONDS (default {READY_TIMEOUT:g}; 0: wait for ever)")
     mount.add_argument("--debug", action="store_true", help="log every FUSE request")
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
@@ -139,7 +147,7 @@ def _cmd_mount(args: argparse.Namespace) -> int:
         raise VdiskError("mount needs at least one IMAGE and a MOUNTPOINT")
     *images, mountpoint = args.paths
     if not args.foreground:
-        return spawn_daemon(argv_of(args), args.log_file)
+        return spawn_daemon(argv_of(args), args.log_file, args.timeout or None)  # 0: no limit
 
     request = MountRequest(
         images=images,

@@ -53,6 +53,15 @@ class FormatError(VdiskError):
     errno = _errno.EIO
 
 
+class NotADiskError(FormatError):
+    """A file the stack was asked to open (an image, or a backing file, data file, extent or
+    parent that an image names) is not a regular file or a block device: a FIFO, a socket, a
+    character device or a directory. Such a file is refused before it is read, because reading
+    it could block for ever (a FIFO without a writer, a terminal) or have side effects."""
+
+    errno = _errno.ENODEV
+
+
 class UnsupportedError(VdiskError):
     """The image uses a feature vdiskfs refuses (unknown incompatible bit, encryption...)."""
 

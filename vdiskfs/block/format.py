@@ -55,16 +55,17 @@ class FormatNode(BlockNode):
             )
         return bytes(await self.file.pread(offset, length))
 
-    async def open_backing(self, reference: str, *, field: str,
-                           format: str | None = None) -> BlockNode | None:
+    async def open_backing(self, reference: str, *, field: str, format: str | None = None,
+                           format_field: str | None = None) -> BlockNode | None:
         """Open the backing file that the image names ``reference`` (in its ``field``) as the
-        ``backing`` child and :attr:`backing`; ``format`` where the image records it, else
-        probed. None, and nothing opened, when the user asked for no backing files: callers
-        that cannot write without the backing file's bytes refuse a writable open then."""
+        ``backing`` child and :attr:`backing`; ``format`` where the image records it (in its
+        ``format_field``), else probed. None, and nothing opened, when the user asked for no
+        backing files: callers that cannot write without the backing file's bytes refuse a
+        writable open then."""
         if not self.ctx.options.backing:
             return None
         node = await self.ctx.open_child(reference, role="backing", field_name=field,
-                                         format=format)
+                                         format=format, format_field=format_field)
         self.add_child("backing", node)
         self.backing = node
         return node

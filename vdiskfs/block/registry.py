@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
+import trio
+
 from vdiskfs.errors import ChainError, FormatError, HostIOError, UnsupportedError, VdiskError
 
 if TYPE_CHECKING:
@@ -148,7 +150,13 @@ class OpenContext:
             self.options.warn(message)
 
     def resolve(self, reference: str, *, field_name: str) -> str:
-        """Turn a name recorded in the image into a path, relative to the image's directory."""
+        """Turn a name recorded in the image into a path, relative to the image's directory.
+
+        Touches the file system (``realpath``) only under ``--no-follow-outside``; a coroutine
+        uses :meth:`exists` or :meth:`realpath`, which run it in a thread.
+        """
+        if not reference:
+            raise FormatError("reference is an empty name", path=self.path, field=field_name)
         if "\0" in reference:
             raise FormatError("reference contains a NUL byte", path=self.path, field=field_name)
         if reference.startswith(("json:", "nbd:", "http:", "https:")):
@@ -174,6 +182,31 @@ class OpenContext:
                 )
         return resolved
 
+    async def exists(self, reference: str, *, field_name: str, role: str = "parent") -> bool:
+        """Whether something exists where ``reference`` resolves (a candidate parent path).
+
+        Only a missing file is "no": any other failure (a name too long, a symlink loop, a
+        component that is no directory) is an error naming the chain, as :meth:`open_child`
+        would raise it, rather than a silent "not found".
+        """
+        def check() -> bool:
+            path = self.resolve(reference, field_name=field_name)
+            try:
+                os.stat(path)
+            except FileNotFoundError:
+                return False
+            except OSError as exc:
+                raise self._child_error(HostIOError.wrap(exc, path, "cannot open"), reference,
+                                        path, role, field_name) from exc
+            return True
+
+        return await _blocking(check)
+
+    async def realpath(self, reference: str, *, field_name: str) -> str:
+        """The real path that ``reference`` resolves to (to tell two names of one file)."""
+        return await _blocking(lambda: os.path.realpath(self.resolve(reference,
+                                                                     field_name=field_name)))
+
     async def open_child(
         self,
         reference: str,
@@ -181,44 +214,80 @@ class OpenContext:
         role: str,
         field_name: str,
         format: str | None = None,
+        format_field: str | None = None,
         read_only: bool = True,
     ) -> BlockNode:
         """Open a backing file, data file or extent named by the image, as a full subtree.
 
         Children are read-only unless the parent asks otherwise (an external data file of an
         image opened for writing). ``format=PROTOCOL_ONLY`` returns the protocol node itself,
-        with no format layer above it (a VMDK extent file).
+        with no format layer above it (a VMDK extent file); a ``format`` recorded in the image
+        (in its ``format_field``) must name a known driver.
+
+        Any failure to open the child's file -- every errno, and a child that is not a disk --
+        is raised naming this image, the field and the reference: the chain that led there.
         """
-        path = self.resolve(reference, field_name=field_name)
+        if format is not None and format != PROTOCOL_ONLY:
+            try:
+                get_driver(format)
+            except UnsupportedError as exc:
+                raise UnsupportedError(f"{role} file {reference!r}: {exc.message}",
+                                       path=self.path, field=format_field or field_name) from None
         if role == "backing" and len(self.chain) >= self.options.max_chain_depth:
             raise ChainError(
                 f"backing chain deeper than {self.options.max_chain_depth} images",
                 path=self.path,
                 field=field_name,
             )
-        real = os.path.realpath(path)
+        # realpath stats every component of the path: on a hung file system that waits for
+        # ever, so it runs in a thread that a cancellation (SIGTERM) abandons.
+        path, real = await _blocking(lambda: _resolve_real(self, reference, field_name))
         if real in self.chain:
             raise ChainError(
                 f"backing chain loops: {reference!r} is already in the chain", path=self.path,
                 field=field_name,
             )
         try:
-            return await _open_tree(
-                path,
-                options=self.options,
-                format=format,
-                read_only=read_only,
-                chain=self.chain,
-                warnings=self.warnings,
-            )
-        except HostIOError as exc:
-            if exc.errno != errno.ENOENT:
-                raise
-            raise FormatError(
+            file = await _open_file(path, read_only=read_only, locking=self.options.locking)
+        except VdiskError as exc:
+            raise self._child_error(exc, reference, path, role, field_name) from exc
+        return await _open_tree(
+            file,
+            real=real,
+            options=self.options,
+            format=format,
+            read_only=read_only,
+            chain=self.chain,
+            warnings=self.warnings,
+        )
+
+    def _child_error(self, exc: VdiskError, reference: str, path: str, role: str,
+                     field_name: str) -> VdiskError:
+        """``exc`` from opening the child's file, told from the referring image's side."""
+        if exc.errno == errno.ENOENT:
+            return FormatError(
                 f"{role} file {reference!r} not found (looked for {path})",
                 path=self.path,
                 field=field_name,
-            ) from None
+            )
+        where = repr(reference) if reference == path else f"{reference!r} ({path})"
+        # The class and errno of the cause survive: a locked child is still a LockedError.
+        return type(exc)(f"{role} file {where}: {exc.message}", path=self.path,
+                         field=field_name, errno=exc.errno)
+
+
+def _resolve_real(ctx: OpenContext, reference: str, field_name: str) -> tuple[str, str]:
+    path = ctx.resolve(reference, field_name=field_name)
+    return path, os.path.realpath(path)
+
+
+async def _blocking(fn: Callable[[], T]) -> T:
+    """Run a file system call that may block for ever (a hung mount) in an abandonable thread.
+
+    A cancelled caller (SIGTERM during ``vdiskfs mount``) returns at once; the thread finishes
+    or dies with the process.
+    """
+    return await trio.to_thread.run_sync(fn, abandon_on_cancel=True)
 
 
 async def _read_probe_bytes(file: BlockNode) -> tuple[bytes, bytes]:
@@ -228,28 +297,38 @@ async def _read_probe_bytes(file: BlockNode) -> tuple[bytes, bytes]:
     return head, tail
 
 
+async def _open_file(path: str, *, read_only: bool, locking: bool) -> BlockNode:
+    """The protocol node of ``path``, open (a regular file or block device, else refused)."""
+    from vdiskfs.drivers.protocol.file import FileNode
+
+    file = FileNode(path, read_only=read_only, locking=locking)
+    await file.open()
+    return file
+
+
 async def _open_tree(
-    path: str,
+    file: BlockNode,
     *,
+    real: str,
     options: OpenOptions,
     format: str | None,
     read_only: bool,
     chain: tuple[str, ...],
     warnings: list[str],
 ) -> BlockNode:
-    from vdiskfs.drivers.protocol.file import FileNode
-
-    file = FileNode(path, read_only=read_only, locking=options.locking)
-    await file.open()
+    """The format tree above ``file`` (open; closed here on failure), whose real path is
+    ``real``."""
+    path = file.label
     try:
         ctx = OpenContext(
             options=_with_read_only(options, read_only),
             path=path,
-            chain=(*chain, os.path.realpath(path)),
+            chain=(*chain, real),
             warnings=warnings,
         )
-        if file.lock_warning is not None:
-            ctx.warn(file.lock_warning)
+        lock_warning = getattr(file, "lock_warning", None)
+        if lock_warning is not None:
+            ctx.warn(lock_warning)
         if format == PROTOCOL_ONLY:
             # The protocol node alone, without a format layer: what QEMU opens for the extent
             # files of a VMDK (bdrv_open_child with no format), which grow as grains are added.
@@ -298,8 +377,11 @@ async def open_image(path: str, options: OpenOptions | None = None) -> BlockNode
     """
     options = options or OpenOptions()
     try:
+        real = await _blocking(lambda: os.path.realpath(path))
+        file = await _open_file(path, read_only=options.read_only, locking=options.locking)
         return await _open_tree(
-            path,
+            file,
+            real=real,
             options=options,
             format=options.format,
             read_only=options.read_only,

@@ -13,10 +13,12 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -33,6 +35,12 @@ from vdiskfs.overlay import open_overlay
 __all__ = ["MountRequest", "image_stem", "open_exports", "run_foreground", "spawn_daemon"]
 
 log = logging.getLogger(__name__)
+
+#: Seconds that closing the images opened so far may take when opening the rest failed or was
+#: interrupted.
+CLOSE_TIMEOUT = 5.0
+#: Seconds the daemon gets to end after SIGTERM before it is killed.
+TERM_GRACE = 3.0
 
 
 @dataclass
@@ -92,7 +100,10 @@ async def open_exports(
         if request.partitions:
             exports = await _with_partitions(exports, warn)
     except BaseException:
-        await close_all(roots)
+        # Shielded, so that a SIGTERM during the open still closes (and flushes) what opened;
+        # bounded, so that a close on a hung file system cannot keep the process for ever.
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + CLOSE_TIMEOUT):
+            await close_all(roots)
         raise
     return exports, roots
 
@@ -146,7 +157,7 @@ async def run_foreground(
             f"{request.mountpoint}: mount point is not a directory", errno=errno.ENOTDIR
         )
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
-        exports, roots = await open_exports(request, warn)
+        exports, roots = await _open_unless_signalled(request, warn, signals)
         try:
             operations = VdiskOperations(exports)
             async with trio.open_nursery() as nursery:
@@ -179,10 +190,61 @@ async def run_foreground(
     log.info("closed all images")
 
 
-def spawn_daemon(argv: list[str], log_file: str | None) -> int:
+async def _open_unless_signalled(
+    request: MountRequest,
+    warn: Callable[[str], None] | None,
+    signals: AsyncIterator[int],
+) -> tuple[list[Export], list[BlockNode]]:
+    """:func:`open_exports`, given up at the first signal.
+
+    Opening can wait on a hung file system (an image or a file it names on a stopped FUSE
+    mount, an unreachable NFS server). Such waits happen in abandonable threads (the file
+    protocol's open), so the event loop still runs this watcher: SIGTERM ends the mount within
+    a second instead of never.
+    """
+    signalled: int | None = None
+    opened: tuple[list[Export], list[BlockNode]] | None = None
+    failure: Exception | None = None
+    opening = trio.CancelScope()
+    async with trio.open_nursery() as nursery:
+
+        async def watch() -> None:
+            nonlocal signalled
+            async for signum in signals:
+                signalled = signum
+                opening.cancel()
+                return
+
+        nursery.start_soon(watch)
+        try:
+            with opening:
+                opened = await open_exports(request, warn)
+        except Exception as exc:
+            # Raised below, outside the nursery, so that it is not wrapped in an ExceptionGroup
+            # and reaches the user as the one-line error it is.
+            failure = exc
+        nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+    if signalled is None:
+        assert opened is not None
+        return opened
+    if opened is not None:  # the signal came just as the last image opened
+        with trio.CancelScope(shield=True):
+            await close_all(opened[1])
+    name = signal.Signals(signalled).name
+    log.info("%s while opening the images: not mounting", name)
+    raise VdiskError(f"{name} while opening the images: gave up, nothing mounted",
+                     errno=errno.EINTR)
+
+
+def spawn_daemon(argv: list[str], log_file: str | None, timeout: float | None) -> int:
     """Start ``vdiskfs mount --foreground`` in the background; relay its report; exit status.
 
-    ``argv`` are the mount arguments without ``--foreground``.
+    ``argv`` are the mount arguments without ``--foreground``. A daemon that has not mounted
+    after ``timeout`` seconds (None: no limit) is stopped -- SIGTERM, which it obeys even while
+    an open waits on a hung file system, then SIGKILL -- and the mount fails with a message,
+    rather than the command waiting for ever.
     """
     read_fd, write_fd = os.pipe()
     stderr = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
@@ -200,20 +262,61 @@ def spawn_daemon(argv: list[str], log_file: str | None) -> int:
         os.close(write_fd)
         if stderr is not subprocess.DEVNULL:
             stderr.close()
-    ready = reported = False
-    with os.fdopen(read_fd, "r", errors="replace") as report:
-        for line in report:
-            kind, _, text = line.rstrip("\n").partition(" ")
+    ready = reported = timed_out = False
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        for line in _report_lines(read_fd, deadline):
+            kind, _, text = line.partition(" ")
             if kind == "R":
                 ready = True
                 break
             reported |= kind == "E"
             print(f"vdiskfs: {'warning: ' if kind == 'W' else ''}{text}", file=sys.stderr)
+    except TimeoutError:
+        timed_out = True
+    finally:
+        os.close(read_fd)
     if ready:
         return 0
+    if timed_out:
+        _stop(proc)
+        print(f"vdiskfs: the daemon did not mount within {timeout:g} s (is an image, or a file "
+              "it names, on a hung file system?); stopped it, nothing mounted",
+              file=sys.stderr)
+        return 1
     status = proc.wait()
     if status == 0 or not reported:
         hint = f"; see {log_file}" if log_file else "; run with --foreground to see why"
         print(f"vdiskfs: the daemon exited with status {status} before mounting{hint}",
               file=sys.stderr)
     return status or 1
+
+
+def _report_lines(fd: int, deadline: float | None) -> Iterator[str]:
+    """The daemon's report lines until it closes the pipe; TimeoutError past ``deadline``."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    pending = b""
+    while True:
+        wait_ms = None
+        if deadline is not None:
+            wait_ms = max(0, int((deadline - time.monotonic()) * 1000))
+        if not poller.poll(wait_ms):
+            raise TimeoutError
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            yield line.decode(errors="replace")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the daemon; SIGKILL it if it has not ended after :data:`TERM_GRACE`."""
+    proc.terminate()
+    try:
+        proc.wait(TERM_GRACE)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -188,6 +188,61 @@ async def test_unknown_incompatible_bit_named_by_feature_table(bad: Path) -> Non
     await open_fails(bad, UnsupportedError, r"bad\.qcow2: .*bit 9 \(frobnicat")
 
 
+def _feature_table(path: Path) -> int:
+    return path.read_bytes().index(struct.pack(">I", 0x6803F857))
+
+
+async def test_feature_table_of_partial_entries(bad: Path) -> None:
+    table = _feature_table(bad)
+    length = read_field(bad, table + 4, ">I")
+    patch(bad, table + 4, ">I", length - 8)
+    await open_fails(bad, FormatError,
+                     r"bad\.qcow2: field feature name table: .*not a whole number of 48-byte")
+
+
+@pytest.mark.parametrize("name", [b"\x1b[31mred", b"caf\xc3\xa9", b"a\0b"],
+                         ids=["escape", "utf-8", "nul-inside"])
+async def test_feature_name_not_printable_ascii(bad: Path, name: bytes) -> None:
+    """Feature names reach the terminal inside error messages: printable ASCII only."""
+    patch(bad, _feature_table(bad) + 8 + 2, f">{len(name)}s", name)  # type: ignore[arg-type]
+    await open_fails(bad, FormatError, r"bad\.qcow2: field feature name table: .*name b'")
+
+
+async def _backing_format_named(tmp_path: Path, name: bytes) -> Path:
+    create(tmp_path / "base.raw", 1 * MiB, "raw")
+    top = create(tmp_path / "top.qcow2", 1 * MiB, backing="base.raw", backing_fmt="raw")
+    at = top.read_bytes().index(struct.pack(">I", 0xE2792ACA))
+    patch(top, at + 4, ">I", len(name))
+    patch(top, at + 8, f">{len(name)}s", name)  # type: ignore[arg-type]
+    return top
+
+
+@pytest.mark.parametrize(("name", "problem"), [
+    (b"", "is empty"), (b"\0\0\0", "is empty"), (b"r\xffw", "not printable ASCII"),
+    (b"ra\0w", "NUL byte inside"),
+])
+async def test_backing_format_name_not_a_name(tmp_path: Path, name: bytes,
+                                              problem: str) -> None:
+    top = await _backing_format_named(tmp_path, name)
+    await open_fails(top, FormatError,
+                     rf"top\.qcow2: field backing format extension: .*{problem}")
+
+
+async def test_backing_format_of_length_one(tmp_path: Path) -> None:
+    """The issue's case: a backing-format extension of length 1 read as "r", reported as
+    `unknown format 'r'`, naming neither the image nor the field."""
+    top = await _backing_format_named(tmp_path, b"r")
+    await open_fails(top, UnsupportedError,
+                     r"top\.qcow2: field backing format extension: backing file 'base\.raw': "
+                     r"unknown format 'r'")
+
+
+async def test_backing_format_padded_with_nul_is_read_as_qemu_does(tmp_path: Path) -> None:
+    top = await _backing_format_named(tmp_path, b"raw\0\0")
+    node = await open_image(str(top))
+    await node.aclose()
+
+
 async def test_corrupt_bit(bad: Path) -> None:
     patch(bad, INCOMPATIBLE, ">Q", 1 << 1)
     await open_fails(bad, UnsupportedError,

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import vhdx_build as vb
+from tests.support.hostile import assert_refused
 from tests.support.images import create, qemu_io
 from vdiskfs.block.registry import OpenOptions, open_image
 from vdiskfs.drivers.format.vhdx.metadata import parse_parent_locator
@@ -224,3 +225,11 @@ def test_parent_locator_hostile(data: bytes, error: type[VdiskError], field: str
         parse_parent_locator(data, label="child.vhdx")
     assert info.value.field == field
     assert info.value.path == "child.vhdx"
+
+
+async def test_parent_path_with_a_nul(tmp_path: Path) -> None:
+    """A locator string that decodes (UTF-16 allows U+0000) but is no file name."""
+    spec = vb.DiffSpec(virtual_size=1 << 20, locator={**GOOD, "relative_path": "p\0.vhdx"})
+    vb.build_differencing(tmp_path / "child.vhdx", spec)
+    await assert_refused(tmp_path / "child.vhdx", FormatError, "NUL byte",
+                         field="parent_locator.relative_path")

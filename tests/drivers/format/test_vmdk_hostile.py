@@ -223,6 +223,10 @@ async def test_missing_extent_is_named(tmp_path: Path) -> None:
         (['RW 2048 SPARSE "f.bin" 3'], FormatError, "only FLAT extents take an offset"),
         (['RW -5 FLAT "f.bin" 0'], FormatError, "must be positive"),
         (['RW lots FLAT "f.bin" 0'], FormatError, "not a number"),
+        # int() would take these; QEMU's sscanf does not.
+        (['RW 2_048 FLAT "f.bin" 0'], FormatError, "not a number"),
+        (['RW \u0662\u0660\u0664\u0668 FLAT "f.bin" 0'], FormatError, "not a number"),
+        (['RW 8 FLAT "f.bin" \uff10'], FormatError, "offset is not a number"),
         (['RW 8 FLAT "f.bin" -1'], FormatError, "invalid extent line|negative"),
         (['RW 8 FLAT f.bin 0'], FormatError, "invalid extent line"),
         (['RW 8 WEIRD "f.bin"'], UnsupportedError, "unknown extent type"),
@@ -252,9 +256,20 @@ async def test_create_type_missing_or_unknown(tmp_path: Path) -> None:
     await assert_refused(tmp_path / "d.vmdk", UnsupportedError, "fancyNewType", field="createType")
 
 
-async def test_bad_cid(tmp_path: Path) -> None:
-    (tmp_path / "d.vmdk").write_text('version=1\nCID=xyz\ncreateType="monolithicFlat"\n')
+@pytest.mark.parametrize("cid", ["xyz", "1_2", " 12", "\u0661"])
+async def test_bad_cid(tmp_path: Path, cid: str) -> None:
+    (tmp_path / "d.vmdk").write_text(f'version=1\nCID="{cid}"\ncreateType="monolithicFlat"\n')
     await assert_refused(tmp_path / "d.vmdk", FormatError, "not a hexadecimal", field="CID")
+
+
+async def test_descriptor_bytes_that_are_not_utf8(tmp_path: Path) -> None:
+    """Invalid UTF-8 in a descriptor is a file name like any other (as the file system takes
+    bytes), reported by name, never a UnicodeDecodeError."""
+    text = b'version=1\nCID=1\ncreateType="monolithicFlat"\nRW 8 FLAT "\xff\xfe.bin" 0\n'
+    (tmp_path / "d.vmdk").write_bytes(text)
+    exc = await assert_refused(tmp_path / "d.vmdk", FormatError, "not found",
+                               field="extent 1 (line 4)")
+    assert "\\udcff" in str(exc)
 
 
 async def test_too_many_extents(tmp_path: Path) -> None:

@@ -257,7 +257,8 @@ def test_parent_candidates_order() -> None:
         2: "..\\base\\p.vhd".encode("utf-16-le"),
         3: b"\x00alias-record",
     }
-    assert parent_candidates(header, data) == ["../base/p.vhd", "/srv/my vms/p.vhd", "p.vhd"]
+    assert parent_candidates(header, data, label="c.vhd") == [
+        "../base/p.vhd", "/srv/my vms/p.vhd", "p.vhd"]
 
 
 def test_builder_footer_roundtrip(vpc_images: dict[str, Image]) -> None:

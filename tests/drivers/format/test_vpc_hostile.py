@@ -244,3 +244,47 @@ async def test_parent_of_another_format_is_refused(tmp_path: Path) -> None:
     (tmp_path / "p.raw").write_bytes(bytes(MiB))
     child = _child(tmp_path / "c.vhd", uuid.uuid4(), [_w2ru("p.raw")])
     await assert_refused(child, FormatError, "no VHD footer", where=tmp_path / "p.raw")
+
+
+# -- parent locators that do not decode (issue 10) ----------------------------------------------
+
+
+@pytest.mark.parametrize("code", [b"W2ku", b"W2ru"])
+async def test_utf16_locator_of_odd_length(tmp_path: Path, code: bytes) -> None:
+    """The issue's recipe: a W2ku/W2ru locator with an odd data_length raised a
+    UnicodeDecodeError out of locator_reference."""
+    data = "p.vhd".encode("utf-16-le") + b"\x00"
+    child = _child(tmp_path / "c.vhd", uuid.uuid4(), [Locator(code, data)])
+    await assert_refused(child, FormatError, f"{code.decode()} locator of 11 bytes",
+                         field="parent_locator[0]")
+
+
+@pytest.mark.parametrize("data", [
+    "\ud800".encode("utf-16-le", "surrogatepass"),  # a lone high surrogate
+    "p".encode("utf-16-le") + "\udc00".encode("utf-16-le", "surrogatepass"),
+], ids=["lone-high", "lone-low"])
+async def test_utf16_locator_with_a_lone_surrogate(tmp_path: Path, data: bytes) -> None:
+    child = _child(tmp_path / "c.vhd", uuid.uuid4(), [Locator(b"W2ru", data)])
+    await assert_refused(child, FormatError, "W2ru locator is not valid UTF-16",
+                         field="parent_locator[0]")
+
+
+async def test_macx_locator_that_is_no_url(tmp_path: Path) -> None:
+    child = _child(tmp_path / "c.vhd", uuid.uuid4(), [Locator(b"MacX", b"file://[::1/p.vhd")])
+    await assert_refused(child, FormatError, "MacX locator is not a file URL",
+                         field="parent_locator[0]")
+
+
+@pytest.mark.parametrize("code", [b"Wi2r", b"Wi2k", b"MacX"])
+async def test_byte_locators_with_any_bytes_are_names(tmp_path: Path, code: bytes) -> None:
+    """Single-byte locators decode whatever their bytes (invalid UTF-8 included): a name the
+    file system may hold, looked for like any other, never a traceback."""
+    child = _child(tmp_path / "c.vhd", uuid.uuid4(), [Locator(code, b"\xff\xfe\x00junk")])
+    await assert_refused(child, FormatError, "not found", field="parent_locator")
+
+
+async def test_utf16_locator_with_nul_padding_is_fine(tmp_path: Path) -> None:
+    disk_uuid = _parent(tmp_path / "p.vhd")
+    child = _child(tmp_path / "c.vhd", disk_uuid,
+                   [Locator(b"W2ru", "p.vhd\0\0\0".encode("utf-16-le"))])
+    await read_everything(child)

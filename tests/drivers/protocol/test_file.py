@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import os
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
 from tests.support.conformance import check_block_node
 from tests.support.images import create, random_bytes
 from vdiskfs.block.node import BlockStatus
+from vdiskfs.drivers.protocol import file as file_module
 from vdiskfs.drivers.protocol.file import FileNode
-from vdiskfs.errors import HostIOError, LockedError
+from vdiskfs.errors import HostIOError, LockedError, NotADiskError
 
 
 async def _open(path: Path, read_only: bool = True) -> FileNode:
@@ -149,3 +155,65 @@ async def test_zero_past_the_end_never_cuts_off_a_write_in_flight(tmp_path: Path
             assert f.read(65536) == bytes(65536)
     finally:
         await node.aclose()
+
+
+# -- what is not a disk, and opens that never return (issue 10) -----------------------------------
+
+
+@pytest.mark.parametrize("read_only", [True, False], ids=["ro", "rw"])
+async def test_fifo_refused_without_waiting_for_a_writer(tmp_path: Path, read_only: bool) -> None:
+    """Read-only and read-write alike: neither waits for the FIFO's other end."""
+    os.mkfifo(tmp_path / "fifo")
+    with trio.fail_after(1), pytest.raises(NotADiskError, match="a FIFO") as info:
+        await _open(tmp_path / "fifo", read_only=read_only)
+    assert info.value.errno == errno.ENODEV and info.value.path == str(tmp_path / "fifo")
+
+
+async def test_directory_refused(tmp_path: Path) -> None:
+    with pytest.raises(NotADiskError, match="a directory") as info:
+        await _open(tmp_path)
+    assert info.value.errno == errno.EISDIR
+
+
+async def test_descriptor_is_blocking_again(tmp_path: Path) -> None:
+    """Opened O_NONBLOCK, then cleared: io_uring would answer EAGAIN on an O_NONBLOCK file."""
+    (tmp_path / "f").write_bytes(b"x" * 4096)
+    node = await _open(tmp_path / "f")
+    try:
+        assert not fcntl.fcntl(node.fd, fcntl.F_GETFL) & os.O_NONBLOCK
+    finally:
+        await node.aclose()
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+async def test_cancelled_open_is_abandoned_and_its_descriptor_closed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An open that hangs (stood for here by a blocking function in place of the system calls;
+    tests/fs/test_mount_hostile.py hangs a real one) returns at once when cancelled, and the
+    descriptor the thread gets later is closed, not leaked."""
+    (tmp_path / "f").write_bytes(b"x" * 4096)
+    release, finished = threading.Event(), threading.Event()
+    real_open = file_module._open_checked
+
+    def hanging_open(path: str, read_only: bool) -> tuple[int, bool, int]:
+        release.wait()
+        try:
+            return real_open(path, read_only)
+        finally:
+            finished.set()
+
+    monkeypatch.setattr(file_module, "_open_checked", hanging_open)
+    before = _open_fds()
+    with trio.move_on_after(0.2) as scope:
+        await _open(tmp_path / "f")
+    assert scope.cancelled_caught
+    release.set()
+    await trio.to_thread.run_sync(finished.wait)
+    # The thread closes the descriptor right after the open returns.
+    with trio.move_on_after(5):
+        while _open_fds() != before:
+            await trio.sleep(0.01)
+    assert _open_fds() == before

@@ -10,6 +10,11 @@ time: a queue depth of 16 ran at depth-1 speed (about 10k IOPS at both, issue 9)
 ``trio.to_thread`` per miss had cost more than it saved, so the engine is built for it
 (``scripts/bench/io_engines.py``).
 
+Only regular files and block devices are opened: a FIFO, a socket, a character device or a
+directory that an image names is refused (:class:`~vdiskfs.errors.NotADiskError`) without a
+single read, because reading one could wait for ever (issue 10). The open runs in a worker
+thread, so that a hung file system blocks only that thread, never the event loop.
+
 Image locking is QEMU's (``block/file-posix.c``), so vdiskfs and QEMU see each other: open file
 description locks on byte ``100 + i`` for each permission bit ``i`` the opener holds, and on
 ``200 + i`` for each one it does not share with others. A writer holds read, write, unchanged
@@ -24,14 +29,17 @@ import errno
 import fcntl
 import os
 import stat
+import threading
 from dataclasses import dataclass
 from typing import Any
+
+import trio
 
 from vdiskfs.block.node import BlockNode, BlockStatus, Buffer, NodeKind
 from vdiskfs.block.stats import StatsSnapshot
 from vdiskfs.drivers.protocol import _linux
 from vdiskfs.drivers.protocol.engine import HostFile, IoCounters, IoEngine, current_engine
-from vdiskfs.errors import HostIOError, LockedError
+from vdiskfs.errors import HostIOError, LockedError, NotADiskError
 
 __all__ = ["FileNode"]
 
@@ -62,6 +70,88 @@ class FileCounters(IoCounters):
     sync_calls: int = 0
 
 
+#: What each refused kind of file is called in the error, and its errno (a directory keeps
+#: EISDIR, as ``open(2)`` of a directory for writing would say).
+_REFUSED_KINDS = (
+    (stat.S_ISFIFO, "a FIFO (named pipe)", errno.ENODEV),
+    (stat.S_ISSOCK, "a socket", errno.ENODEV),
+    (stat.S_ISCHR, "a character device", errno.ENODEV),
+    (stat.S_ISDIR, "a directory", errno.EISDIR),
+)
+
+
+def _check_disk_mode(mode: int, path: str) -> None:
+    """Refuse a file that is not a regular file or a block device (see NotADiskError)."""
+    if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
+        return
+    # Every file type Linux has is listed; the default stands for any other.
+    kind, err = next(((k, e) for test, k, e in _REFUSED_KINDS if test(mode)),
+                     (f"a file of type {stat.S_IFMT(mode):#o}", errno.ENODEV))
+    raise NotADiskError(f"{kind}, not a disk image (only regular files and block devices are "
+                        "opened)", path=path, errno=err)
+
+
+def _open_checked(path: str, read_only: bool) -> tuple[int, bool, int]:
+    """Open ``path`` as a disk: ``(fd, is_block_device, size)``. Blocking; run in a thread.
+
+    ``stat`` first, so that a character device is never even opened (opening some has side
+    effects: a tape rewinds, a watchdog arms). ``O_NONBLOCK`` then makes the open itself return
+    at once for a FIFO or a terminal that replaced the file in between (a FIFO opened for
+    reading, or even read-write, does not wait for a peer with it), and ``fstat`` of the
+    descriptor is the answer that counts. ``O_NOCTTY``: a terminal never becomes ours.
+    """
+    try:
+        _check_disk_mode(os.stat(path).st_mode, path)
+        flags = os.O_RDONLY if read_only else os.O_RDWR
+        fd = os.open(path, flags | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError as exc:
+        raise HostIOError.wrap(exc, path, "cannot open") from exc
+    try:
+        st = os.fstat(fd)
+        _check_disk_mode(st.st_mode, path)
+        # io_uring answers EAGAIN instead of waiting on an O_NONBLOCK file: clear the flag.
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        is_block_device = stat.S_ISBLK(st.st_mode)
+        size = os.lseek(fd, 0, os.SEEK_END) if is_block_device else st.st_size
+    except BaseException as exc:
+        os.close(fd)
+        if isinstance(exc, OSError):
+            raise HostIOError.wrap(exc, path, "cannot open") from exc
+        raise
+    return fd, is_block_device, size
+
+
+async def _open_abandonable(path: str, read_only: bool) -> tuple[int, bool, int]:
+    """:func:`_open_checked` in a worker thread that a cancellation abandons.
+
+    An abandoned thread may still succeed later: whichever of it and the cancelled caller comes
+    second closes the descriptor, under a lock, so that it never leaks.
+    """
+    lock = threading.Lock()
+    abandoned = False
+    opened: int | None = None
+
+    def work() -> tuple[int, bool, int]:
+        nonlocal opened
+        result = _open_checked(path, read_only)
+        with lock:
+            if abandoned:
+                os.close(result[0])
+            else:
+                opened = result[0]
+        return result
+
+    try:
+        return await trio.to_thread.run_sync(work, abandon_on_cancel=True)
+    except BaseException:
+        with lock:
+            abandoned = True
+            if opened is not None:
+                # The thread finished, but its answer arrived after the cancellation.
+                os.close(opened)
+        raise
+
+
 class FileNode(BlockNode):
     """A regular file or block device on the host."""
 
@@ -82,17 +172,14 @@ class FileNode(BlockNode):
         self._io: HostFile | None = None
 
     async def open(self) -> None:
-        flags = (os.O_RDONLY if self.read_only else os.O_RDWR) | os.O_CLOEXEC
-        try:
-            self.fd = os.open(self.path, flags)
-            st = os.fstat(self.fd)
-            if stat.S_ISDIR(st.st_mode):
-                raise IsADirectoryError(errno.EISDIR, "is a directory")
-            self.is_block_device = stat.S_ISBLK(st.st_mode)
-            self.size = os.lseek(self.fd, 0, os.SEEK_END) if self.is_block_device else st.st_size
-        except OSError as exc:
-            self._close_fd()
-            raise HostIOError.wrap(exc, self.path, "cannot open") from exc
+        """Open the file, refusing anything that is not a regular file or a block device.
+
+        The system calls run in a worker thread that a cancellation abandons: on a hung file
+        system (a stopped FUSE daemon, an unreachable NFS server) ``open`` or ``stat`` can wait
+        for ever even with ``O_NONBLOCK``, and the event loop must stay free to hear SIGTERM.
+        """
+        fd, self.is_block_device, self.size = await _open_abandonable(self.path, self.read_only)
+        self.fd = fd
         if self.locking:
             try:
                 self._take_locks()

@@ -205,7 +205,8 @@ class Qcow2Node(FormatNode):
             ))
         if header.backing_file is not None:
             await self.open_backing(header.backing_file, field="backing_file",
-                                    format=header.backing_format)
+                                    format=header.backing_format,
+                                    format_field="backing format extension")
 
     async def _read_snapshots(self, header: Header) -> list[Snapshot]:
         count = header.nb_snapshots

@@ -390,20 +390,50 @@ def _parse_extensions(data: bytes, start: int, end: int, path: str) -> _Extensio
                     field="backing format extension",
                     offset=offset,
                 )
-            found.backing_format = payload.decode("ascii", "replace")
+            found.backing_format = _ascii_name(payload, path, "backing format extension",
+                                               body, may_be_empty=False)
         elif magic == EXT_DATA_FILE:
             found.data_file = os.fsdecode(payload)
         elif magic == EXT_FEATURE_TABLE:
-            for entry in range(0, length - _FEATURE_ENTRY_SIZE + 1, _FEATURE_ENTRY_SIZE):
+            if length % _FEATURE_ENTRY_SIZE:
+                raise FormatError(
+                    f"feature name table of {length} bytes is not a whole number of "
+                    f"{_FEATURE_ENTRY_SIZE}-byte entries",
+                    path=path,
+                    field="feature name table",
+                    offset=offset + 4,
+                )
+            for entry in range(0, length, _FEATURE_ENTRY_SIZE):
                 kind, bit = payload[entry], payload[entry + 1]
-                name = payload[entry + 2 : entry + _FEATURE_ENTRY_SIZE].split(b"\0", 1)[0]
-                found.feature_names[(kind, bit)] = name.decode("ascii", "replace")
+                name = _ascii_name(payload[entry + 2 : entry + _FEATURE_ENTRY_SIZE], path,
+                                   "feature name table", body + entry + 2, may_be_empty=True)
+                found.feature_names[(kind, bit)] = name
         else:
             # Bitmaps and the crypto header only matter to writers and to encrypted images
             # (refused by crypt_method); anything else is a compatible extension to skip.
             found.unknown.append(magic)
         offset = body + ((length + 7) & ~7)
     return found
+
+
+def _ascii_name(raw: bytes, path: str, field: str, offset: int, *, may_be_empty: bool) -> str:
+    """A name stored in a header extension: printable ASCII, as QEMU writes them.
+
+    NUL bytes may follow the name (a feature name fills a fixed 46-byte slot; QEMU reads a
+    backing format as a C string), but no text after them. Anything else -- control bytes
+    (which would reach the user's terminal inside an error message), bytes above 0x7e, an empty
+    name where one is needed -- is a FormatError naming the field, never a name mangled into
+    something else.
+    """
+    text = raw.rstrip(b"\0")
+    problem = None if text or may_be_empty else "is empty"
+    if problem is None and not all(0x20 <= c < 0x7F for c in text):
+        problem = f"{text!r} is not printable ASCII"
+        if b"\0" in text:
+            problem = f"{text!r} has a NUL byte inside"
+    if problem is not None:
+        raise FormatError(f"name {problem}", path=path, field=field, offset=offset)
+    return text.decode("ascii")
 
 
 def _check_features(header: Header, path: str) -> None:

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import array
 import dataclasses
-import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -341,7 +340,7 @@ class VhdxNode(FormatNode):
         tried = []
         for key, path in locator.paths():
             field = f"parent_locator.{key}"
-            if not os.path.exists(self.ctx.resolve(path, field_name=field)):
+            if not await self.ctx.exists(path, field_name=field):
                 tried.append(f"{key} {path!r}")
                 continue
             parent = await self.open_backing(path, field=field)

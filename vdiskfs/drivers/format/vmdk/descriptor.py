@@ -161,8 +161,16 @@ def _unquote(value: str) -> str:
     return value
 
 
+#: Numbers as QEMU's sscanf reads them: ASCII digits only (a sign is refused later, with its
+#: own message). Python's int() would also take "1_000", blanks and digits of any script.
+_DECIMAL_RE = re.compile(r"-?[0-9]{1,20}")
+_HEX_RE = re.compile(r"(?:0[xX])?[0-9A-Fa-f]{1,16}")
+
+
 def _parse_cid(value: str, key: str, label: str, line_no: int) -> int:
     try:
+        if not _HEX_RE.fullmatch(value):
+            raise ValueError(value)
         cid = int(value, 16)
     except ValueError:
         raise FormatError(
@@ -182,6 +190,8 @@ def _parse_extent(line: str, line_no: int, label: str) -> ExtentLine:
     kind = match["type"]
     where = f"line {line_no} ({line!r})"
     try:
+        if not _DECIMAL_RE.fullmatch(match["sectors"]):
+            raise ValueError(match["sectors"])
         sectors = int(match["sectors"])
     except ValueError:
         raise FormatError(f"{where}: extent size is not a number", path=label,
@@ -212,6 +222,8 @@ def _parse_extent(line: str, line_no: int, label: str) -> ExtentLine:
     offset = 0
     if raw_offset is not None:
         try:
+            if not _DECIMAL_RE.fullmatch(raw_offset):
+                raise ValueError(raw_offset)
             offset = int(raw_offset)
         except ValueError:
             raise FormatError(f"{where}: extent offset is not a number", path=label,

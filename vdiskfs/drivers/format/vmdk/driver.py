@@ -37,7 +37,6 @@ from __future__ import annotations
 import bisect
 import enum
 import errno
-import os
 import secrets
 import struct
 import zlib
@@ -367,8 +366,8 @@ class VmdkNode(FormatNode):
             if line.filename is None:
                 resolved.append(None)
                 continue
-            real = os.path.realpath(self.ctx.resolve(
-                line.filename, field_name=f"extent {index + 1} (line {line.line_no})"))
+            real = await self.ctx.realpath(
+                line.filename, field_name=f"extent {index + 1} (line {line.line_no})")
             resolved.append(real)
             if line.access == "RW":
                 writable_files.add(real)

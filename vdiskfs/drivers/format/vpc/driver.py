@@ -33,7 +33,6 @@ reader here; the bits are kept true anyway for other readers (Virtual PC, Hyper-
 from __future__ import annotations
 
 import errno
-import os
 import struct
 from array import array
 from dataclasses import dataclass
@@ -254,17 +253,16 @@ class VpcNode(FormatNode):
             locator_data[locator.index] = await self.read_metadata(
                 locator.data_offset, locator.data_length, field_name
             )
-        candidates = parent_candidates(header, locator_data)
+        candidates = parent_candidates(header, locator_data, label=self.label)
         if not candidates:
             raise self.format_error("differencing disk names no parent", field="parent_locator")
         refused: ChainError | None = None
         for reference in candidates:
             try:
-                path = self.ctx.resolve(reference, field_name="parent_locator")
+                if not await self.ctx.exists(reference, field_name="parent_locator"):
+                    continue
             except ChainError as exc:
                 refused = refused or exc
-                continue
-            if not os.path.exists(path):
                 continue
             node = await self.open_backing(reference, field="parent_locator", format="vpc")
             assert node is not None  # opened only when backing files are wanted

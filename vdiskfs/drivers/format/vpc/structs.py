@@ -271,26 +271,45 @@ def _windows_path(text: str) -> tuple[str, bool]:
     return path, absolute
 
 
-def locator_reference(locator: ParentLocator, data: bytes) -> tuple[str, bool] | None:
+def locator_reference(locator: ParentLocator, data: bytes, label: str
+                      ) -> tuple[str, bool] | None:
     """Decode a parent locator's data to ``(reference, absolute)``; None for a platform this
     module cannot read (``Mac `` aliases, unknown codes) or an empty path.
 
     ``absolute`` marks a path of another machine (``C:\\vms\\base.vhd``): the caller can only
-    look for its file name beside the child.
+    look for its file name beside the child. Total: data that is not what its platform code
+    promises (an odd number of UTF-16 bytes, a lone surrogate, a malformed URL) is a
+    :class:`FormatError` naming ``label`` and the locator; NUL padding after the path is normal.
     """
     platform = locator.platform
+    field = f"parent_locator[{locator.index}]"
     if platform in (Platform.W2RU, Platform.W2KU):
-        text = data.decode("utf-16-le", errors="surrogatepass").split("\0", 1)[0]
+        # Strict UTF-16: a lone surrogate would survive decoding with surrogatepass, only to
+        # fail as an unencodable file name at the open.
+        if len(data) % 2:
+            raise FormatError(f"{platform.value.decode()} locator of {len(data)} bytes: UTF-16 "
+                              "text has an even number of bytes", path=label, field=field)
+        try:
+            text = data.decode("utf-16-le").split("\0", 1)[0]
+        except UnicodeDecodeError as exc:
+            raise FormatError(f"{platform.value.decode()} locator is not valid UTF-16 "
+                              f"({exc.reason} at byte {exc.start})", path=label,
+                              field=field) from None
         path, absolute = _windows_path(text)
     elif platform in (Platform.WI2R, Platform.WI2K):
+        # surrogateescape: any bytes survive as a file name, as the file system takes them.
         text = data.decode("utf-8", errors="surrogateescape").split("\0", 1)[0]
         path, absolute = _windows_path(text)
     elif platform is Platform.MACX:
         text = data.decode("utf-8", errors="surrogateescape").split("\0", 1)[0]
-        parts = urlsplit(text)
+        try:
+            parts = urlsplit(text)
+        except ValueError as exc:  # "Invalid IPv6 URL" and the like
+            raise FormatError(f"MacX locator is not a file URL: {exc}", path=label,
+                              field=field) from None
         if parts.scheme not in ("file", ""):
             return None
-        path, absolute = unquote(parts.path), True
+        path, absolute = unquote(parts.path, errors="surrogateescape"), True
     else:
         return None
     if not path:
@@ -315,7 +334,8 @@ _PLATFORM_PREFERENCE = (Platform.W2RU, Platform.WI2R, Platform.MACX, Platform.W2
                         Platform.WI2K)
 
 
-def parent_candidates(header: DynamicHeader, locator_data: dict[int, bytes]) -> list[str]:
+def parent_candidates(header: DynamicHeader, locator_data: dict[int, bytes], *,
+                      label: str) -> list[str]:
     """References to try, in order, for a differencing disk's parent.
 
     ``locator_data`` maps a locator's index to its data. Absolute Windows paths name a file on
@@ -327,7 +347,7 @@ def parent_candidates(header: DynamicHeader, locator_data: dict[int, bytes]) -> 
         for locator in header.locators:
             if locator.platform is not platform or locator.index not in locator_data:
                 continue
-            decoded = locator_reference(locator, locator_data[locator.index])
+            decoded = locator_reference(locator, locator_data[locator.index], label)
             if decoded is None:
                 continue
             path, absolute = decoded

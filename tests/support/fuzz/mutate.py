@@ -34,6 +34,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tests.support.fuzz.layouts import (
     COUNT,
@@ -71,7 +72,7 @@ class CaseSpec:
     #: Paths outside the case directory the case names on purpose (``/dev/stdin``).
     allow: list[str] = field(default_factory=list)
     #: Parameters of a virtqueue case (see :mod:`.virtio`).
-    params: dict[str, int] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
 
     def save(self, directory: Path) -> None:
         (directory / CASE_FILE).write_text(json.dumps(self.__dict__, indent=1) + "\n")

@@ -92,6 +92,8 @@ def run_case(case_dir: Path, spec: CaseSpec) -> dict[str, Any]:
             from tests.support.fuzz.virtio import run_virtio_case
 
             trio.run(run_virtio_case, spec.params)
+        elif spec.kind == "selftest":
+            _misbehave(case_dir, spec.params["do"])
         else:
             trio.run(_image_case, case_dir, spec)
     except VdiskError as exc:
@@ -143,6 +145,26 @@ def project_path(filename: str) -> str:
     except ValueError:
         return ""
     return rel.as_posix() if rel.parts and rel.parts[0] in PROJECT_DIRS else ""
+
+
+def _misbehave(case_dir: Path, what: str) -> None:
+    """Each way a case can go wrong, on purpose: the runner's own tests classify these."""
+    if what == "modify":
+        with open(case_dir / "victim", "ab") as f:
+            f.write(b"!")
+    elif what == "outside":
+        with open("/etc/passwd", "rb") as f:
+            f.read(1)
+    elif what == "hang":
+        os.read(0, 1)  # stdin is a pipe nobody writes
+    elif what == "memory":
+        _hog = bytearray(1 << 40)
+    elif what == "crash":
+        os.kill(os.getpid(), 9)
+    elif what == "raise":
+        raise KeyError("selftest")
+    elif what == "refuse":
+        raise VdiskError("refused on purpose", path="selftest")
 
 
 # -- the image case --------------------------------------------------------------------------------

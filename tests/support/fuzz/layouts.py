@@ -45,6 +45,9 @@ class Field:
     fmt: str
     kind: str
     unit: int = 1
+    #: How often the mutator picks it, relative to others: fields that lead to other files
+    #: (name offsets and lengths, locators) are picked more, their code is the least trodden.
+    weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -135,8 +138,8 @@ def _qcow2(data: bytes) -> Layout:
     cluster = 1 << cluster_bits if 9 <= cluster_bits <= 21 else 65536
     layout = Layout("qcow2", unit=cluster)
     layout.fields += [
-        Field("version", 4, ">I", ENUM), Field("backing_file_offset", 8, ">Q", OFFSET),
-        Field("backing_file_size", 16, ">I", SIZE), Field("cluster_bits", 20, ">I", INT),
+        Field("version", 4, ">I", ENUM), Field("backing_file_offset", 8, ">Q", OFFSET, weight=3),
+        Field("backing_file_size", 16, ">I", SIZE, weight=3), Field("cluster_bits", 20, ">I", INT),
         Field("size", 24, ">Q", SIZE), Field("crypt_method", 32, ">I", ENUM),
         Field("l1_size", 36, ">I", COUNT), Field("l1_table_offset", 40, ">Q", OFFSET),
         Field("refcount_table_offset", 48, ">Q", OFFSET),
@@ -268,8 +271,8 @@ def _qed(data: bytes) -> Layout:
         Field("header_size", 12, "<I", COUNT), Field("features", 16, "<Q", FLAGS),
         Field("compat_features", 24, "<Q", FLAGS), Field("autoclear_features", 32, "<Q", FLAGS),
         Field("l1_table_offset", 40, "<Q", OFFSET), Field("image_size", 48, "<Q", SIZE),
-        Field("backing_filename_offset", 56, "<I", OFFSET),
-        Field("backing_filename_size", 60, "<I", SIZE),
+        Field("backing_filename_offset", 56, "<I", OFFSET, weight=3),
+        Field("backing_filename_size", 60, "<I", SIZE, weight=3),
     ]
     entries = min(table_size * cluster // 8, MAX_TABLE_ENTRIES)
     l1 = Table("L1", _u(data, 40, "<Q"), "<Q", entries, lambda o: o, (0, 1))
@@ -440,12 +443,15 @@ def _vpc(data: bytes) -> Layout:
         ]
         for i in range(8):
             at = dyn + 576 + 24 * i
-            layout.fields += [Field(f"locator[{i}].data_space", at + 4, ">I", SIZE),
-                              Field(f"locator[{i}].data_length", at + 8, ">I", SIZE),
-                              Field(f"locator[{i}].data_offset", at + 16, ">Q", OFFSET)]
             code = data[at : at + 4]
+            weight = 4 if code != bytes(4) else 0.2
+            layout.fields += [Field(f"locator[{i}].data_space", at + 4, ">I", SIZE, weight=weight),
+                              Field(f"locator[{i}].data_length", at + 8, ">I", SIZE,
+                                    weight=weight),
+                              Field(f"locator[{i}].data_offset", at + 16, ">Q", OFFSET,
+                                    weight=weight)]
             if code != bytes(4):
-                layout.fields.append(Field(f"locator[{i}].code", at, ">I", ENUM))
+                layout.fields.append(Field(f"locator[{i}].code", at, ">I", ENUM, weight=2))
                 layout.references.append(Reference(f"locator[{i}]", _vpc_locator(at, code)))
         table = _u(data, dyn + 16, ">Q")
         layout.tables.append(Table("BAT", table, ">I",
@@ -537,13 +543,13 @@ def _vhdx(data: bytes) -> Layout:
                                            "<H", COUNT))
                 for k in range(min(_u(data, value_at + 18, "<H"), 8)):
                     kv = value_at + 20 + 12 * k
-                    layout.fields += [Field(f"parent_locator[{k}].key_offset", kv, "<I", OFFSET),
-                                      Field(f"parent_locator[{k}].value_offset", kv + 4, "<I",
-                                            OFFSET),
-                                      Field(f"parent_locator[{k}].key_length", kv + 8, "<H",
-                                            SIZE),
-                                      Field(f"parent_locator[{k}].value_length", kv + 10, "<H",
-                                            SIZE)]
+                    layout.fields += [
+                        Field(f"parent_locator[{k}].key_offset", kv, "<I", OFFSET, weight=3),
+                        Field(f"parent_locator[{k}].value_offset", kv + 4, "<I", OFFSET,
+                              weight=3),
+                        Field(f"parent_locator[{k}].key_length", kv + 8, "<H", SIZE, weight=3),
+                        Field(f"parent_locator[{k}].value_length", kv + 10, "<H", SIZE,
+                              weight=3)]
                 layout.references.append(Reference("parent_locator.relative_path",
                                                     _vhdx_locator(data, value_at, entry)))
     bat_at, bat_len = regions.get(vb.BAT_GUID, (0, 0))
@@ -652,8 +658,8 @@ def _gpt(data: bytes, sector: int, layout: Layout) -> None:
             Field(f"{prefix}.first_usable_lba", at + 40, "<Q", OFFSET, sector),
             Field(f"{prefix}.last_usable_lba", at + 48, "<Q", OFFSET, sector),
             Field(f"{prefix}.entries_lba", at + 72, "<Q", OFFSET, sector),
-            Field(f"{prefix}.entry_count", at + 80, "<I", COUNT),
-            Field(f"{prefix}.entry_size", at + 84, "<I", SIZE),
+            Field(f"{prefix}.entry_count", at + 80, "<I", COUNT, weight=3),
+            Field(f"{prefix}.entry_size", at + 84, "<I", SIZE, weight=3),
         ]
         entries_at = _u(data, at + 72, "<Q") * sector
         size = _u(data, at + 84, "<I")

@@ -188,7 +188,7 @@ def boundary_values(f: Field, old: int, file_len: int, layout: Layout,
 
 def _field(data: bytearray, layout: Layout, rng: random.Random, directory: Path,
            spec: CaseSpec) -> tuple[bytearray, str]:
-    f = rng.choice(layout.fields)
+    f = rng.choices(layout.fields, [f.weight for f in layout.fields])[0]
     size = struct.calcsize(f.fmt)
     if f.offset < 0 or f.offset + size > len(data):
         return data, f"field {f.name}: outside the file, left alone"

@@ -67,10 +67,10 @@ class CaseSpec:
     seed: str
     image: str = ""
     mutations: list[str] = field(default_factory=list)
-    #: Open with ``follow_outside`` (QEMU's default) rather than ``--no-follow-outside``.
+    #: Open with ``follow_outside`` (QEMU's default) rather than ``--no-follow-outside``:
+    #: reading a file outside the case directory is then the policy, and only writing there
+    #: is a finding.
     follow_outside: bool = False
-    #: Paths outside the case directory the case names on purpose (``/dev/stdin``).
-    allow: list[str] = field(default_factory=list)
     #: Parameters of a virtqueue case (see :mod:`.virtio`).
     params: dict[str, Any] = field(default_factory=dict)
 
@@ -294,7 +294,6 @@ def _reference(data: bytearray, layout: Layout, rng: random.Random, directory: P
     if name.startswith(b"/dev/") and rng.random() < 0.5:
         # QEMU's default policy: the special file itself is then opened, on purpose.
         spec.follow_outside = True
-        spec.allow.append(name.decode())
     data = reference.rewrite(data, name)
     shown = name if len(name) <= 40 else name[:20] + b"..." + str(len(name)).encode()
     return data, f"reference {reference.name} -> {kind} {shown!r}"

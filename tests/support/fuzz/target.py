@@ -5,8 +5,9 @@ own address space (``RLIMIT_AS``), arms a ``faulthandler`` watchdog that dumps e
 stack and exits when the time is up (so a hang still says where it hung), puts a pipe that
 never delivers on stdin (``/dev/stdin`` then blocks as at a terminal), and installs an audit
 hook that records every ``open`` outside the case directory and the interpreter's own files
-(and refuses writes there). Then it runs the case and writes one JSON line per event to the
-result file, which survives the child being killed.
+(and refuses writes there; with ``follow_outside`` only the writes are findings). Then it
+runs the case and writes one JSON line per event to the result file, which survives the child
+being killed.
 
 An image case does what ``vdiskfs info`` does -- open the tree (read-only, and with
 ``--no-follow-outside`` unless the case asks otherwise), describe it, scan the partition table
@@ -73,7 +74,7 @@ def child_main(case_dir: str, result_path: str, stderr_path: str, timeout: float
         resource.setrlimit(resource.RLIMIT_FSIZE, (256 << 20, 256 << 20))
         emit(results, event="start", main_thread=threading.get_ident())
         spec = CaseSpec.load(Path(case_dir))
-        _install_audit_hook(Path(case_dir), spec.allow, results)
+        _install_audit_hook(Path(case_dir), spec.follow_outside, results)
         outcome = run_case(Path(case_dir), spec)
         emit(results, event="done", **outcome)
         faulthandler.cancel_dump_traceback_later()
@@ -248,10 +249,10 @@ def _allowed_prefixes(case_dir: Path) -> tuple[str, ...]:
     return tuple(sorted(prefixes))
 
 
-def _install_audit_hook(case_dir: Path, allow: list[str], results: IO[str]) -> None:
+def _install_audit_hook(case_dir: Path, follow_outside: bool, results: IO[str]) -> None:
     prefixes = _allowed_prefixes(case_dir)
     # "/": the file engine probes for cachestat(2) on the root directory.
-    exact = {"/", "/dev/null", "/dev/urandom", "/dev/fuse", "/etc/localtime", *allow}
+    exact = {"/", "/dev/null", "/dev/urandom", "/dev/fuse", "/etc/localtime"}
     seen: set[str] = set()
 
     def hook(event: str, args: tuple[Any, ...]) -> None:
@@ -266,6 +267,8 @@ def _install_audit_hook(case_dir: Path, allow: list[str], results: IO[str]) -> N
             return
         mode, flags = (args[1], args[2]) if len(args) >= 3 else (None, 0)
         writing = bool((flags or 0) & _WRITE_FLAGS) or any(c in (mode or "") for c in "wax+")
+        if follow_outside and not writing:
+            return  # QEMU's policy: a reference may name any file, to be read
         if absolute not in seen:
             seen.add(absolute)
             stack = traceback.extract_stack()[:-1]

@@ -94,14 +94,10 @@ class KnownBug:
                 and signature.frame.startswith(self.frame_prefix))
 
 
-#: Bugs of issue 10 that other branches are fixing. The test suite tolerates these signatures
-#: and the campaign table marks them "known"; empty this tuple once the fixes are merged.
-KNOWN_BUGS_BEING_FIXED: tuple[KnownBug, ...] = (
-    KnownBug("hang", "", "vdiskfs/drivers/protocol/file.py:",
-             "issue 10 item 1: opening a FIFO or other special file blocks the event loop"),
-    KnownBug("unexpected", "UnicodeDecodeError", "vdiskfs/drivers/format/vpc/structs.py:",
-             "issue 10 item 2: odd-length W2ku/W2ru VHD parent locator"),
-)
+#: Bugs known and being fixed elsewhere: the test suite tolerates these signatures and the
+#: campaign table marks them "known". Empty since issue 10's FIFO hang and VHD locator
+#: traceback were fixed; add an entry only together with the issue that tracks it.
+KNOWN_BUGS_BEING_FIXED: tuple[KnownBug, ...] = ()
 
 
 def known_bug(signature: Signature) -> KnownBug | None:

@@ -261,7 +261,11 @@ async def test_cancelled_writers_leave_a_consistent_image(variant_templates: dic
 
 
 #: Formats whose cancelled writes leak clusters (qemu-img check: leaks, no corruption).
-CANCEL_LEAKS: dict[str, str] = {}
+CANCEL_LEAKS = {
+    "qed": "qed: a write cancelled between _allocate_clusters and _update_l2 leaves the "
+           "clusters it reserved at the end of the file unreferenced (and close clears the "
+           "need-check bit)",
+}
 
 
 async def _cancel_some_writers(gate: Gate, ops: list[tuple[int, bytes, bool]],

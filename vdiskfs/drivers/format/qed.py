@@ -477,16 +477,10 @@ class QedNode(FormatNode):
             await write_runs(runs, offset, view, self.file, self._allocate_per_table)
             return
         async with self._alloc_lock:
-            # An allocating write, once begun, finishes even if its caller is cancelled: its
-            # clusters are reserved at the end of the file before the L2 update that makes
-            # them used, and stopping between the two would leak them (QEMU never abandons a
-            # request half way either). The engine waits for every host write the same way.
-            with trio.CancelScope(shield=True):
-                # Mapped again under the lock: the allocating write before may have mapped
-                # these.
-                runs = coalesce(await self._map(offset, len(view)))
-                await write_runs(runs, offset, view, self.file, self._allocate_per_table)
-                self._last_allocation = time.monotonic()
+            # Mapped again under the lock: the allocating write before may have mapped these.
+            runs = coalesce(await self._map(offset, len(view)))
+            await write_runs(runs, offset, view, self.file, self._allocate_per_table)
+            self._last_allocation = time.monotonic()
 
     async def _allocate_per_table(self, run: Run, data: memoryview) -> None:
         """:meth:`_allocate` each piece of ``run`` that one L2 table maps."""

@@ -11,7 +11,7 @@ branches; empty that tuple once they are merged).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -137,16 +137,17 @@ def test_fifo_backing_file_is_the_known_hang(tmp_path: Path) -> None:
 
 
 def _rogue(monkeypatch: pytest.MonkeyPatch, *, write: bool) -> None:
-    original = SplitQueue.add_used
+    original = SplitQueue.add_used_batch
 
-    def add_used(self: SplitQueue, memory: GuestMemory, head: int, length: int) -> None:
+    def add_used_batch(self: SplitQueue, memory: GuestMemory,
+                       elements: Sequence[tuple[int, int]]) -> int:
         if write:
             memory.view(0x10, 1)[0] = 0xAB  # below the rings: no descriptor names it
         else:
             bytes(memory.view(0x20, 8))
-        original(self, memory, head, length)
+        return original(self, memory, elements)
 
-    monkeypatch.setattr(SplitQueue, "add_used", add_used)
+    monkeypatch.setattr(SplitQueue, "add_used_batch", add_used_batch)
 
 
 @pytest.mark.parametrize("write", [True, False])

@@ -251,10 +251,12 @@ class BlockDevice(VirtioDevice):
         try:
             async with trio.open_nursery() as requests:
                 while True:
-                    self._publish(state)
                     idle = self._admit(index, state, requests)
+                    # After admitting: chains refused while admitting are answered already
+                    # and must be published now, not at some later wake-up (found by the
+                    # fuzzer: a lone malformed chain never came back).
+                    self._publish(state)
                     if until_idle and idle and state.in_flight == 0:
-                        self._publish(state)
                         return
                     await state.wakeup.wait()
                     # Everything that happened until now is handled by the next turn.

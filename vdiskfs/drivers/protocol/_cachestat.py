@@ -14,6 +14,8 @@ import errno
 import mmap
 import os
 
+from vdiskfs.drivers.protocol._syscall import syscall_function
+
 __all__ = ["PageCacheProbe"]
 
 #: The same number on x86-64 and arm64 (system calls added after 4.20 share one table).
@@ -34,11 +36,7 @@ class _Stat(ctypes.Structure):
     )
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_cachestat = _libc["syscall"]
-_cachestat.argtypes = (ctypes.c_long, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p,
-                       ctypes.c_uint)
-_cachestat.restype = ctypes.c_long
+_cachestat = syscall_function(ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint)
 
 
 class PageCacheProbe:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import ctypes
 import struct
 
+from vdiskfs.drivers.protocol._syscall import syscall_function
+
 SYS_IO_URING_SETUP = 425
 SYS_IO_URING_ENTER = 426
 SYS_IO_URING_REGISTER = 427
@@ -122,23 +124,10 @@ class PyBuffer(ctypes.Structure):
 PYBUF_SIMPLE = 0
 PYBUF_WRITABLE = 1
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _syscall(*argtypes: type) -> ctypes._CFuncPtr:  # type: ignore[name-defined]
-    # Each ``_libc["syscall"]`` is a new function object, so each system call gets its own
-    # argument types (syscall(2) is variadic: every argument must be passed at full width).
-    # ctypes releases the GIL around the call.
-    function = _libc["syscall"]
-    function.argtypes = (ctypes.c_long, *argtypes)
-    function.restype = ctypes.c_long
-    return function
-
-
-_setup = _syscall(ctypes.c_uint, ctypes.c_void_p)
-_enter = _syscall(ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p,
-                  ctypes.c_size_t)
-_register = _syscall(ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_uint)
+_setup = syscall_function(ctypes.c_uint, ctypes.c_void_p)
+_enter = syscall_function(ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint,
+                          ctypes.c_void_p, ctypes.c_size_t)
+_register = syscall_function(ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_uint)
 
 
 def io_uring_setup(entries: int, params: Params) -> int:

@@ -83,6 +83,8 @@ class VdiskOperations(pyfuse3.Operations):
 
     supports_dot_lookup = False
     enable_writeback_cache = False
+    max_background = 64
+    congestion_threshold = 48
 
     def __init__(
         self,

@@ -174,6 +174,20 @@ def test_foreground_mode_logs_and_stays_attached(raw_disk: Path, tmp_path: Path)
         force_unmount(mnt)
 
 
+def test_deep_queues_reach_the_daemon(raw_disk: Path, tmp_path: Path) -> None:
+    # max_background as many as the daemon's workers, the congestion threshold at 3/4.
+    from vdiskfs.fs.mount import FUSECTL, MAX_TASKS
+
+    with mounted(raw_disk, mountpoint=tmp_path / "mnt", options=("--format", "raw")) as mnt:
+        info = find_mount(str(mnt))
+        assert info is not None and info.device is not None
+        connection = Path(FUSECTL) / info.device.partition(":")[2]
+        if not connection.is_dir():  # set at INIT, vdiskfs had no need to mount fusectl
+            subprocess.run(["mount", "-t", "fusectl", "fusectl", FUSECTL], check=True)
+        assert int((connection / "max_background").read_text()) == MAX_TASKS
+        assert int((connection / "congestion_threshold").read_text()) == MAX_TASKS * 3 // 4
+
+
 def test_sequential_readers_get_a_large_readahead(raw_disk: Path, tmp_path: Path) -> None:
     from vdiskfs.fs.mount import READAHEAD_KB
 

@@ -11,6 +11,12 @@
 #     vdiskfs.parallel_kib KiB, default 1024) to block N+i with O_DIRECT; then vdiskfs.scatter=M
 #     (default 16) 4 KiB blocks i go to every other 4 KiB block after those, written back by
 #     one sync (tests/emulator/test_boot.py checks the copies);
+#   - with vdiskfs.trim=DEV, mounts DEV's ext4 on /mnt, deletes /mnt/<vdiskfs.trim_rm>, syncs,
+#     runs fstrim on it, unmounts and flushes DEV;
+#   - with vdiskfs.zeroes=DEV, runs vdiskfs-zeroes (scripts/guest/zeroes.c, found on the ext4 of
+#     vdiskfs.tools=DEV2, mounted read-only on /tools) on DEV with the operations of
+#     vdiskfs.zeroes_ops=MODE:OFFSET:LENGTH,... (MODE punch, zero or discard), then flushes DEV;
+#     both print DEV's discard and write-zeroes limits as the kernel saw them;
 #   - powers off.
 # Parameters come from /proc/cmdline (the kernel keeps dotted ones away from init's env).
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
@@ -87,6 +93,38 @@ if [ -n "$parallel" ]; then
     exec 3<&-
     echo "VDISKFS-MARK parallel-end"
     echo "VDISKFS-GUEST: parallel copies done: $jobs jobs, $scatter scattered, $failed failed"
+fi
+
+queue_limits() {
+    [ -d /sys/block ] || mount -t sysfs sysfs /sys
+    q=/sys/block/${1#/dev/}/queue
+    echo "VDISKFS-GUEST: queue $1 discard_max_bytes=$(cat $q/discard_max_bytes)" \
+        "discard_granularity=$(cat $q/discard_granularity)" \
+        "max_discard_segments=$(cat $q/max_discard_segments)" \
+        "write_zeroes_max_bytes=$(cat $q/write_zeroes_max_bytes)"
+}
+
+trim=$(param vdiskfs.trim)
+if [ -n "$trim" ]; then
+    queue_limits "$trim"
+    mkdir -p /mnt && mount -t ext4 "$trim" /mnt
+    rm -f "/mnt/$(param vdiskfs.trim_rm)"
+    sync
+    echo "VDISKFS-GUEST: fstrim $(fstrim -v /mnt 2>&1)"
+    umount /mnt
+    sync "$trim"  # a FLUSH: the image's metadata (and freed clusters) reach the host
+fi
+
+zeroes=$(param vdiskfs.zeroes)
+if [ -n "$zeroes" ]; then
+    queue_limits "$zeroes"
+    mkdir -p /tools && mount -t ext4 -o ro "$(param vdiskfs.tools)" /tools
+    if /tools/vdiskfs-zeroes "$zeroes" "$(param vdiskfs.zeroes_ops)" && sync "$zeroes"; then
+        echo "VDISKFS-GUEST: zeroes done"
+    else
+        echo "VDISKFS-GUEST: zeroes FAILED"
+    fi
+    umount /tools
 fi
 
 writedev=$(param vdiskfs.writedev)

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 
-from vdiskfs.block.stats import HISTOGRAM_BOUNDARIES_NS, NodeStats, Op, _bin
+from vdiskfs.block.registry import driver_names
+from vdiskfs.block.stats import HISTOGRAM_BOUNDARIES_NS, Counters, NodeStats, Op, _bin
 
 
 def test_histogram_bins_follow_boundaries() -> None:
@@ -41,3 +43,25 @@ def test_max_in_flight_is_the_high_water_mark() -> None:
     stats.done(Op.READ, 1, stats.start())
     assert stats.in_flight == 0 and stats.max_in_flight == 5
     assert stats.snapshot().as_dict()["max_in_flight"] == 5
+
+
+def _counter_classes(cls: type[Counters]) -> list[type[Counters]]:
+    out = [cls]
+    for sub in cls.__subclasses__():
+        out += _counter_classes(sub)
+    return out
+
+
+def test_driver_counters_never_shadow_the_node_counters() -> None:
+    """A snapshot puts the driver's counters beside the node's in one flat object: a driver
+    field named like a node counter would hide it (the run counters' ``zero_bytes`` once hid
+    the write-zeroes bytes of every format node)."""
+    driver_names()  # import every format driver
+    import vdiskfs.drivers.protocol.file  # noqa: F401
+
+    node_keys = set(NodeStats().snapshot().as_dict())
+    classes = [c for c in _counter_classes(Counters) if dataclasses.is_dataclass(c)]
+    assert len(classes) > 5
+    for cls in classes:
+        clash = {f.name for f in dataclasses.fields(cls)} & node_keys
+        assert not clash, (cls.__qualname__, clash)

@@ -77,7 +77,7 @@ def test_stats_add_up_along_a_chain(tmp_path: Path) -> None:
         assert top_stats["backing_bytes"] == base_stats["rd_bytes"] >= 3 << 20
         assert top_stats["backing_reads"] == base_stats["rd_operations"]
         # Each format layer's own data came from its file, plus its metadata.
-        own = top_stats["rd_bytes"] - top_stats["backing_bytes"] - top_stats["zero_bytes"]
+        own = top_stats["rd_bytes"] - top_stats["backing_bytes"] - top_stats["zero_bytes_read"]
         assert top_file["rd_bytes"] >= own
-        assert base_file["rd_bytes"] >= base_stats["rd_bytes"] - base_stats["zero_bytes"]
+        assert base_file["rd_bytes"] >= base_stats["rd_bytes"] - base_stats["zero_bytes_read"]
         assert top_stats["l2_cache_misses"] >= 1 and top_stats["l2_cache_hits"] >= 1

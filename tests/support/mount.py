@@ -87,10 +87,12 @@ def loop_mounted(image: str | os.PathLike[str], mountpoint: str | os.PathLike[st
 
 @contextlib.contextmanager
 def loop_device(image: str | os.PathLike[str], *, partscan: bool = False,
-                read_only: bool = True) -> Iterator[str]:
-    """``losetup --find --show [-P] [-r]``; the device is always detached after."""
+                read_only: bool = True, sector_size: int | None = None) -> Iterator[str]:
+    """``losetup --find --show [-P] [-r] [--sector-size N]``; the device is always detached
+    after."""
     args = ["losetup", "--find", "--show"] + (["-P"] if partscan else []) + (
-        ["-r"] if read_only else [])
+        ["-r"] if read_only else []) + (
+        ["--sector-size", str(sector_size)] if sector_size else [])
     device = subprocess.run([*args, str(image)], check=True, capture_output=True,
                             text=True).stdout.strip()
     try:

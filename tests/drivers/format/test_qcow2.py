@@ -133,10 +133,10 @@ async def test_counters_move(qcow2_images: Qcow2Images, name: str) -> None:
         assert first["backing_reads"] > 0 and first["backing_bytes"] > 0
     else:
         assert first["backing_reads"] == 0
-    served = first["backing_bytes"] + first["zero_bytes"]
+    served = first["backing_bytes"] + first["zero_bytes_read"]
     assert served <= node.size
     assert set(second) >= {"l2_cache_hits", "l2_cache_misses", "compressed_clusters_read",
-                           "backing_reads", "backing_bytes", "zero_bytes", "data_reads"}
+                           "backing_reads", "backing_bytes", "zero_bytes_read", "data_reads"}
 
 
 # -- particular behaviour ------------------------------------------------------------------------

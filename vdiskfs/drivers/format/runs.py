@@ -226,7 +226,7 @@ class RunCounters(Counters):
     #: Guest bytes served from compressed clusters or grains.
     compressed_bytes: int = 0
     #: Bytes served as zeros without any I/O (zero runs, unbacked ranges, past a backing end).
-    zero_bytes: int = 0
+    zero_bytes_read: int = 0
     #: Requests whose runs were read concurrently (more than one child request), and the most
     #: child requests one of them had in flight.
     fanout_requests: int = 0
@@ -254,7 +254,7 @@ async def read_runs(node: FormatNode, runs: Sequence[Run], file: BlockNode | Non
             counters.data_bytes += run.length
             return await (run.child or file).pread(run.host_offset, run.length)
         if kind is _ZERO:
-            counters.zero_bytes += run.length
+            counters.zero_bytes_read += run.length
             return bytes(run.length)
         if kind is _BACKING:
             _count_backing(node, counters, run)
@@ -269,9 +269,9 @@ async def read_runs(node: FormatNode, runs: Sequence[Run], file: BlockNode | Non
     jobs: list[Run] = []
     for run in runs:
         if run.kind is _ZERO:
-            counters.zero_bytes += run.length
+            counters.zero_bytes_read += run.length
         elif run.kind is _BACKING and node.backing_length(run.offset, run.length) == 0:
-            counters.zero_bytes += run.length  # nothing below: zeros, no I/O
+            counters.zero_bytes_read += run.length  # nothing below: zeros, no I/O
         else:
             jobs.append(run)
 
@@ -299,7 +299,7 @@ def _count_backing(node: FormatNode, counters: RunCounters, run: Run) -> None:
     if present:
         counters.backing_reads += 1
         counters.backing_bytes += present
-    counters.zero_bytes += run.length - present
+    counters.zero_bytes_read += run.length - present
 
 
 T = TypeVar("T")

@@ -25,11 +25,13 @@ shares everything (QEMU's ``-U``), because looking at an image in use is still u
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
 import stat
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,6 +80,29 @@ _REFUSED_KINDS = (
     (stat.S_ISCHR, "a character device", errno.ENODEV),
     (stat.S_ISDIR, "a directory", errno.EISDIR),
 )
+
+
+def _punch_block(fd: int, offset: int, length: int) -> None:
+    """Write zeroes that may deallocate: the kernel sends a write-zeroes request without
+    NOUNMAP, or fails with EOPNOTSUPP when the device has none (no fallback)."""
+    _linux.fallocate(fd, _linux.FALLOC_FL_PUNCH_HOLE | _linux.FALLOC_FL_KEEP_SIZE, offset, length)
+
+
+def _zeroout_block(fd: int, offset: int, length: int) -> None:
+    """BLKZEROOUT: write zeroes without deallocating (the kernel writes zero pages itself
+    when the device has no write-zeroes command)."""
+    _linux.blk_range_ioctl(fd, _linux.BLKZEROOUT, offset, length)
+
+
+def _discard_block(fd: int, offset: int, length: int) -> None:
+    _linux.blk_range_ioctl(fd, _linux.BLKDISCARD, offset, length)
+
+
+#: What a block device answers for a discard or write-zeroes it does not have: EOPNOTSUPP
+#: (no such command, or fallocate without write-zeroes), ENOTTY (a driver without the ioctl),
+#: EINVAL (some device-mapper targets).
+_BLOCK_UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL, errno.ENOSYS,
+                                errno.ENODEV})
 
 
 def _check_disk_mode(mode: int, path: str) -> None:
@@ -165,6 +190,8 @@ class FileNode(BlockNode):
         self.path = path
         self.fd = -1
         self.is_block_device = False
+        #: A block device's logical sector size: the unit of BLKDISCARD and BLKZEROOUT.
+        self.sector_size = 512
         self.locking = locking
         #: Set when a read-only open found the image in use by a writer (see module doc).
         self.lock_warning: str | None = None
@@ -186,6 +213,10 @@ class FileNode(BlockNode):
             except BaseException:
                 self._close_fd()
                 raise
+        if self.is_block_device:
+            # Unknown: keep 512; misaligned ioctls then fail as unsupported and zeros are written.
+            with contextlib.suppress(OSError):
+                self.sector_size = _linux.blk_logical_sector_size(fd)
         # A writable regular file grows when a format driver allocates past its end.
         self.growable = not self.read_only and not self.is_block_device
         self._engine = current_engine()
@@ -309,8 +340,11 @@ class FileNode(BlockNode):
         self.size = size
 
     async def _zero(self, offset: int, length: int, may_unmap: bool) -> None:
+        if self.is_block_device:
+            await self._zero_block_device(offset, length, may_unmap)
+            return
         end = offset + length
-        if end > self.size and not self.is_block_device:
+        if end > self.size:
             # Past the end: growing the file gives zeros without writing them. Grown by writing
             # its last byte, never by ftruncate: with writes in flight beyond self.size (which
             # counts only completed ones) ftruncate would cut them off (issue 9, found by
@@ -335,6 +369,13 @@ class FileNode(BlockNode):
         await super()._zero(offset, length, may_unmap)
 
     async def _discard(self, offset: int, length: int) -> None:
+        if self.is_block_device:
+            # BLKDISCARD takes whole logical sectors: partial ones at the edges are left as
+            # they are (discard is advisory), and a device without discard keeps its data.
+            start, end = self._whole_sectors(offset, length)
+            if start < end:
+                await self._block_call((_discard_block,), start, end - start, "discard")
+            return
         self.counters.syscalls += 1
         try:
             _linux.fallocate(
@@ -344,6 +385,57 @@ class FileNode(BlockNode):
             # Discard is advisory: a file system without hole punching simply keeps the data.
             if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.ENODEV):
                 raise HostIOError.wrap(exc, self.path, "discard failed", offset) from exc
+
+    # -- block devices: the kernel's discard and write-zeroes (as QEMU's file-posix) -----------
+
+    def _whole_sectors(self, offset: int, length: int) -> tuple[int, int]:
+        """The logical sectors that ``[offset, offset + length)`` covers whole (start >= end:
+        none)."""
+        sector = self.sector_size
+        return -(-offset // sector) * sector, (offset + length) // sector * sector
+
+    async def _zero_block_device(self, offset: int, length: int, may_unmap: bool) -> None:
+        """Zero whole sectors in the kernel, writing zeros only where it cannot.
+
+        ``may_unmap``: ``fallocate(PUNCH_HOLE)`` first, which the kernel turns into a
+        write-zeroes request that may deallocate (a loop device punches its file, a virtio or
+        NVMe disk unmaps) and refuses when the device has none; then, as without ``may_unmap``,
+        ``BLKZEROOUT``, which writes zeroes without deallocating (the kernel writes zero pages
+        itself when the device has no write-zeroes command). Partial sectors at the edges, and
+        a device that refuses both, get zeros written. Both calls drop the range from the
+        kernel's page cache of the device, so buffered reads see the zeros.
+        """
+        end = offset + length
+        start, stop = self._whole_sectors(offset, length)
+        if start >= stop:
+            await super()._zero(offset, length, may_unmap)
+            return
+        calls = (_punch_block, _zeroout_block) if may_unmap else (_zeroout_block,)
+        if offset < start:
+            await super()._zero(offset, start - offset, may_unmap)
+        if not await self._block_call(calls, start, stop - start, "write zeroes"):
+            await super()._zero(start, stop - start, may_unmap)
+        if stop < end:
+            await super()._zero(stop, end - stop, may_unmap)
+
+    async def _block_call(self, calls: tuple[Callable[[int, int, int], None], ...],
+                          offset: int, length: int, what: str) -> bool:
+        """Try ``calls`` in order on the sector-aligned range until one succeeds; False when
+        the device supports none of them.
+
+        In a worker thread: the kernel may take seconds (BLKZEROOUT writes the zeros itself
+        on a device without write-zeroes). Not abandoned on cancellation, as a write is not:
+        the device never sees the request after its caller gave up.
+        """
+        for call in calls:
+            self.counters.syscalls += 1
+            try:
+                await trio.to_thread.run_sync(call, self.fd, offset, length)
+                return True
+            except OSError as exc:
+                if exc.errno not in _BLOCK_UNSUPPORTED:
+                    raise HostIOError.wrap(exc, self.path, f"{what} failed", offset) from exc
+        return False
 
     async def _block_status(self, offset: int, length: int) -> tuple[BlockStatus, int]:
         if self.is_block_device:

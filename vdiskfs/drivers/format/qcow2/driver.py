@@ -77,7 +77,7 @@ _DECOMPRESSED_CACHE_BYTES = 4 << 20
 
 @dataclass(slots=True)
 class Qcow2Counters(RunCounters):
-    """The run counters (``data_reads``, ``backing_reads``, ``zero_bytes``...) and qcow2's."""
+    """The run counters (``data_reads``, ``backing_reads``, ``zero_bytes_read``...) and qcow2's."""
 
     #: L2 slice lookups served from the cache (a task that waited for another's load counts).
     l2_cache_hits: int = 0

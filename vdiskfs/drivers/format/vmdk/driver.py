@@ -111,7 +111,8 @@ _GD_ENTRY = struct.Struct("<I")
 
 @dataclass(slots=True)
 class VmdkCounters(RunCounters):
-    """The run counters (``data_reads``, ``backing_reads``, ``zero_bytes``...) and the caches'."""
+    """The run counters (``data_reads``, ``backing_reads``, ``zero_bytes_read``...) and the
+    caches'."""
 
     #: Grain table lookups served from the cache, and tables read from an extent file.
     gt_cache_hits: int = 0

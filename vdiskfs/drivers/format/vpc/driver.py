@@ -107,7 +107,7 @@ ZERO_CHUNK = 1 << 20
 
 @dataclass(slots=True)
 class VpcCounters(RunCounters):
-    """The run counters (``data_reads``, ``backing_reads``, ``zero_bytes``...) and the bitmap
+    """The run counters (``data_reads``, ``backing_reads``, ``zero_bytes_read``...) and the bitmap
     cache's."""
 
     bitmap_cache_hits: int = 0

@@ -14,8 +14,14 @@ from emulator.devices.virtio.block.backend import status_of
 from emulator.devices.virtio.block.device import (
     VIRTIO_BLK_F_DISCARD,
     VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_F_WRITE_ZEROES,
 )
-from emulator.devices.virtio.block.request import RequestError, RequestType, Status
+from emulator.devices.virtio.block.request import (
+    SEGMENT_F_UNMAP,
+    RequestError,
+    RequestType,
+    Status,
+)
 from emulator.devices.virtio.device import (
     VIRTIO_F_EVENT_IDX,
 )
@@ -86,6 +92,50 @@ async def test_write_zeroes_and_discard(node: BlockNode, image: Path) -> None:
     assert image.read_bytes()[2048 : 2048 + 4096] == bytes(4096)
     stats = h.device.stats()
     assert stats["write_zeroes_bytes"] == 4096 and stats["discard_bytes"] == 4096
+
+
+async def test_discard_and_write_zeroes_config_as_linux_reads_it(node: BlockNode) -> None:
+    """The fields of ``struct virtio_blk_config`` that Linux 6.1's ``virtblk_probe`` reads to
+    enable discard and write-zeroes, at their offsets in ``include/uapi/linux/virtio_blk.h``:
+    a zero there means "no limit" to Linux, so each states the limit the device enforces."""
+    h = Harness(node)
+    assert h.device.avail_features & VIRTIO_BLK_F_DISCARD
+    assert h.device.avail_features & VIRTIO_BLK_F_WRITE_ZEROES
+    config = h.device.config_bytes()
+    assert len(config) == 60  # up to write_zeroes_may_unmap and its padding
+    (max_discard_sectors, max_discard_seg, discard_sector_alignment, max_write_zeroes_sectors,
+     max_write_zeroes_seg) = struct.unpack_from("<5I", config, 36)
+    limits = h.device.limits
+    assert max_discard_sectors == max_write_zeroes_sectors == limits.max_segment_sectors > 0
+    # Linux caps the segments at 256 (MAX_DISCARD_SEGMENTS) and merges discards up to it.
+    assert max_discard_seg == max_write_zeroes_seg == limits.max_segments
+    assert 1 < max_discard_seg <= 256
+    assert discard_sector_alignment == 1  # discard_granularity: one 512-byte sector
+    assert config[56] == 1  # write_zeroes_may_unmap (read by the spec's drivers, not by 6.1)
+
+
+async def test_multi_range_discard_as_linux_sends_it(node: BlockNode, image: Path) -> None:
+    """Linux merges discards into one request of up to max_discard_seg ranges; a write-zeroes
+    that may unmap carries VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP. Both reach the stack, range by
+    range, and every layer counts them."""
+    h = Harness(node)
+    segments = h.device.limits.max_segments
+    ranges = b"".join(struct.pack("<QII", 16 * i, 8, 0) for i in range(segments))
+    _, discard_status, _ = h.request(RequestType.DISCARD, data=ranges)
+    _, zero_status, _ = h.request(RequestType.WRITE_ZEROES,
+                                  data=struct.pack("<QII", 1024, 64, SEGMENT_F_UNMAP))
+    await h.device.process_queue()
+    assert h.status(discard_status) == Status.OK and h.status(zero_status) == Status.OK
+    data = image.read_bytes()
+    assert data[1024 * 512 : 1088 * 512] == bytes(64 * 512)
+    stats = h.device.stats()
+    assert stats["discard_requests"] == 1 and stats["discard_bytes"] == segments * 4096
+    assert stats["write_zeroes_requests"] == 1 and stats["write_zeroes_bytes"] == 64 * 512
+    for _depth, _role, layer in node.walk():
+        counters = layer.stats_snapshot().as_dict()
+        assert counters["unmap_operations"] == segments, layer
+        assert counters["unmap_bytes"] == segments * 4096, layer
+        assert counters["zero_operations"] == 1 and counters["zero_bytes"] == 64 * 512, layer
 
 
 async def test_read_only_disk_refuses_writes(node: BlockNode, image: Path) -> None:

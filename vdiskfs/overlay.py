@@ -12,7 +12,7 @@ import os
 from dataclasses import replace
 
 from vdiskfs.block.node import BlockNode
-from vdiskfs.block.registry import OpenOptions, open_image
+from vdiskfs.block.registry import OpenOptions, open_image, run_blocking
 from vdiskfs.errors import VdiskError
 
 __all__ = ["open_overlay"]
@@ -27,7 +27,8 @@ async def open_overlay(image: str, overlay: str, options: OpenOptions) -> BlockN
     from vdiskfs.drivers.format.qcow2.create import create_qcow2
 
     created = False
-    if not os.path.exists(overlay):
+    # Off the event loop: a hung file system must not keep SIGTERM from ending the daemon.
+    if not await run_blocking(lambda: os.path.exists(overlay)):
         base = await open_image(image, replace(options, read_only=True))
         try:
             size, fmt = base.size, base.driver
@@ -44,7 +45,9 @@ async def open_overlay(image: str, overlay: str, options: OpenOptions) -> BlockN
             os.unlink(overlay)
         raise
     backing = node.child("backing")
-    if backing is None or os.path.realpath(backing.label) != os.path.realpath(image):
+    if backing is None or await run_blocking(
+        lambda: os.path.realpath(backing.label) != os.path.realpath(image)
+    ):
         await node.aclose()
         found = backing.label if backing is not None else "no backing file"
         raise VdiskError(

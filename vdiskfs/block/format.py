@@ -72,6 +72,9 @@ class FormatNode(BlockNode):
 
     # -- the backing file: one rule for every format ----------------------------------------------
 
+    def unallocated_source(self) -> tuple[BlockNode, int] | None:
+        return None if self.backing is None else (self.backing, 0)
+
     def backing_length(self, offset: int, length: int) -> int:
         """How many of the guest bytes ``[offset, offset + length)`` the backing file holds,
         from ``offset`` on; the rest read as zeros.

@@ -124,6 +124,12 @@ class BlockNode:
                 return edge.node
         return None
 
+    def unallocated_source(self) -> tuple[BlockNode, int] | None:
+        """Where reads of a range that :meth:`block_status` reports neither DATA nor ZERO come
+        from: ``(node, offset shift)`` (a format node's backing file, the same node under a
+        filter or a window), or None when nothing is below (the range reads as zeros)."""
+        return None
+
     def walk(self) -> Iterator[tuple[int, str, BlockNode]]:
         """Pre-order ``(depth, role, node)`` over the tree; the root has role ``""``."""
         stack: list[tuple[int, str, BlockNode]] = [(0, "", self)]
@@ -317,6 +323,9 @@ class FilterNode(BlockNode):
 
     async def open(self) -> None:
         self.size = self.file.size
+
+    def unallocated_source(self) -> tuple[BlockNode, int] | None:
+        return self.file.unallocated_source()
 
     async def _pread(self, offset: int, length: int) -> Buffer:
         return await self.file.pread(offset, length)

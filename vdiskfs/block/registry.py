@@ -37,6 +37,7 @@ __all__ = [
     "open_image",
     "probe",
     "register",
+    "run_blocking",
 ]
 
 log = logging.getLogger(__name__)
@@ -200,11 +201,11 @@ class OpenContext:
                                         path, role, field_name) from exc
             return True
 
-        return await _blocking(check)
+        return await run_blocking(check)
 
     async def realpath(self, reference: str, *, field_name: str) -> str:
         """The real path that ``reference`` resolves to (to tell two names of one file)."""
-        return await _blocking(lambda: os.path.realpath(self.resolve(reference,
+        return await run_blocking(lambda: os.path.realpath(self.resolve(reference,
                                                                      field_name=field_name)))
 
     async def open_child(
@@ -241,7 +242,7 @@ class OpenContext:
             )
         # realpath stats every component of the path: on a hung file system that waits for
         # ever, so it runs in a thread that a cancellation (SIGTERM) abandons.
-        path, real = await _blocking(lambda: _resolve_real(self, reference, field_name))
+        path, real = await run_blocking(lambda: _resolve_real(self, reference, field_name))
         if real in self.chain:
             raise ChainError(
                 f"backing chain loops: {reference!r} is already in the chain", path=self.path,
@@ -281,7 +282,7 @@ def _resolve_real(ctx: OpenContext, reference: str, field_name: str) -> tuple[st
     return path, os.path.realpath(path)
 
 
-async def _blocking(fn: Callable[[], T]) -> T:
+async def run_blocking(fn: Callable[[], T]) -> T:
     """Run a file system call that may block for ever (a hung mount) in an abandonable thread.
 
     A cancelled caller (SIGTERM during ``vdiskfs mount``) returns at once; the thread finishes
@@ -377,7 +378,7 @@ async def open_image(path: str, options: OpenOptions | None = None) -> BlockNode
     """
     options = options or OpenOptions()
     try:
-        real = await _blocking(lambda: os.path.realpath(path))
+        real = await run_blocking(lambda: os.path.realpath(path))
         file = await _open_file(path, read_only=options.read_only, locking=options.locking)
         return await _open_tree(
             file,

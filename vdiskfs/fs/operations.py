@@ -10,6 +10,11 @@ writable one drops it at open (all writes pass through this process, so the cach
 while it is open); a file whose node something else writes (a running guest) uses ``direct_io``
 so no reader ever sees a stale page. Stats files use ``direct_io``: their content changes between
 reads and their size is not known in advance.
+
+Holes: ``lseek(SEEK_DATA/SEEK_HOLE)`` and ``st_blocks`` come from the block status of the whole
+chain (:mod:`vdiskfs.block.holes`); ``fallocate`` punches holes and zeroes ranges, and all-zero
+writes become write-zeroes (:mod:`vdiskfs.block.zeroes`). pyfuse3 passes ``lseek`` and
+``fallocate`` to the daemon only with the project's patch (``scripts/pyfuse3/``).
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ import pyfuse3
 import trio
 from pyfuse3 import FUSEError
 
+from vdiskfs.block.holes import data_bytes, seek_data, seek_hole
+from vdiskfs.block.zeroes import write_detecting_zeroes
 from vdiskfs.errors import VdiskError
 from vdiskfs.fs.tree import (
     DirEntry,
@@ -47,6 +54,14 @@ R = TypeVar("R")
 
 #: The tree never changes while mounted, so the kernel may cache names and attributes long.
 STATIC_TIMEOUT = 300.0
+#: Seconds an image's allocation (st_blocks) is trusted when something may write the image.
+ALLOCATION_TIMEOUT = 1.0
+
+# fallocate(2) modes (linux/falloc.h). The kernel passes only these three to a FUSE daemon.
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+_FALLOC_SUPPORTED = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE
 
 
 def _boundary(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
@@ -69,6 +84,15 @@ def _boundary(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
             raise FUSEError(errno.EIO) from None
 
     return wrapper
+
+
+@dataclass(slots=True)
+class _Allocation:
+    """How many bytes of an image file hold data (``st_blocks``), computed when first asked."""
+
+    data_bytes: int = 0
+    computed_at: float | None = None
+    computing: trio.Event | None = None
 
 
 @dataclass(slots=True)
@@ -101,6 +125,7 @@ class VdiskOperations(pyfuse3.Operations):
         self._mount_time_ns = time.time_ns()
         #: Set once the kernel's INIT request has been handled (see mount.serve).
         self.initialized = trio.Event()
+        self._allocations: dict[int, _Allocation] = {}
 
     def init(self) -> None:
         self.initialized.set()
@@ -113,7 +138,7 @@ class VdiskOperations(pyfuse3.Operations):
         except KeyError:
             raise FUSEError(errno.ENOENT) from None
 
-    def _attributes(self, entry: Entry) -> pyfuse3.EntryAttributes:
+    def _attributes(self, entry: Entry, allocated: int | None = None) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = entry.inode
         attr.st_mode = entry.mode
@@ -130,21 +155,54 @@ class VdiskOperations(pyfuse3.Operations):
         elif isinstance(entry, ImageEntry):
             attr.st_nlink = 1
             attr.st_size = entry.export.node.size
-            timeout = STATIC_TIMEOUT
+            timeout = STATIC_TIMEOUT if _static(entry) else ALLOCATION_TIMEOUT
         else:
             attr.st_nlink = 1
             attr.st_size = len(entry.render())
             stamp = time.time_ns()
             timeout = 0.0
-        attr.st_blocks = (attr.st_size + 511) // 512
+        # st_blocks tells `cp --sparse=auto`, `du` and `tar --sparse` that the file has holes
+        # (they look for them with SEEK_DATA/SEEK_HOLE only then).
+        attr.st_blocks = ((attr.st_size if allocated is None else allocated) + 511) // 512
         attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = stamp
         attr.entry_timeout = STATIC_TIMEOUT
         attr.attr_timeout = timeout
         return attr
 
+    async def _attributes_now(self, entry: Entry) -> pyfuse3.EntryAttributes:
+        """:meth:`_attributes` with the image's allocation, computed (once, or again when it
+        may have changed) if needed."""
+        if isinstance(entry, ImageEntry):
+            return self._attributes(entry, await self._allocated(entry))
+        return self._attributes(entry)
+
+    async def _allocated(self, entry: ImageEntry) -> int:
+        allocation = self._allocations.setdefault(entry.inode, _Allocation())
+        while allocation.computing is not None:
+            await allocation.computing.wait()
+        now = time.monotonic()
+        if allocation.computed_at is not None and (
+            _static(entry) or now - allocation.computed_at < ALLOCATION_TIMEOUT
+        ):
+            return allocation.data_bytes
+        allocation.computing = trio.Event()
+        node = entry.export.node
+        try:
+            allocation.data_bytes = await data_bytes(node)
+        except Exception as exc:
+            # A damaged map must not make the file unlistable: call it all data (reading it
+            # reports the damage where it is).
+            log.warning("%s: cannot tell its holes: %s", entry.name, exc)
+            allocation.data_bytes = node.size
+        finally:
+            allocation.computed_at = time.monotonic()
+            allocation.computing.set()
+            allocation.computing = None
+        return allocation.data_bytes
+
     @_boundary
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> Any:
-        return self._attributes(self._entry(inode))
+        return await self._attributes_now(self._entry(inode))
 
     @_boundary
     async def lookup(
@@ -156,7 +214,7 @@ class VdiskOperations(pyfuse3.Operations):
         inode = parent.children.get(os.fsdecode(name))
         if inode is None:
             raise FUSEError(errno.ENOENT)
-        return self._attributes(self.tree.entries[inode])
+        return await self._attributes_now(self.tree.entries[inode])
 
     @_boundary
     async def setattr(
@@ -177,7 +235,7 @@ class VdiskOperations(pyfuse3.Operations):
                 # A disk has a fixed size; `truncate` would silently lose or invent data.
                 raise FUSEError(errno.EPERM)
         # Time updates (touch) are accepted and forgotten: the tree has no stored times.
-        return self._attributes(entry)
+        return await self._attributes_now(entry)
 
     @_boundary
     async def statfs(self, ctx: pyfuse3.RequestContext) -> Any:
@@ -207,7 +265,7 @@ class VdiskOperations(pyfuse3.Operations):
         names = list(directory.children.items())
         for position in range(start_id, len(names)):
             name, inode = names[position]
-            attr = self._attributes(self.tree.entries[inode])
+            attr = await self._attributes_now(self.tree.entries[inode])
             if not pyfuse3.readdir_reply(token, os.fsencode(name), attr, position + 1):
                 break
 
@@ -292,7 +350,9 @@ class VdiskOperations(pyfuse3.Operations):
         length = min(len(buf), node.size - off)
         export.dirty = True
         try:
-            await node.pwrite(off, buf if length == len(buf) else memoryview(buf)[:length])
+            await write_detecting_zeroes(
+                node, off, buf if length == len(buf) else memoryview(buf)[:length]
+            )
         except VdiskError as exc:
             log.warning("write %s at %d+%d: %s", entry.name, off, length, exc)
             raise FUSEError(exc.errno) from None
@@ -300,6 +360,69 @@ class VdiskOperations(pyfuse3.Operations):
             log.exception("write %s at %d+%d failed unexpectedly", entry.name, off, length)
             raise FUSEError(errno.EIO) from None
         return length
+
+    # -- holes, discard and write-zeroes (pyfuse3 with the project's patch) -------------------
+
+    @_boundary
+    async def lseek(self, fh: int, off: int, whence: int) -> int:
+        """SEEK_DATA / SEEK_HOLE (the kernel answers the other whences itself), from the block
+        status of the whole chain, as qemu-storage-daemon's FUSE export does."""
+        handle = self._handle(fh)
+        entry = handle.entry
+        if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+            raise FUSEError(errno.EINVAL)
+        if isinstance(entry, StatsEntry):
+            # Never ENOSYS: the kernel would stop asking for every file of the mount.
+            size = len(handle.snapshot or entry.render())
+            if off < 0 or off >= size:
+                raise FUSEError(errno.ENXIO)
+            return off if whence == os.SEEK_DATA else size
+        node = entry.export.node
+        if off < 0 or off >= node.size:
+            raise FUSEError(errno.ENXIO)
+        if whence == os.SEEK_HOLE:
+            return await seek_hole(node, off)
+        found = await seek_data(node, off)
+        if found is None:
+            raise FUSEError(errno.ENXIO)
+        return found
+
+    @_boundary
+    async def fallocate(self, fh: int, mode: int, off: int, length: int) -> None:
+        """Punching a hole is write-zeroes that may deallocate (``fstrim`` through a loop device
+        ends here): it must read back as zeros, which a plain discard does not promise (a qcow2
+        v2 range with a backing file would show the backing file again). ZERO_RANGE keeps the
+        range allocated, as on a regular file. A disk does not grow: what reaches past its end
+        is cut with KEEP_SIZE and refused without."""
+        entry = self._handle(fh).entry
+        if not isinstance(entry, ImageEntry):
+            raise FUSEError(errno.EACCES)
+        export = entry.export
+        if not export.writable:
+            raise FUSEError(errno.EROFS)
+        if mode & ~_FALLOC_SUPPORTED:
+            raise FUSEError(errno.EOPNOTSUPP)
+        punch = bool(mode & FALLOC_FL_PUNCH_HOLE)
+        keep_size = bool(mode & FALLOC_FL_KEEP_SIZE)
+        if (punch and (mode & FALLOC_FL_ZERO_RANGE or not keep_size)) or off < 0 or length <= 0:
+            raise FUSEError(errno.EINVAL)
+        node = export.node
+        end = off + length
+        if end > node.size:
+            if not keep_size:
+                raise FUSEError(errno.ENOSPC)
+            end = node.size
+        if off >= end or not mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+            # Plain allocation: every byte of a disk exists already.
+            return
+        export.dirty = True
+        await node.zero(off, end - off, may_unmap=punch)
+
+    def _handle(self, fh: int) -> _Handle:
+        handle = self._handles.get(fh)
+        if handle is None:
+            raise FUSEError(errno.EBADF)
+        return handle
 
     @_boundary
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -328,3 +451,9 @@ class VdiskOperations(pyfuse3.Operations):
 
     async def release(self, fh: int) -> None:
         self._handles.pop(fh, None)
+
+
+def _static(entry: ImageEntry) -> bool:
+    """Whether nothing but this mount can change the image's content (its allocation then
+    changes only when the mount writes it, which it cannot: read-only)."""
+    return not entry.export.writable and not entry.export.direct_io

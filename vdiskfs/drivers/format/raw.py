@@ -75,9 +75,20 @@ class RawNode(FormatNode):
 
     async def _block_status(self, offset: int, length: int) -> tuple[BlockStatus, int]:
         status, run = await self.file.block_status(self.window_offset + offset, length)
-        # Raw has no backing file: everything is allocated here.
+        if not status & (BlockStatus.DATA | BlockStatus.ZERO):
+            # A window onto an image (a partition file) whose range reads from that image's
+            # backing file: say so, and unallocated_source() leads there.
+            return status, run
+        # Raw has no backing file: everything else is allocated here.
         kind = BlockStatus.ZERO if status & BlockStatus.ZERO else BlockStatus.DATA
         return kind | BlockStatus.ALLOCATED, run
+
+    def unallocated_source(self) -> tuple[BlockNode, int] | None:
+        source = self.file.unallocated_source()
+        if source is None:
+            return None
+        node, shift = source
+        return node, shift + self.window_offset
 
 
 async def create_raw(path: str, size: int, *, preallocation: str = "off") -> None:

@@ -1,4 +1,4 @@
-"""Data and holes over a whole chain: what ``lseek(SEEK_DATA/SEEK_HOLE)`` and ``st_blocks`` say.
+"""Data and holes over a whole chain: what ``lseek(SEEK_DATA/SEEK_HOLE)`` says.
 
 :meth:`BlockNode.block_status` answers for one node: a range it does not define reads from
 somewhere below it (neither ``DATA`` nor ``ZERO``). These functions follow that down the chain,
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from vdiskfs.block.node import BlockNode, BlockStatus
 
-__all__ = ["data_bytes", "read_status", "seek_data", "seek_hole"]
+__all__ = ["read_status", "seek_data", "seek_hole"]
 
 _DATA = BlockStatus.DATA
 _ZERO = BlockStatus.ZERO
@@ -62,16 +62,3 @@ async def seek_hole(node: BlockNode, offset: int) -> int:
         offset += run
     return end
 
-
-async def data_bytes(node: BlockNode) -> int:
-    """How many bytes of ``node`` hold data: the sum of what :func:`seek_data` can find, which
-    is what a sparse copy writes (the mount's ``st_blocks``)."""
-    total = 0
-    offset = 0
-    end = node.size
-    while offset < end:
-        is_data, run = await read_status(node, offset, end - offset)
-        if is_data:
-            total += run
-        offset += run
-    return total

@@ -141,6 +141,16 @@ class BlockNode:
 
     # -- information ------------------------------------------------------------------------------
 
+    async def allocated_size(self) -> int:
+        """Bytes this node's own storage takes on the host, as QEMU's
+        ``bdrv_get_allocated_file_size``: a protocol node's allocated blocks; for the others
+        the sum over the children that store this node's bytes (not its backing file)."""
+        total = 0
+        for edge in self.children:
+            if edge.role != "backing":
+                total += await edge.node.allocated_size()
+        return total
+
     def info(self) -> dict[str, Any]:
         """Format-specific facts for ``vdiskfs info`` (cluster size, feature flags...)."""
         return {}

@@ -11,10 +11,11 @@ while it is open); a file whose node something else writes (a running guest) use
 so no reader ever sees a stale page. Stats files use ``direct_io``: their content changes between
 reads and their size is not known in advance.
 
-Holes: ``lseek(SEEK_DATA/SEEK_HOLE)`` and ``st_blocks`` come from the block status of the whole
-chain (:mod:`vdiskfs.block.holes`); ``fallocate`` punches holes and zeroes ranges, and all-zero
-writes become write-zeroes (:mod:`vdiskfs.block.zeroes`). pyfuse3 passes ``lseek`` and
-``fallocate`` to the daemon only with the project's patch (``scripts/pyfuse3/``).
+Holes: ``lseek(SEEK_DATA/SEEK_HOLE)`` comes from the block status of the whole chain
+(:mod:`vdiskfs.block.holes`), ``st_blocks`` from the host allocation of the image's files;
+``fallocate`` punches holes and zeroes ranges, and all-zero writes become write-zeroes
+(:mod:`vdiskfs.block.zeroes`). pyfuse3 passes ``lseek`` and ``fallocate`` to the daemon only
+with the project's patch (``scripts/pyfuse3/``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import pyfuse3
 import trio
 from pyfuse3 import FUSEError
 
-from vdiskfs.block.holes import data_bytes, seek_data, seek_hole
+from vdiskfs.block.holes import seek_data, seek_hole
 from vdiskfs.block.zeroes import write_detecting_zeroes
 from vdiskfs.errors import VdiskError
 from vdiskfs.fs.tree import (
@@ -54,7 +55,8 @@ R = TypeVar("R")
 
 #: The tree never changes while mounted, so the kernel may cache names and attributes long.
 STATIC_TIMEOUT = 300.0
-#: Seconds an image's allocation (st_blocks) is trusted when something may write the image.
+#: Seconds the kernel may cache an image's attributes when something may write the image: its
+#: st_blocks (the allocation) changes.
 ALLOCATION_TIMEOUT = 1.0
 
 # fallocate(2) modes (linux/falloc.h). The kernel passes only these three to a FUSE daemon.
@@ -87,15 +89,6 @@ def _boundary(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
 
 
 @dataclass(slots=True)
-class _Allocation:
-    """How many bytes of an image file hold data (``st_blocks``), computed when first asked."""
-
-    data_bytes: int = 0
-    computed_at: float | None = None
-    computing: trio.Event | None = None
-
-
-@dataclass(slots=True)
 class _Handle:
     entry: ImageEntry | StatsEntry
     #: Stats files: the rendering taken at the last read at offset 0.
@@ -125,7 +118,6 @@ class VdiskOperations(pyfuse3.Operations):
         self._mount_time_ns = time.time_ns()
         #: Set once the kernel's INIT request has been handled (see mount.serve).
         self.initialized = trio.Event()
-        self._allocations: dict[int, _Allocation] = {}
 
     def init(self) -> None:
         self.initialized.set()
@@ -155,14 +147,17 @@ class VdiskOperations(pyfuse3.Operations):
         elif isinstance(entry, ImageEntry):
             attr.st_nlink = 1
             attr.st_size = entry.export.node.size
-            timeout = STATIC_TIMEOUT if _static(entry) else ALLOCATION_TIMEOUT
+            timeout = ALLOCATION_TIMEOUT if entry.export.writable or entry.export.direct_io \
+                else STATIC_TIMEOUT
         else:
             attr.st_nlink = 1
             attr.st_size = len(entry.render())
             stamp = time.time_ns()
             timeout = 0.0
-        # st_blocks tells `cp --sparse=auto`, `du` and `tar --sparse` that the file has holes
-        # (they look for them with SEEK_DATA/SEEK_HOLE only then).
+        # st_blocks: what the image's own files take on the host, as qemu-storage-daemon's
+        # export shows (a partition file: at most its size). Below the size, `cp --sparse=auto`
+        # and `tar --sparse` look for the holes with SEEK_DATA/SEEK_HOLE; a stat costs no image
+        # I/O (a walk of the whole map could take long on a slow or remote image).
         attr.st_blocks = ((attr.st_size if allocated is None else allocated) + 511) // 512
         attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = stamp
         attr.entry_timeout = STATIC_TIMEOUT
@@ -170,35 +165,16 @@ class VdiskOperations(pyfuse3.Operations):
         return attr
 
     async def _attributes_now(self, entry: Entry) -> pyfuse3.EntryAttributes:
-        """:meth:`_attributes` with the image's allocation, computed (once, or again when it
-        may have changed) if needed."""
-        if isinstance(entry, ImageEntry):
-            return self._attributes(entry, await self._allocated(entry))
-        return self._attributes(entry)
-
-    async def _allocated(self, entry: ImageEntry) -> int:
-        allocation = self._allocations.setdefault(entry.inode, _Allocation())
-        while allocation.computing is not None:
-            await allocation.computing.wait()
-        now = time.monotonic()
-        if allocation.computed_at is not None and (
-            _static(entry) or now - allocation.computed_at < ALLOCATION_TIMEOUT
-        ):
-            return allocation.data_bytes
-        allocation.computing = trio.Event()
+        """:meth:`_attributes` with an image's allocation."""
+        if not isinstance(entry, ImageEntry):
+            return self._attributes(entry)
         node = entry.export.node
         try:
-            allocation.data_bytes = await data_bytes(node)
-        except Exception as exc:
-            # A damaged map must not make the file unlistable: call it all data (reading it
-            # reports the damage where it is).
-            log.warning("%s: cannot tell its holes: %s", entry.name, exc)
-            allocation.data_bytes = node.size
-        finally:
-            allocation.computed_at = time.monotonic()
-            allocation.computing.set()
-            allocation.computing = None
-        return allocation.data_bytes
+            allocated = min(await node.allocated_size(), node.size)
+        except VdiskError as exc:
+            log.warning("%s: %s", entry.name, exc)
+            allocated = node.size
+        return self._attributes(entry, allocated)
 
     @_boundary
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> Any:
@@ -452,8 +428,3 @@ class VdiskOperations(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         self._handles.pop(fh, None)
 
-
-def _static(entry: ImageEntry) -> bool:
-    """Whether nothing but this mount can change the image's content (its allocation then
-    changes only when the mount writes it, which it cannot: read-only)."""
-    return not entry.export.writable and not entry.export.direct_io

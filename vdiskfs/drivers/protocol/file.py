@@ -285,6 +285,17 @@ class FileNode(BlockNode):
             return {}
         return {"disk_size": st.st_blocks * 512, "filename": self.path}
 
+    async def allocated_size(self) -> int:
+        fd = self.fd
+        if fd < 0:
+            return 0
+        try:
+            # fstat can wait on a network file system: off the event loop.
+            st = await trio.to_thread.run_sync(os.fstat, fd, abandon_on_cancel=True)
+        except OSError as exc:
+            raise HostIOError.wrap(exc, self.path, "fstat failed") from exc
+        return st.st_blocks * 512
+
     def stats_snapshot(self) -> StatsSnapshot:
         snapshot = super().stats_snapshot()
         engine = self._engine

@@ -186,7 +186,9 @@ async def test_raw_over_file_and_its_window(tmp_path: Path) -> None:
             "0-raw": (2 * CLUSTER, 0), "1-file": (2 * CLUSTER, 0)}
         assert await _discard(top, 1 * MiB, 4 * CLUSTER) == {
             "0-raw": (0, 4 * CLUSTER), "1-file": (0, 4 * CLUSTER)}
-        assert before - _allocated(image) >= 8 * CLUSTER  # the punched holes
+        # The punched holes (less a block or two that the host file system may take for the
+        # extent tree of the now fragmented file).
+        assert before - _allocated(image) >= 8 * CLUSTER - 2 * 4096
 
         window = RawNode(top, offset=2 * MiB, size=MiB, owned=False)
         await window.open()

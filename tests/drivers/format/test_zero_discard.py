@@ -175,6 +175,8 @@ async def test_zero_and_discard_as_qemu(name: str, tmp_path: Path) -> None:
     # each image is read from its own directory.
     got, want = _as_raw(ours, fmt), _as_raw(theirs, fmt)
     assert got == view
+    if "data_file_raw" in name:
+        assert (ours.parent / "disk.data").read_bytes() == view  # still the same disk
     if name in QEMU_DIFFERS:
         start, end, why = QEMU_DIFFERS[name]
         assert got[:start] == want[:start] and got[end:] == want[end:], why

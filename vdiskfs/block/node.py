@@ -337,6 +337,8 @@ class FilterNode(BlockNode):
         await self.file.discard(offset, length)
 
     async def truncate(self, size: int) -> None:
+        if self.read_only:  # a read-only view of a writable file (a replayed log) cuts nothing
+            raise ReadOnlyError("opened read-only", path=self.label)
         await self.file.truncate(size)
         self.size = self.file.size
 

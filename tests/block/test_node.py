@@ -79,3 +79,26 @@ async def test_filter_passes_through_and_tree_closes_once() -> None:
     await outer.aclose()
     await outer.aclose()
     assert inner.closed == 1
+
+
+class Cuttable(MemoryNode):
+    async def truncate(self, size: int) -> None:
+        del self.data[size:]
+        self.size = size
+
+
+async def test_truncate_is_refused_unless_a_file_does_it() -> None:
+    """Only nodes that can cut themselves (``file``) truncate; filters pass it on unless they
+    are read-only; everything else refuses."""
+    with pytest.raises(UnsupportedError, match="truncating"):
+        await MemoryNode(b"abcdef").truncate(3)
+    cuttable = Cuttable(b"abcdef")
+    window = FilterNode(cuttable)
+    await window.open()
+    await window.truncate(4)
+    assert cuttable.data == b"abcd" and window.size == 4
+    view = FilterNode(cuttable, read_only=True)
+    await view.open()
+    with pytest.raises(ReadOnlyError):
+        await view.truncate(2)
+    assert cuttable.data == b"abcd"

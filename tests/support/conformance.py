@@ -214,10 +214,37 @@ async def _check_writes(node: BlockNode, model: bytearray, rng: random.Random) -
     length = min(size - offset, 100_000)
     await node.zero(offset, length)
     model[offset : offset + length] = bytes(length)
+    await _check_discard(node, model, random.Random(rng.random()))
     await node.flush()
     assert await _read_all(node) == bytes(model)
     with pytest.raises(NoSpaceError):
         await node.pwrite(size, b"x")
     with pytest.raises(NoSpaceError):
         await node.pwrite(size - 1, b"xy")
+    for verb in (node.zero, node.discard):
+        with pytest.raises(NoSpaceError):
+            await verb(size - 1, 2)
+        with pytest.raises(RangeError):
+            await verb(-1, 1)
     return model
+
+
+async def _check_discard(node: BlockNode, model: bytearray, rng: random.Random) -> None:
+    """A discard changes nothing outside its range, and inside leaves each byte as it was or
+    zero (what a driver cannot deallocate it keeps); the model takes what the node reads."""
+    size = len(model)
+    offset = rng.randrange(0, size)
+    length = min(size - offset, rng.randrange(1, 300_000))
+    await node.discard(offset, length)
+    end = offset + length
+    got = bytes(await node.pread(max(0, offset - 4096), min(size, end + 4096)
+                                 - max(0, offset - 4096)))
+    start = max(0, offset - 4096)
+    assert got[: offset - start] == model[start:offset], "discard changed bytes before it"
+    assert got[end - start :] == model[end : min(size, end + 4096)], "discard changed bytes after"
+    inside = got[offset - start : end - start]
+    old = model[offset:end]
+    assert inside == old or not any(inside) or all(
+        b == 0 or b == o for b, o in zip(inside, old, strict=True)), (
+        "discarded bytes read as neither old nor zero")
+    model[offset:end] = inside

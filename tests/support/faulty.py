@@ -39,7 +39,7 @@ import trio
 from vdiskfs.block.node import BlockNode, Buffer, FilterNode
 from vdiskfs.block.registry import OpenContext, OpenOptions
 from vdiskfs.drivers.protocol.file import FileNode
-from vdiskfs.errors import HostIOError, NoSpaceError
+from vdiskfs.errors import HostIOError, NoSpaceError, UnsupportedError
 
 __all__ = ["LAST", "SUFFIX", "CrashMode", "CrashedError", "FaultyFile", "crash_images",
            "open_faulty"]
@@ -167,6 +167,11 @@ class FaultyFile(FilterNode):
             await self.file.discard(offset, length)
         if self.mirror is not None:
             _apply(self.mirror, offset, bytes(length))
+
+    async def truncate(self, size: int) -> None:
+        # The log holds writes and syncs only: a file that shrinks is not modelled. Refused,
+        # as a file that cannot be cut (a block device) refuses; drivers then reuse the space.
+        raise UnsupportedError("truncating is not simulated", path=self.label)
 
     async def _flush(self) -> None:
         if self.crashed:

@@ -11,6 +11,8 @@ workloads cut the power, so a generator never changes what it yields for a seed)
 - :func:`make_block_workload` (the vmdk, vpc, vhdx, vdi and qed tests): writes and zero
   requests straddling the grain or block boundaries of ``unit``, writes ending at the disk's
   last byte, buffers of zeros, flushes; ``hot`` windows to concentrate them in.
+- :func:`make_discard_workload` (discard and write-zeroes tests): as many discards and zero
+  requests as writes, aligned to clusters and subclusters or not.
 
 :func:`disjoint_workload` makes operations that never overlap (for crash tests, where each byte
 must read as its old value or the one later write to it).
@@ -207,6 +209,52 @@ def make_block_workload(size: int, *, seed: int, unit: int, count: int = 120,
         ops.append(Operation("write", offset, length, payload=rng.randbytes(length)))
         if i % flush_every == flush_every - 1:
             ops.append(Operation("flush"))
+    return ops
+
+
+def make_discard_workload(size: int, seed: int, *, cluster_size: int, count: int = 24,
+                          flush_every: int = 4, subcluster: int | None = None
+                          ) -> list[Operation]:
+    """``count`` operations that unmap as much as they write: discards and zero requests
+    (unmapping or not) over whole clusters, whole subclusters (``subcluster``), unaligned
+    ranges and the disk's partial last cluster, between writes and buffers of zeros that
+    reuse what they free; a flush after every ``flush_every``. The same for the same
+    arguments."""
+    rng = random.Random(seed)
+    unit = subcluster or cluster_size
+    ops: list[Operation] = []
+
+    def span() -> tuple[int, int]:
+        shape = rng.random()
+        if shape < 0.45:  # whole clusters
+            offset = rng.randrange(-(-size // cluster_size)) * cluster_size
+            length = cluster_size * rng.randrange(1, 4)
+        elif shape < 0.6:  # whole subclusters, or pieces of one cluster
+            offset = rng.randrange(size // unit) * unit
+            length = unit * rng.randrange(1, 4)
+        elif shape < 0.85:  # unaligned, across boundaries
+            offset = rng.randrange(size)
+            length = rng.randrange(1, 3 * cluster_size)
+        else:  # up to the end of the disk
+            offset = size - rng.randrange(1, 2 * cluster_size)
+            length = size
+        offset = max(0, min(offset, size - 1))
+        return offset, max(1, min(length, size - offset))
+
+    for i in range(count):
+        choice = rng.random()
+        offset, length = span()
+        if choice < 0.3:
+            ops.append(Operation("write", offset, length, seed=rng.randrange(1 << 30)))
+        elif choice < 0.4:
+            ops.append(Operation("write", offset, length, seed=None))
+        elif choice < 0.7:
+            ops.append(Operation("zero", offset, length, may_unmap=rng.random() < 0.5))
+        else:
+            ops.append(Operation("discard", offset, length))
+        if flush_every and i % flush_every == flush_every - 1:
+            ops.append(Operation("flush"))
+    ops.append(Operation("flush"))
     return ops
 
 

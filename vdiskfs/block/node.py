@@ -262,6 +262,12 @@ class BlockNode:
             raise
         stats.done(Op.FLUSH, 0, cookie)
 
+    async def truncate(self, size: int) -> None:
+        """Cut (or extend) the node to ``size`` bytes: a format driver giving back space it
+        reserved at the end of its file. Only protocol nodes that can do it implement it
+        (``file``); filters pass it on; everything else refuses (:class:`UnsupportedError`)."""
+        raise UnsupportedError(f"{self.driver}: truncating is not supported", path=self.label)
+
     async def block_status(self, offset: int, length: int) -> tuple[BlockStatus, int]:
         """Status of the run starting at ``offset``: ``(flags, run_length)``, 0 < run <= length."""
         self._check_read(Op.BLOCK_STATUS, offset, length)
@@ -348,6 +354,12 @@ class FilterNode(BlockNode):
 
     async def _discard(self, offset: int, length: int) -> None:
         await self.file.discard(offset, length)
+
+    async def truncate(self, size: int) -> None:
+        if self.read_only:  # a read-only view of a writable file (a replayed log) cuts nothing
+            raise ReadOnlyError("opened read-only", path=self.label)
+        await self.file.truncate(size)
+        self.size = self.file.size
 
     async def _block_status(self, offset: int, length: int) -> tuple[BlockStatus, int]:
         return await self.file.block_status(offset, length)

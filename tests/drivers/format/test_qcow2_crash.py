@@ -21,7 +21,14 @@ from tests.support.crash import CrashModel
 from tests.support.faulty import LAST, SUFFIX, CrashedError, FaultyFile, crash_images, open_faulty
 from tests.support.images import qemu_img, qemu_io, reference_raw
 from tests.support.qcow2_images import Qcow2Images
-from tests.support.workload import Operation, assert_clean, make_workload, qemu_check
+from tests.support.workload import (
+    Operation,
+    assert_clean,
+    assert_same_as_model,
+    make_discard_workload,
+    make_workload,
+    qemu_check,
+)
 from vdiskfs.block.registry import OpenOptions, open_image
 from vdiskfs.drivers.format.qcow2 import Qcow2Node
 from vdiskfs.errors import NoSpaceError, VdiskError
@@ -59,19 +66,25 @@ def _crash_image(directory: Path, name: str, content: bytes) -> Path:
     return path
 
 
-async def _sweep(image: Path, work: Path, *, seed: int, count: int, crashes: int,
-                 subsets: int = 2, lazy: bool = False) -> int:
-    """Run a workload once, logging every write and sync below the qcow2 node; then check the
-    power-cut images of ``crashes`` points of it (before each sync, where most is in flight,
-    and elsewhere), ``subsets`` random ones each. Returns how many images were checked."""
+async def _sweep(image: Path, work: Path, *, seed: int, count: int = 0, crashes: int | None,
+                 subsets: int = 2, lazy: bool = False,
+                 ops: list[Operation] | None = None, check_final: bool = False) -> int:
+    """Run a workload once (``ops``, or ``count`` operations of :func:`make_workload`),
+    logging every write and sync below the qcow2 node; then check the power-cut images of
+    ``crashes`` points of it (before each sync, where most is in flight, and elsewhere; None:
+    before every write and every sync, and after the last), ``subsets`` random ones each.
+    ``check_final``: the image the run left is clean, without a leak, and QEMU reads it as
+    the run's model. Returns how many images were checked."""
     initial = reference_raw(image, work / "initial.raw").read_bytes()
     # Beside the image, so that a relative backing file name still resolves.
     victim = image.parent / "victim.qcow2"
     shutil.copy(image, victim)
     node, faulty = await open_faulty(victim, Qcow2Node)
     assert node.header is not None
-    ops = make_workload(node.size, seed, count=count, cluster_size=node.header.cluster_size,
-                        flush_every=7, large=256 * KiB)
+    if ops is None:
+        ops = make_workload(node.size, seed, count=count,
+                            cluster_size=node.header.cluster_size, flush_every=7,
+                            large=256 * KiB)
     model = bytearray(initial)
     flushes: list[tuple[int, bytes]] = [(0, bytes(model))]  # (log length, model) per flush
     started: list[tuple[int, Operation]] = []  # (log length, operation) per change
@@ -85,12 +98,18 @@ async def _sweep(image: Path, work: Path, *, seed: int, count: int, crashes: int
                 flushes.append((len(faulty.log), bytes(run.model)))
     finally:
         await node.aclose()
+    if check_final:
+        assert_clean(victim, "qcow2")
+        assert_same_as_model(victim, "qcow2", run.model, work / "final.raw")
     log = faulty.log
     rng = random.Random(seed)
-    # Just before a sync is where the most writes are in flight.
-    syncs = [at for at, entry in enumerate(log) if entry is None]
-    points = set(rng.sample(syncs, min(len(syncs), crashes * 2 // 3)))
-    points |= set(rng.sample(range(1, len(log)), min(len(log) - 1, crashes - len(points))))
+    if crashes is None:
+        points = set(range(1, len(log) + 1))
+    else:
+        # Just before a sync is where the most writes are in flight.
+        syncs = [at for at, entry in enumerate(log) if entry is None]
+        points = set(rng.sample(syncs, min(len(syncs), crashes * 2 // 3)))
+        points |= set(rng.sample(range(1, len(log)), min(len(log) - 1, crashes - len(points))))
     checked = 0
     for subset in range(subsets):
         keep = (LAST, SUFFIX, 0.5)[subset % 3]
@@ -134,6 +153,72 @@ async def test_crash_anywhere_more(qcow2_images: Qcow2Images, name: str,
                                    tmp_path: Path) -> None:
     image = qcow2_images.copy(name, tmp_path)
     await _sweep(image, tmp_path, seed=2, count=60, crashes=30, subsets=3)
+
+
+# -- discard and write-zeroes --------------------------------------------------------------------
+
+#: Images for the discard and write-zeroes sweep: ``qemu-img create -o`` options, and whether
+#: the image has a backing file. Each holds data, compressed clusters sharing host clusters,
+#: an allocated zero cluster, a zero cluster and a partial last cluster.
+DISCARD_IMAGES = {
+    "v3": ("compat=1.1", False),
+    "v2": ("compat=0.10", False),
+    "extended_l2_backing": ("extended_l2=on", True),
+    "v3_backing": ("compat=1.1", True),
+    "v2_backing": ("compat=0.10", True),
+    "extended_l2": ("extended_l2=on", False),
+    "cluster_4k": ("cluster_size=4k,refcount_bits=2", False),
+    "lazy": ("lazy_refcounts=on", False),
+}
+_DISCARD_SIZE = 1 * MiB + 40 * KiB
+
+
+def _discard_image(directory: Path, name: str) -> Path:
+    options, backed = DISCARD_IMAGES[name]
+    image = directory / "disk.qcow2"
+    if backed:
+        base = directory / "base.qcow2"
+        qemu_img("create", "-q", "-f", "qcow2", base, str(_DISCARD_SIZE))
+        qemu_io(base, f"write -q -P 0x11 0 {_DISCARD_SIZE}")
+        qemu_img("create", "-q", "-f", "qcow2", "-o", options, "-b", base.name, "-F", "qcow2",
+                 image, str(_DISCARD_SIZE))
+    else:
+        qemu_img("create", "-q", "-f", "qcow2", "-o", options, image, str(_DISCARD_SIZE))
+    commands = ["write -q -P 0x22 0 384k"]
+    commands += [f"write -q -c -P {0x30 + i} {384 + 64 * i}k 64k" for i in range(4)]
+    commands += ["write -q -P 0x44 640k 64k", "write -q -z 640k 64k",  # allocated zero
+                 "write -q -z 704k 64k", f"write -q -P 0x55 1M {40 * KiB}"]
+    qemu_io(image, *commands)
+    return image
+
+
+async def _discard_sweep(tmp_path: Path, name: str, *, seed: int, count: int,
+                         subsets: int) -> int:
+    image = _discard_image(tmp_path, name)
+    work = tmp_path / "work"
+    work.mkdir()
+    cluster_size = 4 * KiB if "cluster_size=4k" in DISCARD_IMAGES[name][0] else 64 * KiB
+    subcluster = cluster_size // 32 if "extended_l2" in name else None
+    ops = make_discard_workload(_DISCARD_SIZE, seed, cluster_size=cluster_size, count=count,
+                                subcluster=subcluster)
+    assert {op.kind for op in ops} == {"write", "zero", "discard", "flush"}
+    return await _sweep(image, work, seed=seed, crashes=None, subsets=subsets, ops=ops,
+                        lazy=name == "lazy", check_final=True)
+
+
+@pytest.mark.parametrize("name", ["v3", "extended_l2_backing"])
+async def test_discard_and_zero_crash_at_every_point(name: str, tmp_path: Path) -> None:
+    """Discards and zero requests free clusters (refcounts drop, host clusters are punched)
+    and later writes reuse them: a power cut before any write or sync of the run leaves an
+    image with no corruption (leaks allowed) whose flushed bytes all survive."""
+    checked = await _discard_sweep(tmp_path, name, seed=21, count=16, subsets=2)
+    assert checked >= 60
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(DISCARD_IMAGES))
+async def test_discard_and_zero_crash_at_every_point_more(name: str, tmp_path: Path) -> None:
+    await _discard_sweep(tmp_path, name, seed=22, count=40, subsets=3)
 
 
 async def test_a_killed_run_is_one_of_the_logged_crashes(qcow2_images: Qcow2Images,

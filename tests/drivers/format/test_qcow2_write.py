@@ -6,6 +6,7 @@ subclusters, external data files, snapshots, dirty images, concurrency) and the 
 from __future__ import annotations
 
 import itertools
+import os
 import random
 import struct
 from array import array
@@ -311,7 +312,8 @@ async def test_discard_follows_qemu(tmp_path: Path) -> None:
     base = tmp_path / "base.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", base, "2M")
     qemu_io(base, "write -q -P 0x11 0 2M")
-    for compat, expected in (("1.1", bytes(64 * KiB)), ("0.10", b"\x11" * 64 * KiB)):
+    # v2 with a backing file: QEMU refuses (the cluster would show stale backing data).
+    for compat, expected in (("1.1", bytes(64 * KiB)), ("0.10", b"\x22" * 64 * KiB)):
         top = tmp_path / f"top-{compat}.qcow2"
         qemu_img("create", "-q", "-f", "qcow2", "-o", f"compat={compat}", "-b", base.name,
                  "-F", "qcow2", top)
@@ -321,12 +323,170 @@ async def test_discard_follows_qemu(tmp_path: Path) -> None:
             await node.discard(1000, 128 * KiB)  # only the cluster at 64 KiB is whole
             assert await node.pread(0, 1000) == b"\x22" * 1000
             assert await node.pread(64 * KiB, 64 * KiB) == expected
-            assert node.stats_snapshot().driver["clusters_discarded"] == 1
+            assert node.stats_snapshot().driver["clusters_discarded"] == (compat == "1.1")
         finally:
             await node.aclose()
         assert_clean(top, "qcow2")
         raw = reference_raw(top, tmp_path / "out.raw")
         assert raw.read_bytes()[64 * KiB : 128 * KiB] == expected
+
+
+def _holes(path: Path, offsets: list[int], length: int) -> list[bool]:
+    """For each host offset: whether ``[offset, offset + length)`` is a hole in the file."""
+    with open(path, "rb") as f:
+        out = []
+        for offset in offsets:
+            try:
+                out.append(os.lseek(f.fileno(), offset, os.SEEK_DATA) >= offset + length)
+            except OSError:  # ENXIO: nothing but holes from there to the end
+                out.append(True)
+        return out
+
+
+def _host_offsets(path: Path, start: int, end: int) -> list[int]:
+    """Host offsets of the data clusters (64 KiB) mapping guest ``[start, end)``."""
+    hosts = []
+    for entry in _map(path):
+        if entry["data"] and "offset" in entry:
+            lo = max(start, int(entry["start"]))  # type: ignore[call-overload]
+            hi = min(end, int(entry["start"]) + int(entry["length"]))  # type: ignore[call-overload]
+            for guest in range(lo, hi, 64 * KiB):
+                hosts.append(int(entry["offset"]) + guest - int(entry["start"]))  # type: ignore[call-overload]
+    return hosts
+
+
+async def test_discarded_clusters_are_freed_punched_and_reused(tmp_path: Path) -> None:
+    """A discard drops the refcounts (no leak), punches the host clusters once the L2 entries
+    that used them are on disk, and later allocations take the freed clusters -- in the same
+    session and after reopening -- instead of growing the file."""
+    path = tmp_path / "disk.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", path, "8M")
+    qemu_io(path, "write -q -P 0x55 0 1M")
+    model = bytearray(8 * MiB)
+    model[: 1 * MiB] = b"\x55" * MiB
+    hosts = _host_offsets(path, 0, 512 * KiB)
+    assert len(hosts) == 8
+    size = path.stat().st_size
+    node = await _open_rw(path)
+    try:
+        await node.discard(0, 512 * KiB)
+        await node.zero(512 * KiB, 128 * KiB, may_unmap=True)
+        model[: 640 * KiB] = bytes(640 * KiB)
+        await node.flush()
+        assert all(_holes(path, hosts, 64 * KiB))
+        assert node.stats_snapshot().driver["clusters_freed"] == 10
+        await node.pwrite(4 * MiB, b"\x66" * (256 * KiB))  # takes four freed clusters
+        model[4 * MiB : 4 * MiB + 256 * KiB] = b"\x66" * (256 * KiB)
+    finally:
+        await node.aclose()
+    assert path.stat().st_size == size
+    assert_clean(path, "qcow2")
+    assert_same_as_model(path, "qcow2", model, tmp_path / "model.raw")
+    node = await _open_rw(path)
+    try:
+        await node.pwrite(6 * MiB, b"\x77" * (384 * KiB))  # the other six, after reopening
+        model[6 * MiB : 6 * MiB + 384 * KiB] = b"\x77" * (384 * KiB)
+    finally:
+        await node.aclose()
+    assert path.stat().st_size == size
+    assert_clean(path, "qcow2")
+    assert_same_as_model(path, "qcow2", model, tmp_path / "model.raw")
+
+
+async def test_discarding_compressed_clusters_frees_their_host_clusters(tmp_path: Path) -> None:
+    """Compressed clusters share host clusters: each reference drops with the cluster that
+    made it, a host cluster is punched once nothing uses it, and partial requests leave a
+    compressed cluster alone (discard) or copy it (zero)."""
+    path = tmp_path / "disk.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", path, "4M")
+    rng = random.Random(5)
+    model = bytearray(4 * MiB)
+    for i in range(16):  # about 20 KiB each once compressed, packed together
+        data = rng.randbytes(20 * KiB) + bytes(44 * KiB)
+        (tmp_path / "c.raw").write_bytes(data)
+        qemu_io(path, f"write -q -c -s {tmp_path / 'c.raw'} {i * 64 * KiB} 64k")
+        model[i * 64 * KiB : (i + 1) * 64 * KiB] = data
+    blocks = path.stat().st_blocks
+    node = await _open_rw(path)
+    try:
+        await node.discard(0, 8 * 64 * KiB)
+        await node.zero(8 * 64 * KiB, 4 * 64 * KiB, may_unmap=False)  # compressed: unmapped
+        await node.discard(12 * 64 * KiB + 512, 64 * KiB)  # partial: left alone
+        await node.zero(13 * 64 * KiB + 4096, 4096)  # partial: written as data
+        model[: 12 * 64 * KiB] = bytes(12 * 64 * KiB)
+        model[13 * 64 * KiB + 4096 : 13 * 64 * KiB + 8192] = bytes(4096)
+        assert await node.pread(0, node.size) == model
+        assert node.stats_snapshot().driver["clusters_discarded"] == 8
+    finally:
+        await node.aclose()
+    assert_clean(path, "qcow2")
+    assert_same_as_model(path, "qcow2", model, tmp_path / "model.raw")
+    entries = _map(path)
+    assert not _entry_at(entries, 0)["data"] and _entry_at(entries, 8 * 64 * KiB)["zero"]
+    assert _entry_at(entries, 14 * 64 * KiB)["data"]
+    # 12 x 20 KiB gone: at least three host clusters held nothing else and are holes now.
+    assert blocks - path.stat().st_blocks >= 3 * 64 * KiB // 512
+
+
+async def test_partial_zeros_mark_the_unit_when_the_rest_reads_zero(tmp_path: Path) -> None:
+    """QEMU's head and tail rule: zeroing part of a (sub)cluster that stores nothing and
+    whose rest reads as zeros marks it zero (v3) or leaves it unallocated (v2) -- no cluster
+    allocated; anywhere else the zeros are written as data."""
+    for options in ("compat=1.1", "compat=0.10", "extended_l2=on,cluster_size=64k"):
+        path = tmp_path / "disk.qcow2"
+        path.unlink(missing_ok=True)
+        qemu_img("create", "-q", "-f", "qcow2", "-o", options, path, "4M")
+        qemu_io(path, "write -q -P 0x55 1M 64k", "write -q -z 2M 64k")
+        node = await _open_rw(path)
+        try:
+            await node.zero(100, 1000)  # unallocated, no backing file
+            await node.zero(2 * MiB + 3000, 5000)  # inside a zero cluster
+            await node.pwrite(3 * MiB + 512, bytes(4096))  # a zero buffer: the same
+            assert node.stats_snapshot().driver["clusters_allocated"] == 0
+            await node.zero(1 * MiB + 100, 1000)  # into data: zeros written there
+            assert await node.pread(1 * MiB, 2000) == (
+                b"\x55" * 100 + bytes(1000) + b"\x55" * 900)
+        finally:
+            await node.aclose()
+        entries = _map(path)
+        for guest in (0, 2 * MiB, 3 * MiB):
+            assert not _entry_at(entries, guest)["data"], (options, guest)
+        assert_clean(path, "qcow2")
+    # Over a backing file's data the rest does not read as zeros: data.
+    base = tmp_path / "base.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", base, "4M")
+    qemu_io(base, "write -q -P 0x11 0 4M")
+    top = tmp_path / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", top)
+    node = await _open_rw(top)
+    try:
+        await node.zero(100, 1000)
+        assert await node.pread(0, 2000) == b"\x11" * 100 + bytes(1000) + b"\x11" * 900
+        assert node.stats_snapshot().driver["clusters_allocated"] == 1
+    finally:
+        await node.aclose()
+    assert_clean(top, "qcow2")
+
+
+async def test_discard_punches_the_external_data_file(tmp_path: Path) -> None:
+    path = tmp_path / "disk.qcow2"
+    data = tmp_path / "disk.data"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", f"data_file={data}", path, "4M")
+    qemu_io(path, "write -q -P 0x55 0 1M")
+    node = await _open_rw(path)
+    try:
+        await node.discard(64 * KiB, 128 * KiB)
+        await node.zero(512 * KiB, 64 * KiB, may_unmap=True)
+        await node.zero(768 * KiB, 64 * KiB, may_unmap=False)  # keeps its cluster
+        assert await node.pread(0, 1 * MiB) == (
+            b"\x55" * (64 * KiB) + bytes(128 * KiB) + b"\x55" * (320 * KiB)
+            + bytes(64 * KiB) + b"\x55" * (192 * KiB) + bytes(64 * KiB)
+            + b"\x55" * (192 * KiB))
+    finally:
+        await node.aclose()
+    assert _holes(data, [64 * KiB, 128 * KiB, 512 * KiB], 64 * KiB) == [True, True, True]
+    assert _holes(data, [0, 768 * KiB], 64 * KiB) == [False, False]
+    assert_clean(path, "qcow2")
 
 
 async def test_copy_on_write_from_each_source(qcow2_images: Qcow2Images,

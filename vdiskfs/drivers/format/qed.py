@@ -30,6 +30,12 @@ Writes follow QEMU's ``qed_aio_write_alloc`` path, one allocating write at a tim
   at the end of the file, written with the entries and flushed, and only then is the L1 entry
   written. Metadata is written through: :meth:`~QedNode.flush` only flushes the file.
 
+A write whose caller is cancelled (QEMU never abandons one; a trio caller may) leaks nothing:
+cancelled before its L2 entries are decided, it gives its clusters back (the next allocation
+takes them, and a file it grew is cut back); once they are decided -- in memory, at once --
+the write has happened for readers, and the table writes it did not finish stay queued, their
+pages pinned, until the next allocation, flush or close writes them (in the same order).
+
 Crash safety is QEMU's. With a backing file the new clusters are flushed before the L2 entry
 that points at them (a crash can only leak them). Without one that flush is skipped, as QEMU
 skips it: a cluster is always new space at the end of the file, so if its data did not reach the
@@ -55,6 +61,7 @@ backing file shows through them -- without one they read as zeros already.
 from __future__ import annotations
 
 import array
+import contextlib
 import dataclasses
 import os
 import struct
@@ -81,7 +88,7 @@ from vdiskfs.drivers.format.runs import (
     runs_status,
     write_runs,
 )
-from vdiskfs.errors import FormatError, UnsupportedError
+from vdiskfs.errors import FormatError, UnsupportedError, VdiskError
 
 __all__ = ["QedCounters", "QedGeometry", "QedHeader", "QedNode", "l2_pages_needed", "map_range"]
 
@@ -268,6 +275,20 @@ def validate_header(header: QedHeader, *, label: str, file_size: int) -> QedGeom
 L2PageKey = tuple[int, int]
 
 
+@dataclasses.dataclass(slots=True)
+class _L2Update:
+    """An L2 update prepared (:meth:`QedNode._prepare_l2`): ``count`` entries from index
+    ``first`` of the table at ``l2_offset`` (``new_table``: just allocated, for L1 entry
+    ``l1_index``), in ``pages``."""
+
+    l1_index: int
+    l2_offset: int
+    new_table: bool
+    first: int
+    count: int
+    pages: dict[L2PageKey, array.array[int]]
+
+
 def l2_pages_needed(geom: QedGeometry, l1: array.array[int], offset: int,
                     length: int) -> list[L2PageKey]:
     """The L2 pages that mapping ``[offset, offset + length)`` reads, L1 entries checked.
@@ -349,6 +370,8 @@ class QedCounters(RunCounters):
     need_check_cleared: int = 0
     #: Table entries cleared by the repair of a writable open of a need-check image.
     entries_repaired: int = 0
+    #: Clusters reserved by writes that were cancelled before they mapped them, given back.
+    clusters_given_back: int = 0
 
 
 @register
@@ -365,6 +388,11 @@ class QedNode(FormatNode):
         self._l2_cache: LruCache[L2PageKey, array.array[int]] = LruCache(L2_CACHE_PAGES)
         #: One allocating write at a time, as QEMU's ``allocating_acb``.
         self._alloc_lock = trio.Lock()
+        #: Table updates decided but not yet written (their writer was cancelled): L2 pages
+        #: (the page, and the entries ``[lo, hi)`` to write), then L1 entries. The pages are
+        #: pinned here, so a reader never loads an older copy from the file meanwhile.
+        self._pending_pages: dict[L2PageKey, tuple[array.array[int], int, int]] = {}
+        self._pending_l1: set[int] = set()
         self._last_allocation = 0.0
         #: Seconds after the last allocation before a flush clears the need-check flag.
         self.need_check_delay = NEED_CHECK_TIMEOUT
@@ -438,6 +466,10 @@ class QedNode(FormatNode):
         for key in keys:
             if key in pages:
                 continue
+            pending = self._pending_pages.get(key)
+            if pending is not None:
+                pages[key] = pending[0]
+                continue
             # Single-flight: concurrent readers of one uncached page read it once; a page read
             # while an update ran is used by its own request only (LruCache's rules).
             page, hit = await self._l2_cache.load(key, partial(self._read_l2_page, key))
@@ -496,22 +528,51 @@ class QedNode(FormatNode):
         count = (end - start) // geom.cluster_size
         await self._set_need_check()
         host = self._allocate_clusters(count)
-        head = await self._cow_bytes(run.kind, start, run.offset - start)
-        tail = await self._cow_bytes(run.kind, run.end, end - run.end)
-        await self.file.pwrite(host, b"".join((head, data, tail)))
+        try:
+            head = await self._cow_bytes(run.kind, start, run.offset - start)
+            tail = await self._cow_bytes(run.kind, run.end, end - run.end)
+            await self.file.pwrite(host, b"".join((head, data, tail)))
+            if self.backing is not None:
+                # QEMU: without this flush a crash could leave the L2 entry pointing at a
+                # cluster whose copied-on-write backing bytes never reached the disk.
+                await self.file.flush()
+            update = await self._prepare_l2(start, count)
+        except BaseException:
+            # Cancelled (or failed) before anything points at the clusters: give them back,
+            # or they would leak (QEMU never abandons a request half way; a caller here may).
+            await self._give_back(host)
+            raise
         self.counters.clusters_allocated += count
-        if self.backing is not None:
-            # QEMU: without this flush a crash could leave the L2 entry pointing at a cluster
-            # whose copied-on-write backing bytes never reached the disk.
-            await self.file.flush()
-        await self._update_l2(start, count, host)
+        self._decide_l2(update, host)
+        await self._write_updates()
 
     def _allocate_clusters(self, count: int) -> int:
         """QEMU's ``qed_alloc_clusters``: reserve space at the end of the file."""
         offset = self._file_end
-        self._file_end += count * self.geometry.cluster_size
-        self.geometry = dataclasses.replace(self.geometry, file_size=self._file_end)
+        self._set_file_end(offset + count * self.geometry.cluster_size)
         return offset
+
+    def _set_file_end(self, end: int) -> None:
+        self._file_end = end
+        self.geometry = dataclasses.replace(self.geometry, file_size=end)
+
+    async def _give_back(self, offset: int) -> None:
+        """Undo the reservations from ``offset`` on -- the latest ones: the caller holds the
+        allocation lock, and nothing references them -- so that the next allocation takes
+        them again; a file they already grew is cut back, so that none is left over at the
+        end (a leak to ``qemu-img check``). Runs while its caller is being cancelled:
+        shielded, and never through a request that could wait (truncating is a syscall)."""
+        reserved = self._file_end - offset
+        if reserved <= 0:
+            return
+        self.counters.clusters_given_back += reserved // self.geometry.cluster_size
+        self._set_file_end(offset)
+        if self.file.size <= offset:
+            return
+        # A file that cannot be cut (a block device, a filter that refuses) keeps the space:
+        # the next allocation writes over it all the same.
+        with trio.CancelScope(shield=True), contextlib.suppress(VdiskError):
+            await self.file.truncate(offset)
 
     async def _cow_bytes(self, kind: RunKind, offset: int, length: int) -> bytes:
         """The ``length`` bytes at guest ``offset`` of a cluster about to be allocated, as it
@@ -526,7 +587,20 @@ class QedNode(FormatNode):
     async def _update_l2(self, start: int, count: int, value: int) -> None:
         """Point the L2 entries of the ``count`` clusters from guest ``start`` at ``value``
         (consecutive clusters from there; or the zero-cluster marker for every one), creating
-        the L2 table first when the L1 entry has none."""
+        the L2 table first when the L1 entry has none. Caller holds the allocation lock."""
+        mark = self._file_end
+        try:
+            update = await self._prepare_l2(start, count)
+        except BaseException:
+            await self._give_back(mark)  # a new table nothing points at yet
+            raise
+        self._decide_l2(update, value)
+        await self._write_updates()
+
+    async def _prepare_l2(self, start: int, count: int) -> _L2Update:
+        """The pages an update of ``count`` entries from guest ``start`` changes: loaded, or
+        those of a new table (allocated, and zeroed in the file). Changes nothing a reader or
+        the file's tables see: a cancelled caller gives the new table back."""
         geom = self.geometry
         l1_index = start >> geom.l1_shift
         first = (start >> geom.l2_shift) & (geom.table_entries - 1)
@@ -540,33 +614,55 @@ class QedNode(FormatNode):
             await self.file.zero(l2_offset, geom.table_bytes)
             pages = {(l2_offset, n): array.array("Q", bytes(8 * page_entries))
                      for n in keys_needed}
-            self.counters.l2_tables_allocated += 1
         else:
             pages = await self._load_l2_pages([(l2_offset, n) for n in keys_needed])
+        return _L2Update(l1_index, l2_offset, new_table, first, count, pages)
+
+    def _decide_l2(self, update: _L2Update, value: int) -> None:
+        """Make the update in memory, at once (no await: a reader sees each entry old or new)
+        and queue its writes. From here on the write has happened as far as readers go; the
+        tables reach the file in :meth:`_write_updates`, now or -- if its caller is cancelled
+        -- at the next allocation, flush or close."""
+        geom = self.geometry
+        page_entries = geom.l2_page_entries
         step = 0 if value == ZERO_CLUSTER else geom.cluster_size
-        # Readers see each entry either old or new (no await between the changes below), and
-        # a page loaded while the change reaches the disk is not cached (it may predate it).
+        first, count = update.first, update.count
+        # A page being loaded now is not cached: it may predate this change.
         with self._l2_cache.updating():
             for i in range(count):
                 page, in_page = divmod(first + i, page_entries)
-                pages[(l2_offset, page)][in_page] = value + i * step
-            try:
-                for (table, number), page in pages.items():
-                    self._l2_cache.put((table, number), page)
-                    lo = max(first, number * page_entries) - number * page_entries
-                    hi = min(first + count, (number + 1) * page_entries) - number * page_entries
-                    await self._write_table_span(table + 8 * page_entries * number, page, lo,
-                                                 hi)
-            except BaseException:
-                # The cache may now hold entries the file does not: read them again.
-                self._l2_cache.clear()
-                raise
-        if new_table:
-            # The table must be on disk before the L1 entry that points at it.
+                update.pages[(update.l2_offset, page)][in_page] = value + i * step
+            for key, page in update.pages.items():
+                self._l2_cache.put(key, page)
+                number = key[1]
+                lo = max(first, number * page_entries) - number * page_entries
+                hi = min(first + count, (number + 1) * page_entries) - number * page_entries
+                queued = self._pending_pages.get(key)
+                if queued is not None:
+                    lo, hi = min(lo, queued[1]), max(hi, queued[2])
+                self._pending_pages[key] = (page, lo, hi)
+        if update.new_table:
+            self.l1[update.l1_index] = update.l2_offset
+            self._pending_l1.add(update.l1_index)
+            self.counters.l2_tables_allocated += 1
+
+    async def _write_updates(self) -> None:
+        """Write the queued table updates: L2 pages, then -- after a flush, so that an L1
+        entry never points at a table that is not on the disk -- L1 entries. Caller holds the
+        allocation lock (or closes). An entry leaves the queue once written; a cancelled
+        caller leaves the rest queued."""
+        page_bytes = 8 * self.geometry.l2_page_entries
+        while self._pending_pages:
+            key, (page, lo, hi) = next(iter(self._pending_pages.items()))
+            await self._write_table_span(key[0] + key[1] * page_bytes, page, lo, hi)
+            del self._pending_pages[key]
+        if self._pending_l1:
             await self.file.flush()
-            self.l1[l1_index] = l2_offset
-            await self._write_table_span(self.header.l1_table_offset, self.l1, l1_index,
-                                         l1_index + 1)
+            while self._pending_l1:
+                index = min(self._pending_l1)
+                await self._write_table_span(self.header.l1_table_offset, self.l1, index,
+                                             index + 1)
+                self._pending_l1.discard(index)
 
     async def _write_table_span(self, table_offset: int, table: array.array[int], lo: int,
                                 hi: int) -> None:
@@ -642,8 +738,10 @@ class QedNode(FormatNode):
         self.counters.need_check_cleared += 1
 
     async def _flush(self) -> None:
-        # Tables are written through; the base class flushes the file after this.
+        # Tables are written through (what a cancelled writer left, here); the base class
+        # flushes the file after this.
         async with self._alloc_lock:
+            await self._write_updates()
             if (self.header.features & F_NEED_CHECK
                     and time.monotonic() - self._last_allocation >= self.need_check_delay):
                 await self._clear_need_check()
@@ -653,6 +751,7 @@ class QedNode(FormatNode):
         if not self._writable_open:
             return
         # QEMU's bdrv_qed_close: a clean shutdown needs no check at the next open.
+        await self._write_updates()
         await self.file.flush()
         if self.header.features & F_NEED_CHECK:
             await self._clear_need_check()

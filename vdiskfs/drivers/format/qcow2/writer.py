@@ -144,6 +144,8 @@ class Qcow2Writer:
         self.inflight = InflightList()
         self.refcounts: Refcounts | None = None
         self._pending_frees: list[_PendingFree] = []
+        #: External data file clusters to punch before the lock is released.
+        self._data_punches: list[int] = []
         self._free_checkpoint = _MAX_PENDING_FREES
         self._l1_dirty: set[int] = set()
         # Set by every write, cleared by the sync that makes it durable.
@@ -307,15 +309,40 @@ class Qcow2Writer:
         self._epoch += 1
 
     def _free_entry_later(self, entry: int, *, discard: bool = False) -> None:
-        """Queue the host cluster(s) an L2 entry references (QEMU's qcow2_free_any_cluster)."""
+        """Queue the host cluster(s) an L2 entry references (QEMU's qcow2_free_any_cluster):
+        a compressed cluster's bytes (every host cluster they touch loses a reference), or a
+        data cluster. ``discard``: the guest asked for it, so a host cluster whose count drops
+        to 0 is punched too. An external data file has no counts: its cluster is punched by
+        the caller at once (:meth:`_punch_data_file`)."""
+        node = self.node
+        g = node.geometry
+        assert g is not None and node.header is not None
+        if entry & OFLAG_COMPRESSED:
+            host, stored = g.compressed(entry)
+            self._free_later(host, stored, discard=discard)
+        elif not is_allocated(g, entry):
+            return
+        elif not g.has_data_file:
+            self._free_later(entry & L2E_OFFSET_MASK, g.cluster_size, discard=discard)
+        elif discard and not node.header.data_file_raw:
+            # (data_file_raw: zero() and discard() zeroed the data file already.)
+            self._data_punches.append(entry & L2E_OFFSET_MASK)
+
+    async def _punch_data_file(self) -> None:
+        """Punch the external data file's clusters that a discard or an unmapping zero just
+        unmapped (QEMU passes the discard to the data file at once, as here: a crash before
+        the L2 slice is written leaves it pointing at zeros, which is what the guest asked
+        for). Caller holds the lock, so no write can reuse the clusters before the punch."""
         node = self.node
         g = node.geometry
         assert g is not None
-        if entry & OFLAG_COMPRESSED:
-            host, stored = g.compressed(entry)
-            self._free_later(host, stored)
-        elif is_allocated(g, entry) and not g.has_data_file:
-            self._free_later(entry & L2E_OFFSET_MASK, g.cluster_size, discard=discard)
+        punches, self._data_punches = self._data_punches, []
+        for start, stop in _runs({host >> g.cluster_bits for host in punches}):
+            offset = start << g.cluster_bits
+            end = min(stop << g.cluster_bits, node._data.size)
+            if end > offset:
+                self._unsynced_data = True
+                await node._data.discard(offset, end - offset)
 
     # -- writing to the children ------------------------------------------------------------------
 
@@ -454,12 +481,28 @@ class Qcow2Writer:
             return
         self._pending_frees = [f for f in self._pending_frees if f.epoch >= oldest]
         cluster_bits = node.header.cluster_bits
+        punch: set[int] = set()
         for free in ready:
             await refcounts.change(free.offset, free.length, -1)
-            node.counters.clusters_freed += -(-free.length >> cluster_bits)
-            if free.discard and await refcounts.get(free.offset >> cluster_bits) == 0:
-                # As QEMU's pass-discard-request: the host file gets the hole too.
-                await node.file.discard(free.offset, free.length)
+            first = free.offset >> cluster_bits
+            last = (free.offset + free.length - 1) >> cluster_bits
+            node.counters.clusters_freed += last - first + 1
+            if free.discard:
+                # As QEMU's update_refcount_discard: every host cluster whose count dropped to
+                # 0 (a compressed cluster's bytes may share theirs with others).
+                for cluster in range(first, last + 1):
+                    if await refcounts.get(cluster) == 0:
+                        punch.add(cluster)
+        # The host file gets the holes too (QEMU's pass-discard-request). The clusters are
+        # free in the cache only; on disk their counts drop later -- a crash in between leaks
+        # them, with nothing referencing their (now zero) contents.
+        file = node.file
+        for start, stop in _runs(punch):
+            offset = start << cluster_bits
+            end = min(stop << cluster_bits, file.size)
+            if end > offset:
+                self._unsynced_file = True
+                await file.discard(offset, end - offset)
 
     # -- the node's verbs -------------------------------------------------------------------------
 
@@ -484,18 +527,28 @@ class Qcow2Writer:
                     self._marked_dirty = False
 
     async def pwrite(self, offset: int, data: Buffer) -> None:
-        """Write ``data``; whole (sub)clusters of zeros become zero clusters on images that
-        have them (v3), everything else takes the data path."""
+        """Write ``data``; whole (sub)clusters of zeros become zero clusters (unallocated ones
+        on a v2 image without a backing file), and so does a part of one whose rest reads as
+        zeros with nothing stored (see :meth:`zero`): QEMU's ``detect-zeroes=on``. Everything
+        else takes the data path."""
         node = self.node
         g = node.geometry
         assert g is not None
         view = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
-        if g.zero_flag or g.extended_l2:
+        if g.zero_flag or g.extended_l2 or node.backing is None:
             unit = 1 << subcluster_bits(g)
             end = offset + len(view)
             first = -(-offset // unit) * unit
             last = end if end == node.size else end // unit * unit
             zeros = self._zeros
+            if (len(view) <= len(zeros) and view[0] == 0 and view[-1] == 0
+                    and zeros.startswith(view) and self._in_place_host(offset, len(view)) < 0):
+                # Up to a cluster of zeros, not into a cluster written in place (a file system
+                # zeroing a 4 KiB block): a zero request, which allocates nothing where the
+                # (sub)clusters read as zeros anyway.
+                node.counters.zero_writes_detected += 1
+                await self.zero(offset, len(view), may_unmap=False)
+                return
             if first < last and len(view) >= unit:
                 pos = offset
                 chunk = first
@@ -858,7 +911,11 @@ class Qcow2Writer:
     # -- zero and discard -------------------------------------------------------------------------
 
     async def zero(self, offset: int, length: int, *, may_unmap: bool) -> None:
-        """Make ``[offset, offset + length)`` read as zeros (QEMU's qcow2_co_pwrite_zeroes)."""
+        """Make ``[offset, offset + length)`` read as zeros (QEMU's qcow2_co_pwrite_zeroes):
+        whole (sub)clusters are marked zero (or, on v2 without a backing file, unallocated); a
+        partial one at either end is marked whole when the rest of it reads as zeros already
+        and nothing is stored there, else written with zeros as data -- as everything is on a
+        v2 image with a backing file, which has no way to mark zeros."""
         node = self.node
         g = node.geometry
         header = node.header
@@ -867,20 +924,65 @@ class Qcow2Writer:
             # The data file stays a consistent raw image (QEMU zeroes it first as well).
             await self._zero_data(offset, length, may_unmap=may_unmap)
         end = offset + length
+        if header.version < 3 and node.backing is not None:
+            await self._write_zeros(offset, length)
+            return
         unit = 1 << subcluster_bits(g)
         first = -(-offset // unit) * unit
         last = end if end == node.size else end // unit * unit
-        if first >= last or (header.version < 3 and node.backing is not None):
-            # Nothing whole to mark (or no way to mark it): write zeros as data.
-            await self._write_zeros(offset, length)
-            return
-        if offset < first:
-            await self._write_zeros(offset, first - offset)
+        # The partial units at the ends (one, when the range lies inside a unit).
+        head = (offset, min(first, end)) if offset < first else None
+        tail = (max(last, offset), end) if last < end else None
+        if head is not None and head == tail:
+            tail = None
+        if head is not None:
+            await self._zero_partial(*head, may_unmap)
         pos = first
         while pos < last:
             pos = await self._zero_step(pos, last, may_unmap)
-        if last < end:
-            await self._write_zeros(last, end - last)
+        if tail is not None:
+            await self._zero_partial(*tail, may_unmap)
+
+    async def _zero_partial(self, start: int, stop: int, may_unmap: bool) -> bool:
+        """Zero ``[start, stop)``, a part of one (sub)cluster: the whole unit is marked zero if
+        nothing is stored in it and the rest of it reads as zeros (QEMU's head and tail
+        check, decided under the lock so that no write lands in between); else zeros are
+        written as data. Returns whether the unit was marked."""
+        node = self.node
+        g = node.geometry
+        assert g is not None
+        unit = 1 << subcluster_bits(g)
+        unit_start = start // unit * unit
+        unit_end = min(unit_start + unit, node.size)
+        marked = False
+        while True:
+            async with self.lock:
+                blocker, _n = self.inflight.blocking(unit_start, unit_end - unit_start)
+                if blocker is None:
+                    if await self._only_zeros_around(unit_start, unit_end, start, stop):
+                        marked = not await self._zero_locked(unit_start, unit_end, may_unmap)
+                    break
+            node.counters.allocation_waits += 1
+            await blocker.done.wait()
+        if not marked:
+            await self._write_zeros(start, stop - start)
+        return marked
+
+    async def _only_zeros_around(self, unit_start: int, unit_end: int, start: int,
+                                 stop: int) -> bool:
+        """Whether the unit ``[unit_start, unit_end)`` stores nothing here (zero or
+        unallocated: QEMU's ZERO and UNALLOCATED subcluster types) and reads as zeros outside
+        ``[start, stop)``. Caller holds the lock."""
+        node = self.node
+        for run in await node._map(unit_start, unit_end - unit_start):
+            if run.kind is RunKind.ZERO:
+                continue
+            if run.kind is not RunKind.BACKING:
+                return False
+            for lo, hi in ((run.offset, min(run.end, start)), (max(run.offset, stop), run.end)):
+                if hi > lo and node.backing_length(lo, hi - lo):
+                    return False
+        return True
 
     async def _write_zeros(self, offset: int, length: int) -> None:
         end = offset + length
@@ -977,6 +1079,8 @@ class Qcow2Writer:
             cursor = piece_end
         if changed:
             node.l2_cache.mark_dirty(key)
+        if self._data_punches:
+            await self._punch_data_file()
         return fallback
 
     async def _skip_unallocated(self, start: int, stop: int) -> bool:
@@ -994,12 +1098,17 @@ class Qcow2Writer:
         return len(runs) == 1 and runs[0].kind is RunKind.BACKING  # unallocated
 
     async def discard(self, offset: int, length: int) -> None:
-        """Deallocate whole clusters (QEMU's qcow2_cluster_discard): they read as zeros on v3,
-        from the backing file on v2; partial clusters are left alone."""
+        """Deallocate whole clusters (QEMU's qcow2_co_pdiscard and qcow2_cluster_discard): they
+        read as zeros afterwards; partial clusters are left alone, except the image's partial
+        last cluster when the range covers it from its start. A v2 image with a backing file
+        is left alone too: without the zero flag, a discarded cluster would show the backing
+        file's stale data (QEMU refuses it, and a refused discard is no error)."""
         node = self.node
         g = node.geometry
         header = node.header
         assert g is not None and header is not None
+        if header.version < 3 and node.backing is not None:
+            return
         cluster_size = g.cluster_size
         end = offset + length
         first = -(-offset // cluster_size) * cluster_size
@@ -1054,6 +1163,8 @@ class Qcow2Writer:
             changed = True
         if changed:
             node.l2_cache.mark_dirty(key)
+        if self._data_punches:
+            await self._punch_data_file()
 
 
 @dataclass(slots=True)

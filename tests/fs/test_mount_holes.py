@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.holes import assert_agrees_with_qemu
+from tests.support.holes import assert_agrees_with_qemu, assert_holes_read_zero
 from tests.support.images import create, qemu_img, qemu_io, reference_raw, sha256_file
 from tests.support.mount import loop_mounted, mounted
 from tests.support.partitioned import make_ext4
+from tests.support.qcow2_images import RECIPES, Qcow2Images
 
 pytestmark = pytest.mark.mount
 
@@ -221,3 +222,21 @@ def test_fstrim_through_an_overlay_frees_clusters(tmp_path: Path) -> None:
     assert sha256_file(reference_raw(overlay, tmp_path / "after.raw")) == shown
     subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(overlay),
                     str(tmp_path / "after.raw")], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def qcow2_images(tmp_path_factory: pytest.TempPathFactory) -> Qcow2Images:
+    return Qcow2Images(tmp_path_factory.mktemp("qcow2-mount-holes"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_lseek_on_the_qcow2_corpus(qcow2_images: Qcow2Images, name: str,
+                                   tmp_path: Path) -> None:
+    """Through the mount, for every image of the read corpus: what SEEK_DATA/SEEK_HOLE find
+    agrees with qemu-img map, and the holes read as zeros."""
+    image = qcow2_images.get(name)
+    with mounted(image.path, mountpoint=tmp_path / "mnt", options=("--no-partitions",)) as mnt:
+        found = seek_ranges(mnt / f"{image.path.stem}.raw")
+    assert_holes_read_zero(found, image.reference)
+    assert_agrees_with_qemu(found, image.path)

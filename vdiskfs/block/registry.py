@@ -16,7 +16,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
@@ -37,7 +37,9 @@ __all__ = [
     "open_image",
     "probe",
     "register",
+    "register_protocol",
     "run_blocking",
+    "url_scheme",
 ]
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,36 @@ def register(cls: T) -> T:
         raise RuntimeError(f"format driver {name!r} registered twice")
     _FORMATS[name] = cls  # type: ignore[assignment]
     return cls
+
+
+#: ``scheme -> opener`` of the network protocol nodes (``nbd``, ``https``...): what opens a
+#: URL instead of a local path. An opener returns the protocol node, open.
+ProtocolOpener = Callable[[str, "OpenOptions"], "Awaitable[BlockNode]"]
+_PROTOCOLS: dict[str, ProtocolOpener] = {}
+
+
+def register_protocol(*schemes: str) -> Callable[[ProtocolOpener], ProtocolOpener]:
+    """Decorator of a protocol driver's opener: URLs of these schemes (``nbd``, ``nbd+unix``)
+    open with it, as QEMU's ``bdrv_find_protocol`` picks a driver by the URL's prefix."""
+
+    def decorate(opener: ProtocolOpener) -> ProtocolOpener:
+        for scheme in schemes:
+            if scheme in _PROTOCOLS:
+                raise RuntimeError(f"protocol {scheme!r} registered twice")
+            _PROTOCOLS[scheme] = opener
+        return opener
+
+    return decorate
+
+
+def url_scheme(name: str) -> str | None:
+    """The scheme of ``name`` if it is a URL of a registered protocol (``nbd://host/x``), else
+    None: a local path (which may contain a colon)."""
+    scheme, sep, _ = name.partition("://")
+    if not sep:
+        return None
+    _load_drivers()
+    return scheme.lower() if scheme.lower() in _PROTOCOLS else None
 
 
 def _load_drivers() -> None:
@@ -298,8 +330,14 @@ async def _read_probe_bytes(file: BlockNode) -> tuple[bytes, bytes]:
     return head, tail
 
 
-async def _open_file(path: str, *, read_only: bool, locking: bool) -> BlockNode:
-    """The protocol node of ``path``, open (a regular file or block device, else refused)."""
+async def _open_file(path: str, *, read_only: bool, locking: bool,
+                     options: OpenOptions | None = None) -> BlockNode:
+    """The protocol node of ``path``, open: a registered protocol's for a URL, else the file
+    (a regular file or block device, else refused)."""
+    scheme = url_scheme(path)
+    if scheme is not None:
+        return await _PROTOCOLS[scheme](path, _with_read_only(options or OpenOptions(),
+                                                              read_only))
     from vdiskfs.drivers.protocol.file import FileNode
 
     file = FileNode(path, read_only=read_only, locking=locking)
@@ -378,8 +416,12 @@ async def open_image(path: str, options: OpenOptions | None = None) -> BlockNode
     """
     options = options or OpenOptions()
     try:
-        real = await run_blocking(lambda: os.path.realpath(path))
-        file = await _open_file(path, read_only=options.read_only, locking=options.locking)
+        if url_scheme(path) is not None:
+            real = path
+        else:
+            real = await run_blocking(lambda: os.path.realpath(path))
+        file = await _open_file(path, read_only=options.read_only, locking=options.locking,
+                                options=options)
         return await _open_tree(
             file,
             real=real,

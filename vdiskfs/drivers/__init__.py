@@ -1,4 +1,5 @@
-"""Every driver module; importing this package registers the format drivers."""
+"""Every driver module; importing this package registers the format drivers and the
+protocol openers of URLs (nbd)."""
 
 from vdiskfs.drivers.format import (
     qcow2,  # noqa: F401
@@ -9,3 +10,4 @@ from vdiskfs.drivers.format import (
     vmdk,  # noqa: F401
     vpc,  # noqa: F401
 )
+from vdiskfs.drivers.protocol import nbd  # noqa: F401

@@ -1,0 +1,280 @@
+"""The nbd protocol node against real servers (qemu-nbd, nbdkit): reads byte for byte,
+block status as ``qemu-img map`` sees it, formats probed on top, writes that qemu-img checks,
+and servers that die or hang (an error within the timeout, never a hang or wrong bytes)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import random
+import signal
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.support.conformance import check_block_node
+from tests.support.images import create, qemu_img, qemu_io, random_bytes, run
+from tests.support.nbd import NBDKIT, nbdkit, qemu_nbd
+from vdiskfs.block.node import BlockStatus
+from vdiskfs.block.registry import OpenOptions, open_image
+from vdiskfs.drivers.protocol.nbd import NbdNode
+from vdiskfs.errors import HostIOError, ReadOnlyError, VdiskError
+
+
+async def _open(url: str, read_only: bool = True) -> NbdNode:
+    node = NbdNode(url, read_only=read_only)
+    await node.open()
+    return node
+
+
+def _guest_bytes(image: Path, fmt: str, tmp_path: Path) -> bytes:
+    out = tmp_path / f"{image.name}.ref"
+    qemu_img("convert", "-f", fmt, "-O", "raw", image, out)
+    return out.read_bytes()
+
+
+@pytest.fixture
+def sparse_qcow2(tmp_path: Path) -> Path:
+    """Data, zero clusters, discarded clusters and never-written ones (64 MiB)."""
+    image = create(tmp_path / "sparse.qcow2", "64M")
+    qemu_io(image, "write -P 0xab 1M 192k", "write -z 4M 1M", "write -P 0x11 9M 64k",
+            "discard 9M 32k", "write -P 0x5a 63M 1M", "write -P 0x01 20M 1", fmt="qcow2")
+    return image
+
+
+async def test_conformance_writable_raw(tmp_path: Path) -> None:
+    data = random_bytes(1, 2 * 1024 * 1024 + 512)
+    path = tmp_path / "disk.raw"
+    path.write_bytes(data)
+    with qemu_nbd(path, "raw", writable=True) as server:
+        await check_block_node(lambda: _open(server.url, read_only=False), data, writable=True)
+
+
+async def test_conformance_read_only_unaligned_size(tmp_path: Path) -> None:
+    data = random_bytes(2, 1024 * 1024 + 77)
+    path = tmp_path / "odd.raw"
+    path.write_bytes(data)
+    with qemu_nbd(path, "raw") as server:
+        # qemu-nbd 7.2 exports a raw file rounded up to 512 bytes, the tail reading as zeros.
+        padded = data + bytes(-len(data) % 512)
+        await check_block_node(lambda: _open(server.url), padded)
+        with pytest.raises(ReadOnlyError, match="exports it read-only"):
+            await _open(server.url, read_only=False)
+
+
+async def test_qcow2_export_byte_for_byte(tmp_path: Path, sparse_qcow2: Path) -> None:
+    reference = _guest_bytes(sparse_qcow2, "qcow2", tmp_path)
+    with qemu_nbd(sparse_qcow2, "qcow2") as server:
+        node = await _open(server.url)
+        try:
+            assert node.size == len(reference)
+            chunk = 1 << 22
+            for offset in range(0, node.size, chunk):
+                assert await node.pread(offset, chunk) == reference[offset : offset + chunk]
+            # Many reads at once on the one connection, all correct.
+            rng = random.Random(3)
+            ranges = [(rng.randrange(node.size), rng.randrange(1, 1 << 20)) for _ in range(200)]
+            ranges = [(o, min(n, node.size - o)) for o, n in ranges]
+            got: dict[int, bytes] = {}
+
+            async def read(i: int, offset: int, length: int) -> None:
+                got[i] = bytes(await node.pread(offset, length))
+
+            async with trio.open_nursery() as nursery:
+                for i, (offset, length) in enumerate(ranges):
+                    nursery.start_soon(read, i, offset, length)
+            for i, (offset, length) in enumerate(ranges):
+                assert got[i] == reference[offset : offset + length], (offset, length)
+            assert node.counters.max_requests_in_flight > 1
+        finally:
+            await node.aclose()
+
+
+async def test_block_status_matches_qemu_img_map(sparse_qcow2: Path) -> None:
+    with qemu_nbd(sparse_qcow2, "qcow2") as server:
+        extents = json.loads(qemu_img("map", "--output=json", server.url))
+        node = await _open(server.url)
+        try:
+            checked = 0
+            for extent in extents:
+                offset, end = extent["start"], extent["start"] + extent["length"]
+                while offset < end:
+                    status, run = await node.block_status(offset, end - offset)
+                    assert bool(status & BlockStatus.DATA) == extent["data"], (offset, extent)
+                    assert bool(status & BlockStatus.ZERO) == extent["zero"], (offset, extent)
+                    offset += run
+                    checked += 1
+            assert end == node.size
+            assert checked == len(extents)  # one request per run: the server's own runs
+            assert node.info()["block_status"]
+        finally:
+            await node.aclose()
+
+
+async def test_qcow2_probed_over_nbd_and_unix_socket(tmp_path: Path,
+                                                     sparse_qcow2: Path) -> None:
+    """The qcow2 file exported as raw bytes: our qcow2 driver opens on top of the nbd node."""
+    reference = _guest_bytes(sparse_qcow2, "qcow2", tmp_path)
+    with qemu_nbd(sparse_qcow2, "raw", unix=tmp_path / "nbd.sock") as server:
+        assert server.url.startswith("nbd+unix:///disk?socket=")
+        root = await open_image(server.url)
+        try:
+            assert root.driver == "qcow2"
+            assert [n.driver for _, _, n in root.walk()] == ["qcow2", "nbd"]
+            assert await root.pread(0, root.size) == reference
+            status, run = await root.block_status(4 << 20, 1 << 20)
+            assert status & BlockStatus.ZERO and run == 1 << 20
+        finally:
+            await root.aclose()
+
+
+async def test_writes_through_qemu_nbd_pass_qemu_img_check(tmp_path: Path,
+                                                           sparse_qcow2: Path) -> None:
+    """Our raw writes, zeroes and trims through a writable qemu-nbd into a qcow2; then
+    qemu-img check is clean and the guest bytes are the model's."""
+    model = bytearray(_guest_bytes(sparse_qcow2, "qcow2", tmp_path))
+    rng = random.Random(4)
+    with qemu_nbd(sparse_qcow2, "qcow2", writable=True) as server:
+        node = await _open(server.url, read_only=False)
+        try:
+            for _ in range(30):
+                offset = rng.randrange(len(model) - 300_000)
+                data = rng.randbytes(rng.randrange(1, 300_000))
+                await node.pwrite(offset, data)
+                model[offset : offset + len(data)] = data
+            await node.zero(1 << 20, 128 << 10)
+            model[1 << 20 : (1 << 20) + (128 << 10)] = bytes(128 << 10)
+            await node.zero(63 << 20, 1 << 20, may_unmap=True)
+            model[63 << 20 : 64 << 20] = bytes(1 << 20)
+            await node.discard(30 << 20, 1 << 20)
+            model[30 << 20 : 31 << 20] = await node.pread(30 << 20, 1 << 20)
+            await node.flush()
+            assert await node.pread(0, node.size) == model
+        finally:
+            await node.aclose()
+    run("qemu-img", "check", sparse_qcow2)
+    assert _guest_bytes(sparse_qcow2, "qcow2", tmp_path) == model
+
+
+async def test_qcow2_written_through_nbd_passes_qemu_img_check(tmp_path: Path) -> None:
+    """Our qcow2 driver allocating clusters in a file exported raw by qemu-nbd."""
+    image = create(tmp_path / "grow.qcow2", "16M")
+    copy = tmp_path / "copy.qcow2"
+    run("cp", image, copy)
+    # qemu-nbd cannot grow a raw export: give the file room first.
+    run("truncate", "-s", "8M", image)
+    run("truncate", "-s", "8M", copy)
+    with qemu_nbd(image, "raw", writable=True) as server:
+        root = await open_image(server.url, OpenOptions(read_only=False, format="qcow2"))
+        try:
+            await root.pwrite(1 << 20, b"\x42" * (256 << 10))
+            await root.pwrite(9 << 20, b"\x17" * 4096)
+            await root.flush()
+        finally:
+            await root.aclose()
+    qemu_io(copy, "write -P 0x42 1M 256k", "write -P 0x17 9M 4k", fmt="qcow2")
+    run("qemu-img", "check", image)
+    run("qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", image, copy)
+
+
+async def test_missing_export_and_refused_connection(tmp_path: Path) -> None:
+    path = tmp_path / "d.raw"
+    path.write_bytes(bytes(65536))
+    with qemu_nbd(path, "raw") as server:
+        with pytest.raises(HostIOError, match=r"export 'nope'.*no such export") as info:
+            await _open(server.url.replace("/disk", "/nope"))
+        assert info.value.errno == errno.ENOENT
+        url = server.url
+    with pytest.raises(HostIOError, match="cannot connect") as info:
+        await _open(url)
+    assert info.value.errno == errno.ECONNREFUSED
+
+
+async def test_server_killed_mid_run_fails_cleanly(tmp_path: Path) -> None:
+    data = random_bytes(5, 8 << 20)
+    path = tmp_path / "d.raw"
+    path.write_bytes(data)
+    with qemu_nbd(path, "raw") as server:
+        node = await _open(server.url + "?x-timeout=2")
+        try:
+            assert await node.pread(0, 4096) == data[:4096]
+            errors: list[VdiskError] = []
+
+            async def reader(offset: int) -> None:
+                try:
+                    got = await node.pread(offset, 1 << 20)
+                except VdiskError as exc:
+                    errors.append(exc)
+                else:
+                    assert got == data[offset : offset + (1 << 20)]  # never wrong bytes
+
+            with trio.fail_after(10):
+                async with trio.open_nursery() as nursery:
+                    for i in range(16):
+                        nursery.start_soon(reader, (i % 8) << 20)
+                    await trio.sleep(0)
+                    server.kill()
+                with pytest.raises(HostIOError, match="reconnecting failed") as info:
+                    await node.pread(0, 4096)
+            assert info.value.errno in (errno.ECONNREFUSED, errno.EIO, errno.ECONNRESET)
+            assert "nbd://127.0.0.1" in str(info.value)
+            assert all(e.errno in (errno.ECONNREFUSED, errno.EIO, errno.ECONNRESET)
+                       for e in errors)
+        finally:
+            with trio.fail_after(5):
+                await node.aclose()
+
+
+async def test_reconnects_after_a_restart(tmp_path: Path) -> None:
+    data = random_bytes(6, 4 << 20)
+    path = tmp_path / "d.raw"
+    path.write_bytes(data)
+    with qemu_nbd(path, "raw") as server:
+        node = await _open(server.url)
+        try:
+            assert await node.pread(0, 4096) == data[:4096]
+            server.kill()
+            server.start()
+            with trio.fail_after(10):
+                assert await node.pread(1 << 20, 1 << 20) == data[1 << 20 : 2 << 20]
+            assert node.counters.reconnects == 1 and node.counters.retried == 1
+        finally:
+            await node.aclose()
+
+
+async def test_hung_server_times_out(tmp_path: Path) -> None:
+    path = tmp_path / "d.raw"
+    path.write_bytes(bytes(1 << 20))
+    with qemu_nbd(path, "raw") as server:
+        node = await _open(server.url + "?x-timeout=0.5")
+        try:
+            assert server.proc is not None
+            server.kill(signal.SIGSTOP)
+            with trio.fail_after(10), pytest.raises(HostIOError) as info:
+                await node.pread(0, 4096)
+            assert info.value.errno in (errno.EIO, errno.ETIMEDOUT)
+            assert "within 0.5 s" in str(info.value)
+        finally:
+            with trio.fail_after(5):
+                await node.aclose()
+
+
+@pytest.mark.skipif(NBDKIT is None, reason="needs nbdkit (scripts/setup.sh installs it)")
+async def test_nbdkit_memory_and_file(tmp_path: Path) -> None:
+    with nbdkit("memory", "8M") as server:
+        node = await _open(server.url, read_only=False)
+        try:
+            assert node.size == 8 << 20
+            await node.pwrite(4096, b"hello")
+            assert await node.pread(4090, 16) == bytes(6) + b"hello" + bytes(5)
+            await node.zero(0, 8 << 20, may_unmap=True)
+            status, run = await node.block_status(0, node.size)
+            assert status & BlockStatus.ZERO and run == node.size
+        finally:
+            await node.aclose()
+    data = random_bytes(7, 3 << 20)
+    path = tmp_path / "f.raw"
+    path.write_bytes(data)
+    with nbdkit("file", str(path)) as server:
+        await check_block_node(lambda: _open(server.url, read_only=False), data, writable=True)

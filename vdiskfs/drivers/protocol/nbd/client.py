@@ -1,0 +1,436 @@
+"""One NBD connection: the handshake, then many requests in flight at once.
+
+The handshake is the fixed newstyle one with ``NBD_OPT_STRUCTURED_REPLY``,
+``NBD_OPT_SET_META_CONTEXT base:allocation`` and ``NBD_OPT_GO`` asking for
+``NBD_INFO_BLOCK_SIZE`` (falling back to ``NBD_OPT_EXPORT_NAME`` when the server has no
+``NBD_OPT_GO``), as QEMU's ``nbd/client.c: nbd_receive_negotiate`` does.
+
+In transmission, requests carry a cookie and replies come back in any order ("Transmission"),
+so one reader task reads every reply and hands each to the request with its cookie, as QEMU's
+``nbd_receive_replies`` does; senders take turns on the socket under a lock. The reader is a
+trio *system task*: a node outlives the task that opened it, so no user nursery can own it;
+it never raises, and :meth:`NbdConnection.aclose` cancels it.
+
+Why shielded sends: a request half written when its caller is cancelled would leave the
+server reading our next header from the middle of a payload. A send therefore always finishes
+(bounded by the timeout; past it the connection is dropped). A cancelled *waiter* simply stops
+waiting: its reply is read and dropped when it comes.
+
+A dropped connection fails every request in flight with :class:`ConnectionLost`; the node
+(not this class) reconnects and retries them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from vdiskfs.drivers.protocol.nbd import wire
+from vdiskfs.drivers.protocol.nbd.uri import NbdAddress
+from vdiskfs.drivers.protocol.nbd.wire import ExportInfo, NbdProtocolError
+from vdiskfs.errors import HostIOError, UnsupportedError, VdiskError
+
+__all__ = ["ConnectionLost", "NbdConnection", "NbdRequestError"]
+
+#: Requests one connection keeps in flight; more wait for a slot. QEMU's nbd client: 16.
+MAX_IN_FLIGHT = 32
+#: Largest structured chunk accepted: 32 MiB of data plus headers, or a block status reply of
+#: 2^20 extents ("SHOULD NOT send more").
+MAX_CHUNK = (1 << 25) + (1 << 16)
+
+
+class ConnectionLost(HostIOError):
+    """The connection broke (the server died, closed, or stopped answering)."""
+
+    errno = errno.EIO
+
+
+class NbdRequestError(HostIOError):
+    """The server answered a request with an error."""
+
+
+@dataclass(eq=False, slots=True)
+class _Request:
+    command: int
+    offset: int
+    length: int
+    done: trio.Event = field(default_factory=trio.Event)
+    #: Read: the data, filled by OFFSET_DATA chunks (OFFSET_HOLE leaves zeros).
+    buffer: bytearray | None = None
+    covered: int = 0
+    #: Block status: the extents of the base:allocation context.
+    extents: list[tuple[int, int]] | None = None
+    #: The first error: (NBD error, message, offset).
+    error: tuple[int, str, int | None] | None = None
+    failure: VdiskError | None = None
+
+
+class _Reader:
+    """Exactly-n reads over a trio stream, with a buffer (replies arrive in pieces)."""
+
+    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+        self.stream = stream
+        self.buffer = bytearray()
+
+    async def read(self, n: int) -> bytes:
+        while len(self.buffer) < n:
+            chunk = await self.stream.receive_some(max(n - len(self.buffer), 1 << 16))
+            if not chunk:
+                raise trio.BrokenResourceError("the server closed the connection")
+            self.buffer += chunk
+        data = bytes(self.buffer[:n])
+        del self.buffer[:n]
+        return data
+
+
+class NbdConnection:
+    """A connected, negotiated NBD client. Use :meth:`connect`, then :meth:`request`."""
+
+    def __init__(self, stream: trio.abc.Stream, reader: _Reader, label: str, info: ExportInfo,
+                 structured: bool, context_id: int | None, timeout: float) -> None:
+        self.label = label
+        self.info = info
+        self.structured = structured
+        #: The id of base:allocation, or None when the server has no block status.
+        self.context_id = context_id
+        self.timeout = timeout
+        self._stream = stream
+        self._reader = reader
+        self._send_lock = trio.Lock()
+        self._slots = trio.Semaphore(MAX_IN_FLIGHT)
+        self._cookies = itertools.count(1)
+        self._pending: dict[int, _Request] = {}
+        self._broken: VdiskError | None = None
+        self._closed = False
+        self._reader_scope = trio.CancelScope()
+        #: Counters the node shows: requests sent, most in flight at once.
+        self.requests = 0
+        self.max_in_flight = 0
+
+    # -- connecting ------------------------------------------------------------------------------
+
+    @classmethod
+    async def connect(cls, address: NbdAddress, label: str) -> NbdConnection:
+        """Connect and negotiate; raises :class:`HostIOError` naming ``label`` on failure.
+
+        The whole connect and handshake is bounded by the address's timeout."""
+        stream: trio.abc.Stream | None = None
+        try:
+            with trio.fail_after(address.timeout):
+                if address.socket is not None:
+                    stream = await trio.open_unix_socket(address.socket)
+                else:
+                    assert address.host is not None
+                    stream = await trio.open_tcp_stream(address.host, address.port)
+                reader = _Reader(stream)
+                info, structured, context_id = await _negotiate(stream, reader, address, label)
+        except BaseException as exc:
+            if stream is not None:
+                await trio.aclose_forcefully(stream)
+            if isinstance(exc, trio.TooSlowError):
+                raise ConnectionLost(f"no answer within {address.timeout:g} s while connecting",
+                                     path=label, errno=errno.ETIMEDOUT) from None
+            if isinstance(exc, OSError):
+                raise HostIOError.wrap(_connect_cause(exc), label, "cannot connect") from exc
+            if isinstance(exc, trio.BrokenResourceError | trio.ClosedResourceError):
+                raise ConnectionLost(f"connection lost during the handshake: {exc}",
+                                     path=label) from exc
+            if isinstance(exc, VdiskError) and exc.path is None:
+                exc.path = label
+            raise
+        conn = cls(stream, reader, label, info, structured, context_id, address.timeout)
+        trio.lowlevel.spawn_system_task(conn._read_replies, name=f"nbd reader {label}")
+        return conn
+
+    # -- requests --------------------------------------------------------------------------------
+
+    async def request(self, command: int, offset: int = 0, length: int = 0, *, flags: int = 0,
+                      data: bytes | bytearray | memoryview | None = None) -> _Request:
+        """Send one request and wait for its whole reply; raises on an error reply
+        (:class:`NbdRequestError`) or a lost connection (:class:`ConnectionLost`)."""
+        if self._broken is not None:
+            raise _fresh(self._broken)
+        async with self._slots:
+            req = _Request(command, offset, length)
+            if command == wire.CMD_READ:
+                req.buffer = bytearray(length)
+            cookie = next(self._cookies)
+            self._pending[cookie] = req
+            self.requests += 1
+            self.max_in_flight = max(self.max_in_flight, len(self._pending))
+            header = wire.pack_request(command, cookie, offset, length, flags)
+            try:
+                await self._send(header, data)
+                with trio.move_on_after(self.timeout) as waited:
+                    await req.done.wait()
+                if waited.cancelled_caught:
+                    self._fail(ConnectionLost(
+                        f"{wire.CMD_NAMES[command]}: no answer within {self.timeout:g} s",
+                        path=self.label, offset=offset))
+            finally:
+                if not req.done.is_set():
+                    # Cancelled while waiting: the reader drops the reply when it comes.
+                    req.buffer = None
+        if req.failure is not None:
+            raise _fresh(req.failure)
+        if req.error is not None:
+            error, message, at = req.error
+            what = wire.CMD_NAMES[command]
+            reason = message or os.strerror(wire.errno_of(error))
+            text = f"{what} of {length} bytes failed: {reason}"
+            raise NbdRequestError(text, path=self.label, offset=offset if at is None else at,
+                                  errno=wire.errno_of(error))
+        return req
+
+    async def _send(self, header: bytes, data: bytes | bytearray | memoryview | None) -> None:
+        # Shielded: a half-sent request would desynchronise the stream (module docstring).
+        with trio.CancelScope(shield=True):
+            async with self._send_lock:
+                if self._broken is not None:
+                    raise _fresh(self._broken)
+                try:
+                    with trio.fail_after(self.timeout):
+                        await self._stream.send_all(header)
+                        if data is not None:
+                            await self._stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError,
+                        trio.TooSlowError) as exc:
+                    self._fail(ConnectionLost(f"sending failed: {exc or type(exc).__name__}",
+                                              path=self.label))
+                    assert self._broken is not None
+                    raise _fresh(self._broken) from exc
+
+    def _fail(self, error: VdiskError) -> None:
+        """Drop the connection: every request in flight, and every later one, gets ``error``."""
+        if self._broken is None:
+            self._broken = error
+        for req in self._pending.values():
+            if req.failure is None:
+                req.failure = error
+            req.done.set()
+        self._pending.clear()
+        self._reader_scope.cancel()
+
+    @property
+    def broken(self) -> bool:
+        return self._broken is not None
+
+    # -- the reader task -------------------------------------------------------------------------
+
+    async def _read_replies(self) -> None:
+        with self._reader_scope:
+            try:
+                while True:
+                    await self._read_one()
+            except NbdProtocolError as exc:
+                exc.path = self.label
+                self._fail(exc)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                self._fail(ConnectionLost(f"connection lost: {exc or type(exc).__name__}",
+                                          path=self.label))
+            except Exception as exc:  # never let a system task crash the run
+                self._fail(NbdProtocolError(f"reply reader failed: {exc!r}", path=self.label))
+        if self._broken is None:
+            self._fail(ConnectionLost("connection closed", path=self.label))
+        with trio.CancelScope(shield=True):
+            await trio.aclose_forcefully(self._stream)
+
+    async def _read_one(self) -> None:
+        read = self._reader.read
+        (magic,) = wire.REPLY_MAGIC.unpack(await read(4))
+        if magic == wire.SIMPLE_REPLY_MAGIC:
+            error, cookie = wire.SIMPLE_REPLY_REST.unpack(await read(12))
+            req = self._pending.get(cookie)
+            if req is None:
+                raise NbdProtocolError(f"simple reply to unknown cookie {cookie}")
+            if req.command == wire.CMD_READ:
+                if self.structured:
+                    raise NbdProtocolError("simple reply to a read after structured replies "
+                                           "were negotiated")
+                if not error:
+                    payload = await read(req.length)
+                    if req.buffer is not None:
+                        req.buffer[:] = payload
+                    req.covered = req.length
+            if error:
+                req.error = (error, "", None)
+            self._finish(cookie, req)
+            return
+        if magic != wire.STRUCTURED_REPLY_MAGIC or not self.structured:
+            raise NbdProtocolError(f"bad reply magic {magic:#x}")
+        flags, kind, cookie, length = wire.STRUCTURED_REPLY_REST.unpack(await read(16))
+        if length > MAX_CHUNK:
+            raise NbdProtocolError(f"structured reply chunk of {length} bytes")
+        req = self._pending.get(cookie)
+        if req is None:
+            raise NbdProtocolError(f"structured reply to unknown cookie {cookie}")
+        payload = await read(length) if length else b""
+        self._chunk(req, kind, payload)
+        if flags & wire.REPLY_FLAG_DONE:
+            if (req.command == wire.CMD_READ and req.error is None
+                    and req.covered != req.length):
+                raise NbdProtocolError(f"read reply covers {req.covered} of {req.length} bytes")
+            if (req.command == wire.CMD_BLOCK_STATUS and req.error is None
+                    and not req.extents):
+                raise NbdProtocolError("block status reply without base:allocation extents")
+            self._finish(cookie, req)
+
+    def _chunk(self, req: _Request, kind: int, payload: bytes) -> None:
+        if kind & wire.REPLY_TYPE_FLAG_ERROR:
+            if req.error is None:
+                req.error = wire.parse_error_chunk(kind, payload)
+            return
+        if kind == wire.REPLY_TYPE_NONE:
+            if payload:
+                raise NbdProtocolError("NBD_REPLY_TYPE_NONE with a payload")
+            return
+        if kind in (wire.REPLY_TYPE_OFFSET_DATA, wire.REPLY_TYPE_OFFSET_HOLE):
+            if req.command != wire.CMD_READ:
+                raise NbdProtocolError("read data in the reply to a "
+                                       f"{wire.CMD_NAMES.get(req.command, '?')}")
+            if kind == wire.REPLY_TYPE_OFFSET_DATA:
+                offset, data = wire.parse_offset_data(payload)
+                size = len(data)
+            else:
+                offset, size = wire.parse_offset_hole(payload)
+                data = None
+            start = offset - req.offset
+            if start < 0 or start + size > req.length:
+                raise NbdProtocolError(f"read chunk {offset}+{size} outside the request "
+                                       f"{req.offset}+{req.length}")
+            if data is not None and req.buffer is not None:
+                req.buffer[start : start + size] = data
+            # Chunks must not overlap, so their sizes add up to the request when it is whole.
+            req.covered += size
+            return
+        if kind == wire.REPLY_TYPE_BLOCK_STATUS:
+            if req.command != wire.CMD_BLOCK_STATUS:
+                raise NbdProtocolError("block status in the reply to a "
+                                       f"{wire.CMD_NAMES.get(req.command, '?')}")
+            context_id, extents = wire.parse_block_status(payload)
+            if context_id == self.context_id:
+                req.extents = extents
+            return
+        raise NbdProtocolError(f"unknown structured reply type {kind}")
+
+    def _finish(self, cookie: int, req: _Request) -> None:
+        del self._pending[cookie]
+        req.done.set()
+
+    # -- closing ---------------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Soft disconnect (``NBD_CMD_DISC``) when the connection is healthy, then close."""
+        if self._closed:
+            return
+        self._closed = True
+        with trio.CancelScope(shield=True):
+            if self._broken is None:
+                with trio.move_on_after(min(self.timeout, 5.0)):
+                    async with self._send_lock:
+                        with contextlib.suppress(trio.BrokenResourceError,
+                                                 trio.ClosedResourceError, OSError):
+                            await self._stream.send_all(wire.pack_request(wire.CMD_DISC, 0))
+            self._fail(ConnectionLost("connection closed", path=self.label))
+            await trio.aclose_forcefully(self._stream)
+
+
+def _fresh(error: VdiskError) -> VdiskError:
+    """A new exception like ``error``: one error object shared by every failed request would
+    collect all their tracebacks."""
+    return type(error)(error.message, path=error.path, offset=error.offset, errno=error.errno)
+
+
+def _connect_cause(exc: OSError) -> OSError:
+    """The error that says why: ``trio.open_tcp_stream`` raises an OSError without errno
+    ("all attempts to connect failed") caused by a group of each attempt's error."""
+    if exc.errno is not None:
+        return exc
+    cause = exc.__cause__
+    for inner in getattr(cause, "exceptions", (cause,)):
+        if isinstance(inner, OSError) and inner.errno is not None:
+            return inner
+    return exc
+
+
+# -- the handshake ---------------------------------------------------------------------------------
+
+
+async def _option(stream: trio.abc.Stream, reader: _Reader, option: int,
+                  message: bytes) -> list[tuple[int, bytes]]:
+    """Send one option; the replies up to and including the final one (ACK or an error)."""
+    await stream.send_all(message)
+    replies = []
+    while True:
+        reply, length = wire.parse_option_reply_header(
+            await reader.read(wire.OPTION_REPLY_HEADER.size), option)
+        payload = await reader.read(length) if length else b""
+        replies.append((reply, payload))
+        if reply == wire.REP_ACK or reply & wire.REP_FLAG_ERROR:
+            return replies
+
+
+async def _negotiate(stream: trio.abc.Stream, reader: _Reader, address: NbdAddress,
+                     label: str) -> tuple[ExportInfo, bool, int | None]:
+    flags = wire.parse_greeting(await reader.read(wire.GREETING.size))
+    await stream.send_all(wire.pack_client_flags(flags))
+    no_zeroes = bool(flags & wire.FLAG_NO_ZEROES)
+
+    replies = await _option(stream, reader, wire.OPT_STRUCTURED_REPLY,
+                            wire.pack_option(wire.OPT_STRUCTURED_REPLY))
+    structured = replies[-1][0] == wire.REP_ACK
+
+    context_id: int | None = None
+    if structured:
+        replies = await _option(stream, reader, wire.OPT_SET_META_CONTEXT,
+                                wire.pack_set_meta_context(address.export,
+                                                           (wire.META_BASE_ALLOCATION,)))
+        if replies[-1][0] == wire.REP_ACK:
+            for reply, payload in replies:
+                if reply == wire.REP_META_CONTEXT:
+                    cid, name = wire.parse_meta_context(payload)
+                    if name == wire.META_BASE_ALLOCATION:
+                        context_id = cid
+
+    replies = await _option(stream, reader, wire.OPT_GO, wire.pack_go(address.export))
+    final, payload = replies[-1]
+    if final == wire.REP_ERR_UNSUP:
+        # An old server: NBD_OPT_EXPORT_NAME, which ends the handshake without a reply header.
+        await stream.send_all(wire.pack_export_name(address.export))
+        size, tflags = wire.parse_export_name_reply(await reader.read(10))
+        if not no_zeroes:
+            await reader.read(124)
+        return ExportInfo(size, tflags), structured, context_id
+    if final & wire.REP_FLAG_ERROR:
+        text = wire.option_error_text(final, payload)
+        export = f"export {address.export!r}"
+        if final == wire.REP_ERR_UNKNOWN:
+            raise HostIOError(f"{export}: {text}", path=label, errno=errno.ENOENT)
+        if final == wire.REP_ERR_TLS_REQD:
+            raise UnsupportedError(f"{export}: {text}; NBD over TLS is not supported yet",
+                                   path=label)
+        raise HostIOError(f"{export}: the server refused it: {text}", path=label,
+                          errno=errno.EACCES if final == wire.REP_ERR_POLICY else errno.EIO)
+    size: int | None = None
+    tflags = 0
+    block: dict[str, Any] = {}
+    for reply, body in replies[:-1]:
+        if reply != wire.REP_INFO:
+            raise NbdProtocolError(f"unexpected reply {reply} to NBD_OPT_GO")
+        kind, rest = wire.parse_info(body)
+        if kind == wire.INFO_EXPORT:
+            size, tflags = wire.parse_info_export(rest)
+        elif kind == wire.INFO_BLOCK_SIZE:
+            minimum, preferred, maximum = wire.parse_info_block_size(rest)
+            block = {"min_block": minimum, "preferred_block": preferred,
+                     "max_payload": maximum}
+    if size is None:
+        raise NbdProtocolError("NBD_OPT_GO succeeded without NBD_INFO_EXPORT")
+    return ExportInfo(size, tflags, **block), structured, context_id
+

@@ -18,7 +18,7 @@ import trio
 
 from vdiskfs import __version__
 from vdiskfs.block.node import BlockNode
-from vdiskfs.block.registry import OpenOptions, driver_names, open_image
+from vdiskfs.block.registry import OpenOptions, driver_names, open_image, url_scheme
 from vdiskfs.errors import VdiskError
 from vdiskfs.units import parse_size
 
@@ -205,9 +205,10 @@ def argv_of(args: argparse.Namespace) -> list[str]:
         argv.append("--no-follow-outside")
     if args.debug:
         argv.append("--debug")
-    # Paths become absolute: the daemon must not depend on the caller's directory.
+    # Paths become absolute: the daemon must not depend on the caller's directory. URLs
+    # (nbd://...) stay as given.
     argv.append("--")
-    argv += [os.path.abspath(p) for p in args.paths]
+    argv += [p if url_scheme(p) is not None else os.path.abspath(p) for p in args.paths]
     return argv
 
 

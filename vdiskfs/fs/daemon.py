@@ -18,13 +18,14 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import trio
 
 from vdiskfs.block.node import BlockNode
-from vdiskfs.block.registry import OpenOptions, open_image
+from vdiskfs.block.registry import OpenOptions, open_image, url_scheme
 from vdiskfs.drivers.format.raw import RawNode
 from vdiskfs.errors import VdiskError
 from vdiskfs.fs.mount import serve, terminate
@@ -58,7 +59,16 @@ class MountRequest:
 
 
 def image_stem(path: str) -> str:
-    """``debian.qcow2`` -> ``debian``: the file name without its last extension."""
+    """``debian.qcow2`` -> ``debian``: the file name without its last extension.
+
+    For a URL, the last component of its path (an NBD export name): ``nbd://h/vm/deb.qcow2``
+    and ``nbd+unix:///deb.qcow2?socket=S`` -> ``deb``; the default export (``nbd://h/``) ->
+    the scheme.
+    """
+    scheme = url_scheme(path)
+    if scheme is not None:
+        name = urllib.parse.unquote(urllib.parse.urlsplit(path).path).rstrip("/")
+        path = name.rpartition("/")[2] or scheme.replace("+", "-")
     return os.path.splitext(os.path.basename(path))[0] or os.path.basename(path)
 
 

@@ -1,0 +1,50 @@
+"""``vdiskfs mount nbd://...``: an NBD export (a qcow2 file served raw by qemu-nbd) mounted
+through the real command line, read and written, and ``vdiskfs info`` of it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.support.images import create, qemu_img, qemu_io, run
+from tests.support.mount import mounted, vdiskfs
+from tests.support.nbd import qemu_nbd
+from vdiskfs.fs.daemon import image_stem
+
+pytestmark = pytest.mark.mount
+
+
+def test_image_stem_of_urls() -> None:
+    assert image_stem("nbd://127.0.0.1:10809/vm/deb.qcow2") == "deb"
+    assert image_stem("nbd+unix:///deb.qcow2?socket=/run/x.sock") == "deb"
+    assert image_stem("nbd://host/disk") == "disk"
+    assert image_stem("nbd://host/") == "nbd"
+    assert image_stem("nbd+unix:///?socket=s") == "nbd-unix"
+    assert image_stem("/vm/debian.qcow2") == "debian"
+
+
+def test_mount_qcow2_over_nbd_read_and_write(tmp_path: Path) -> None:
+    image = create(tmp_path / "deb.qcow2", "32M")
+    qemu_io(image, "write -P 0x61 0 1M", "write -P 0x62 17M 64k", fmt="qcow2")
+    run("truncate", "-s", "4M", image)  # room for clusters: qemu-nbd cannot grow the file
+    reference = tmp_path / "ref.raw"
+    qemu_img("convert", "-f", "qcow2", "-O", "raw", image, reference)
+    with qemu_nbd(image, "raw", export="vm/deb.qcow2", writable=True) as server:
+        info = vdiskfs("info", server.url).stdout
+        assert "file format: qcow2" in info and "virtual size: 32 MiB" in info
+        with mounted(server.url, mountpoint=tmp_path / "mnt", options=("--rw",)) as mnt:
+            assert sorted(os.listdir(mnt)) == ["deb.raw", "stats"]
+            assert (mnt / "deb.raw").read_bytes() == reference.read_bytes()
+            tree = (mnt / "stats" / "deb" / "tree").read_text()
+            assert "qcow2" in tree and "(file) nbd://127.0.0.1:" in tree
+            fd = os.open(mnt / "deb.raw", os.O_RDWR)
+            try:
+                os.pwrite(fd, b"\x77" * 8192, 5 << 20)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    qemu_io(reference, "write -P 0x77 5M 8k", fmt="raw")
+    run("qemu-img", "check", image)
+    run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", image, reference)

@@ -85,12 +85,14 @@ def qemu_nbd(image: Path, fmt: str = "raw", *, export: str = "disk", writable: b
 
 
 @contextlib.contextmanager
-def nbdkit(plugin: str, *args: str, export: str = "") -> Iterator[NbdServer]:
-    """``nbdkit --foreground`` with ``plugin`` and its arguments, on a free port."""
+def nbdkit(plugin: str, *args: str, export: str = "",
+           filters: tuple[str, ...] = ()) -> Iterator[NbdServer]:
+    """``nbdkit --foreground`` with ``filters``, ``plugin`` and the arguments of both, on a
+    free port."""
     assert NBDKIT is not None
     port = free_port()
     argv = [NBDKIT, "--foreground", "--exit-with-parent", "-i", "127.0.0.1", "-p", str(port),
-            plugin, *args]
+            *(f"--filter={f}" for f in filters), plugin, *args]
     server = NbdServer(argv, f"nbd://127.0.0.1:{port}/{export}", ("127.0.0.1", port))
     server.start()
     try:

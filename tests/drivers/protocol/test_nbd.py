@@ -19,7 +19,7 @@ from tests.support.nbd import NBDKIT, nbdkit, qemu_nbd
 from vdiskfs.block.node import BlockStatus
 from vdiskfs.block.registry import OpenOptions, open_image
 from vdiskfs.drivers.protocol.nbd import NbdNode
-from vdiskfs.errors import HostIOError, ReadOnlyError, VdiskError
+from vdiskfs.errors import HostIOError, NoSpaceError, ReadOnlyError, VdiskError
 
 
 async def _open(url: str, read_only: bool = True) -> NbdNode:
@@ -278,3 +278,45 @@ async def test_nbdkit_memory_and_file(tmp_path: Path) -> None:
     path.write_bytes(data)
     with nbdkit("file", str(path)) as server:
         await check_block_node(lambda: _open(server.url, read_only=False), data, writable=True)
+
+
+@pytest.mark.skipif(NBDKIT is None, reason="needs nbdkit (scripts/setup.sh installs it)")
+async def test_server_block_size_constraints(tmp_path: Path) -> None:
+    """A server that refuses (EINVAL) every request not aligned to 4 KiB or longer than
+    64 KiB: reads are widened, writes read-modify-written, long requests split."""
+    data = random_bytes(8, 3 << 20)
+    path = tmp_path / "f.raw"
+    path.write_bytes(data)
+    with nbdkit("file", str(path), "blocksize-minimum=4096", "blocksize-maximum=65536",
+                "blocksize-error-policy=error", filters=("blocksize-policy",)) as server:
+        node = await _open(server.url, read_only=False)
+        try:
+            info = node.info()
+            assert (info["min_block"], info["max_payload"]) == (4096, 65536)
+        finally:
+            await node.aclose()
+        await check_block_node(lambda: _open(server.url, read_only=False), data, writable=True)
+
+
+@pytest.mark.skipif(NBDKIT is None, reason="needs nbdkit (scripts/setup.sh installs it)")
+async def test_server_errors_keep_their_errno(tmp_path: Path) -> None:
+    path = tmp_path / "f.raw"
+    path.write_bytes(bytes(1 << 20))
+    trigger = tmp_path / "fail"
+    with nbdkit("file", str(path), "error-pwrite=ENOSPC", "error-pwrite-rate=1",
+                f"error-pwrite-file={trigger}", "error-pread=EIO", "error-pread-rate=1",
+                f"error-pread-file={trigger}", filters=("error",)) as server:
+        node = await _open(server.url, read_only=False)
+        try:
+            await node.pwrite(4096, b"ok")
+            trigger.touch()
+            with pytest.raises(NoSpaceError, match=r"offset 0x2000: write of 2 bytes failed"):
+                await node.pwrite(8192, b"no")
+            with pytest.raises(HostIOError, match=r"nbd://127.0.0.1:\d+/: .*read of 512") as exc:
+                await node.pread(0, 512)
+            assert exc.value.errno == errno.EIO
+            trigger.unlink()  # the connection survives errors: the next request works
+            assert await node.pread(4096, 2) == b"ok"
+            assert node.counters.reconnects == 0
+        finally:
+            await node.aclose()

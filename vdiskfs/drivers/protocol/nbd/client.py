@@ -34,7 +34,7 @@ import trio
 from vdiskfs.drivers.protocol.nbd import wire
 from vdiskfs.drivers.protocol.nbd.uri import NbdAddress
 from vdiskfs.drivers.protocol.nbd.wire import ExportInfo, NbdProtocolError
-from vdiskfs.errors import HostIOError, UnsupportedError, VdiskError
+from vdiskfs.errors import HostIOError, NoSpaceError, UnsupportedError, VdiskError
 
 __all__ = ["ConnectionLost", "NbdConnection", "NbdRequestError"]
 
@@ -184,8 +184,10 @@ class NbdConnection:
             what = wire.CMD_NAMES[command]
             reason = message or os.strerror(wire.errno_of(error))
             text = f"{what} of {length} bytes failed: {reason}"
-            raise NbdRequestError(text, path=self.label, offset=offset if at is None else at,
-                                  errno=wire.errno_of(error))
+            err = wire.errno_of(error)
+            # ENOSPC is NoSpaceError everywhere in the stack (as HostIOError.wrap makes it).
+            cls = NoSpaceError if err == errno.ENOSPC else NbdRequestError
+            raise cls(text, path=self.label, offset=offset if at is None else at, errno=err)
         return req
 
     async def _send(self, header: bytes, data: bytes | bytearray | memoryview | None) -> None:

@@ -12,7 +12,7 @@ import os
 from dataclasses import replace
 
 from vdiskfs.block.node import BlockNode
-from vdiskfs.block.registry import OpenOptions, open_image, run_blocking
+from vdiskfs.block.registry import OpenOptions, open_image, run_blocking, url_scheme
 from vdiskfs.errors import VdiskError
 
 __all__ = ["open_overlay"]
@@ -34,8 +34,11 @@ async def open_overlay(image: str, overlay: str, options: OpenOptions) -> BlockN
             size, fmt = base.size, base.driver
         finally:
             await base.aclose()
-        reference = os.path.relpath(os.path.abspath(image),
-                                    os.path.dirname(os.path.abspath(overlay)))
+        if url_scheme(image) is not None:
+            reference = image  # a URL (nbd://...) is recorded as given, as qemu-img does
+        else:
+            reference = os.path.relpath(os.path.abspath(image),
+                                        os.path.dirname(os.path.abspath(overlay)))
         await create_qcow2(overlay, size, backing_file=reference, backing_format=fmt)
         created = True
     try:
@@ -45,9 +48,7 @@ async def open_overlay(image: str, overlay: str, options: OpenOptions) -> BlockN
             os.unlink(overlay)
         raise
     backing = node.child("backing")
-    if backing is None or await run_blocking(
-        lambda: os.path.realpath(backing.label) != os.path.realpath(image)
-    ):
+    if backing is None or await run_blocking(lambda: not _same_image(backing.label, image)):
         await node.aclose()
         found = backing.label if backing is not None else "no backing file"
         raise VdiskError(
@@ -55,3 +56,11 @@ async def open_overlay(image: str, overlay: str, options: OpenOptions) -> BlockN
             path=overlay,
         )
     return node
+
+
+def _same_image(label: str, image: str) -> bool:
+    """Whether the overlay's backing node (its label) is ``image``: the same file, or the
+    same URL."""
+    if url_scheme(image) is not None or url_scheme(label) is not None:
+        return label == image
+    return os.path.realpath(label) == os.path.realpath(image)

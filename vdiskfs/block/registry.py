@@ -272,16 +272,26 @@ class OpenContext:
                 path=self.path,
                 field=field_name,
             )
-        # realpath stats every component of the path: on a hung file system that waits for
-        # ever, so it runs in a thread that a cancellation (SIGTERM) abandons.
-        path, real = await run_blocking(lambda: _resolve_real(self, reference, field_name))
+        if url_scheme(reference) is not None:
+            # A URL of a registered protocol (nbd://...), as QEMU records one: no directory
+            # to resolve against, and always "outside" the image's directory.
+            if not self.options.follow_outside:
+                raise ChainError(
+                    f"{reference!r} is a network URL (refused by --no-follow-outside)",
+                    path=self.path, field=field_name, errno=errno.EPERM)
+            path = real = reference
+        else:
+            # realpath stats every component of the path: on a hung file system that waits
+            # for ever, so it runs in a thread that a cancellation (SIGTERM) abandons.
+            path, real = await run_blocking(lambda: _resolve_real(self, reference, field_name))
         if real in self.chain:
             raise ChainError(
                 f"backing chain loops: {reference!r} is already in the chain", path=self.path,
                 field=field_name,
             )
         try:
-            file = await _open_file(path, read_only=read_only, locking=self.options.locking)
+            file = await _open_file(path, read_only=read_only, locking=self.options.locking,
+                                    options=self.options)
         except VdiskError as exc:
             raise self._child_error(exc, reference, path, role, field_name) from exc
         return await _open_tree(

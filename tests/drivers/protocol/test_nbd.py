@@ -320,3 +320,42 @@ async def test_server_errors_keep_their_errno(tmp_path: Path) -> None:
             assert node.counters.reconnects == 0
         finally:
             await node.aclose()
+
+
+async def test_local_qcow2_overlay_over_an_nbd_base(tmp_path: Path,
+                                                    sparse_qcow2: Path) -> None:
+    """A qcow2 overlay whose backing file is an nbd:// URL: made by qemu-img and read by us,
+    and made by ``open_overlay`` (``mount --overlay``), written, and checked by qemu-img."""
+    from vdiskfs.overlay import open_overlay
+
+    base = _guest_bytes(sparse_qcow2, "qcow2", tmp_path)
+    with qemu_nbd(sparse_qcow2, "qcow2") as server:
+        theirs = create(tmp_path / "theirs.qcow2", "64M", backing=server.url, backing_fmt="raw")
+        qemu_io(theirs, "write -P 0xcd 2M 64k", fmt="qcow2")
+        expected = _guest_bytes(theirs, "qcow2", tmp_path)
+        root = await open_image(str(theirs))
+        try:
+            assert [(r, n.driver) for _, r, n in root.walk()] == [
+                ("", "qcow2"), ("file", "file"), ("backing", "raw"), ("file", "nbd")]
+            assert await root.pread(0, root.size) == expected
+        finally:
+            await root.aclose()
+        with pytest.raises(VdiskError, match=r"network URL.*no-follow-outside"):
+            await open_image(str(theirs), OpenOptions(follow_outside=False))
+
+        ours = tmp_path / "ours.qcow2"
+        options = OpenOptions(format="raw")
+        for attempt in range(2):  # created, then continued
+            node = await open_overlay(server.url, str(ours), options)
+            try:
+                await node.pwrite((2 << 20) + attempt * 4096, b"\xcd" * 4096)
+                await node.flush()
+            finally:
+                await node.aclose()
+        run("qemu-img", "check", ours)
+        info = json.loads(qemu_img("info", "--output=json", ours))
+        assert info["backing-filename"] == server.url
+        assert info["backing-filename-format"] == "raw"
+        model = bytearray(base)
+        model[2 << 20 : (2 << 20) + 8192] = b"\xcd" * 8192
+        assert _guest_bytes(ours, "qcow2", tmp_path) == model

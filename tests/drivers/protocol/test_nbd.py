@@ -8,6 +8,8 @@ import errno
 import json
 import random
 import signal
+import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,7 @@ from tests.support.images import create, qemu_img, qemu_io, random_bytes, run
 from tests.support.nbd import NBDKIT, nbdkit, qemu_nbd
 from vdiskfs.block.node import BlockStatus
 from vdiskfs.block.registry import OpenOptions, open_image
-from vdiskfs.drivers.protocol.nbd import NbdNode
+from vdiskfs.drivers.protocol.nbd import NbdNode, wire
 from vdiskfs.errors import HostIOError, NoSpaceError, ReadOnlyError, VdiskError
 
 
@@ -359,3 +361,111 @@ async def test_local_qcow2_overlay_over_an_nbd_base(tmp_path: Path,
         model = bytearray(base)
         model[2 << 20 : (2 << 20) + 8192] = b"\xcd" * 8192
         assert _guest_bytes(ours, "qcow2", tmp_path) == model
+
+
+async def test_cancelled_requests_leave_the_connection_usable(tmp_path: Path) -> None:
+    """Readers cancelled at every point of their requests (while waiting for a slot, sending,
+    or waiting for the reply): later reads on the same connection get exactly their bytes."""
+    data = random_bytes(9, 16 << 20)
+    path = tmp_path / "d.raw"
+    path.write_bytes(data)
+    with qemu_nbd(path, "raw") as server:
+        node = await _open(server.url)
+        try:
+            rng = random.Random(10)
+            for round_ in range(20):
+                with trio.move_on_after(rng.choice((0, 0.0005, 0.002, 0.01))):
+                    async with trio.open_nursery() as nursery:
+                        for _ in range(40):
+                            nursery.start_soon(node.pread, rng.randrange(15 << 20), 1 << 20)
+                offset = rng.randrange(15 << 20)
+                assert await node.pread(offset, 1 << 20) == data[offset : offset + (1 << 20)], (
+                    round_)
+            assert node.counters.reconnects == 0
+        finally:
+            await node.aclose()
+
+
+# -- a server that breaks the protocol -------------------------------------------------------
+
+
+async def _fake_server(stream: trio.SocketStream, answer: Callable[[int, int, int], bytes],
+                       ) -> None:
+    """Handshake as a read-only 1 MiB export with base:allocation, then answer each request
+    (cookie, offset, length) with ``answer``'s bytes."""
+    buf = bytearray()
+
+    async def read(n: int) -> bytes:
+        while len(buf) < n:
+            chunk = await stream.receive_some()
+            if not chunk:
+                raise trio.EndOfChannel
+            buf.extend(chunk)
+        out = bytes(buf[:n])
+        del buf[:n]
+        return out
+
+    def reply(option: int, kind: int, payload: bytes = b"") -> bytes:
+        return struct.pack(">QIII", wire.OPTION_REPLY_MAGIC, option, kind,
+                           len(payload)) + payload
+
+    try:
+        await stream.send_all(struct.pack(">QQH", wire.NBDMAGIC, wire.IHAVEOPT, 3))
+        await read(4)
+        while True:
+            _, option, length = struct.unpack(">QII", await read(16))
+            await read(length)
+            if option == wire.OPT_STRUCTURED_REPLY:
+                await stream.send_all(reply(option, wire.REP_ACK))
+            elif option == wire.OPT_SET_META_CONTEXT:
+                await stream.send_all(reply(option, wire.REP_META_CONTEXT,
+                                            struct.pack(">I", 1) + b"base:allocation")
+                                      + reply(option, wire.REP_ACK))
+            elif option == wire.OPT_GO:
+                await stream.send_all(reply(option, wire.REP_INFO, struct.pack(
+                    ">HQH", wire.INFO_EXPORT, 1 << 20, wire.FLAG_HAS_FLAGS | wire.FLAG_READ_ONLY))
+                    + reply(option, wire.REP_ACK))
+                break
+        while True:
+            _, _, _, cookie, offset, length = wire.REQUEST.unpack(await read(28))
+            await stream.send_all(answer(cookie, offset, length))
+    except (trio.EndOfChannel, trio.BrokenResourceError):
+        pass
+
+
+def _chunk(cookie: int, kind: int, payload: bytes, done: bool = True) -> bytes:
+    return struct.pack(">IHHQI", wire.STRUCTURED_REPLY_MAGIC, int(done), kind, cookie,
+                       len(payload)) + payload
+
+
+@pytest.mark.parametrize("case", ["bad magic", "outside the request", "short read",
+                                  "unknown cookie", "simple reply to a read"])
+async def test_protocol_violations_fail_the_request_never_wrong_bytes(case: str) -> None:
+    def answer(cookie: int, offset: int, length: int) -> bytes:
+        if case == "bad magic":
+            return b"\xde\xad\xbe\xef" * 5
+        if case == "outside the request":
+            return _chunk(cookie, wire.REPLY_TYPE_OFFSET_DATA,
+                          struct.pack(">Q", offset + 1) + b"x" * length)
+        if case == "short read":
+            return _chunk(cookie, wire.REPLY_TYPE_OFFSET_DATA,
+                          struct.pack(">Q", offset) + b"x" * (length - 1))
+        if case == "unknown cookie":
+            return _chunk(cookie + 1, wire.REPLY_TYPE_NONE, b"")
+        return struct.pack(">IIQ", wire.SIMPLE_REPLY_MAGIC, 0, cookie) + b"x" * length
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            trio.serve_tcp, lambda s: _fake_server(s, answer), 0)
+        port = listeners[0].socket.getsockname()[1]
+        url = f"nbd://127.0.0.1:{port}/x?x-timeout=5"
+        node = await _open(url)
+        try:
+            with trio.fail_after(5), pytest.raises(VdiskError) as info:
+                await node.pread(4096, 512)
+            assert info.value.errno == errno.EIO
+            assert url in str(info.value)
+            assert node.counters.reconnects == 0  # a broken server is not retried
+        finally:
+            await node.aclose()
+        nursery.cancel_scope.cancel()

@@ -390,9 +390,10 @@ async def test_cancelled_requests_leave_the_connection_usable(tmp_path: Path) ->
 
 
 async def _fake_server(stream: trio.SocketStream, answer: Callable[[int, int, int], bytes],
-                       ) -> None:
+                       *, old: bool = False) -> None:
     """Handshake as a read-only 1 MiB export with base:allocation, then answer each request
-    (cookie, offset, length) with ``answer``'s bytes."""
+    (cookie, offset, length) with ``answer``'s bytes. ``old``: a server that knows only
+    ``NBD_OPT_EXPORT_NAME`` (and sends the 124 zeroes)."""
     buf = bytearray()
 
     async def read(n: int) -> bytes:
@@ -410,12 +411,19 @@ async def _fake_server(stream: trio.SocketStream, answer: Callable[[int, int, in
                            len(payload)) + payload
 
     try:
-        await stream.send_all(struct.pack(">QQH", wire.NBDMAGIC, wire.IHAVEOPT, 3))
+        await stream.send_all(struct.pack(">QQH", wire.NBDMAGIC, wire.IHAVEOPT,
+                                          1 if old else 3))
         await read(4)
         while True:
             _, option, length = struct.unpack(">QII", await read(16))
             await read(length)
-            if option == wire.OPT_STRUCTURED_REPLY:
+            if option == wire.OPT_EXPORT_NAME:
+                await stream.send_all(struct.pack(">QH", 1 << 20, wire.FLAG_HAS_FLAGS)
+                                      + bytes(124))
+                break
+            if old:
+                await stream.send_all(reply(option, wire.REP_ERR_UNSUP))
+            elif option == wire.OPT_STRUCTURED_REPLY:
                 await stream.send_all(reply(option, wire.REP_ACK))
             elif option == wire.OPT_SET_META_CONTEXT:
                 await stream.send_all(reply(option, wire.REP_META_CONTEXT,
@@ -427,7 +435,9 @@ async def _fake_server(stream: trio.SocketStream, answer: Callable[[int, int, in
                     + reply(option, wire.REP_ACK))
                 break
         while True:
-            _, _, _, cookie, offset, length = wire.REQUEST.unpack(await read(28))
+            _, _, command, cookie, offset, length = wire.REQUEST.unpack(await read(28))
+            if command == wire.CMD_DISC:
+                break
             await stream.send_all(answer(cookie, offset, length))
     except (trio.EndOfChannel, trio.BrokenResourceError):
         pass
@@ -466,6 +476,33 @@ async def test_protocol_violations_fail_the_request_never_wrong_bytes(case: str)
             assert info.value.errno == errno.EIO
             assert url in str(info.value)
             assert node.counters.reconnects == 0  # a broken server is not retried
+        finally:
+            await node.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_old_server_export_name_and_simple_replies() -> None:
+    """A server without NBD_OPT_GO or structured replies: NBD_OPT_EXPORT_NAME, simple
+    replies, and block status from the BlockNode default (everything data)."""
+    pattern = bytes(i % 251 for i in range(1 << 20))
+
+    def answer(cookie: int, offset: int, length: int) -> bytes:
+        return (struct.pack(">IIQ", wire.SIMPLE_REPLY_MAGIC, 0, cookie)
+                + pattern[offset : offset + length])
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            trio.serve_tcp, lambda s: _fake_server(s, answer, old=True), 0)
+        port = listeners[0].socket.getsockname()[1]
+        node = await _open(f"nbd://127.0.0.1:{port}/")
+        try:
+            assert node.size == 1 << 20
+            assert not node.info()["block_status"]
+            assert await node.pread(1000, 70_000) == pattern[1000:71_000]
+            got = await node.pread(0, node.size)
+            assert got == pattern
+            status, run = await node.block_status(0, node.size)
+            assert status & BlockStatus.DATA and run == node.size
         finally:
             await node.aclose()
         nursery.cancel_scope.cancel()

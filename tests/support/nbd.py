@@ -63,19 +63,25 @@ class NbdServer:
 
 @contextlib.contextmanager
 def qemu_nbd(image: Path, fmt: str = "raw", *, export: str = "disk", writable: bool = False,
-             unix: Path | None = None) -> Iterator[NbdServer]:
-    """``qemu-nbd --persistent`` exporting ``image`` read-only unless ``writable``."""
+             unix: Path | None = None, tls: Path | None = None) -> Iterator[NbdServer]:
+    """``qemu-nbd --persistent`` exporting ``image`` read-only unless ``writable``; with
+    ``tls`` (a :func:`make_tls_certificates` directory) TLS only, and an ``nbds`` URL."""
     argv = [QEMU_NBD, "--persistent", "-f", fmt, "-x", export, "--cache=writeback"]
+    if tls is not None:
+        argv += ["--object", f"tls-creds-x509,id=tls0,dir={tls},endpoint=server",
+                 "--tls-creds", "tls0"]
     if not writable:
         argv.append("--read-only")
     if unix is not None:
         argv += ["-k", str(unix)]
-        server = NbdServer([*argv, str(image)], f"nbd+unix:///{export}?socket={unix}",
+        scheme = "nbds+unix" if tls else "nbd+unix"
+        server = NbdServer([*argv, str(image)], f"{scheme}:///{export}?socket={unix}",
                            str(unix))
     else:
         port = free_port()
         argv += ["-b", "127.0.0.1", "-p", str(port)]
-        server = NbdServer([*argv, str(image)], f"nbd://127.0.0.1:{port}/{export}",
+        scheme = "nbds" if tls else "nbd"
+        server = NbdServer([*argv, str(image)], f"{scheme}://127.0.0.1:{port}/{export}",
                            ("127.0.0.1", port))
     server.start()
     try:
@@ -99,3 +105,29 @@ def nbdkit(plugin: str, *args: str, export: str = "",
         yield server
     finally:
         server.kill()
+
+
+def make_tls_certificates(directory: Path, *, names: str = "IP:127.0.0.1,DNS:localhost"
+                          ) -> Path:
+    """A throw-away CA, a server certificate for ``names`` and a client certificate, laid
+    out as QEMU's ``tls-creds-x509`` (and libnbd's ``tls-certificates``) expect:
+    ``ca-cert.pem``, ``server-cert.pem``, ``server-key.pem``, ``client-cert.pem``,
+    ``client-key.pem``."""
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=directory)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test CA",
+            "-keyout", "ca-key.pem", "-out", "ca-cert.pem")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
+            "-keyout", "server-key.pem", "-out", "server.csr")
+    (directory / "ext.cnf").write_text(f"subjectAltName={names}\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem",
+            "-CAcreateserial", "-days", "2", "-extfile", "ext.cnf", "-out", "server-cert.pem")
+    # The client's, which QEMU asks for by default (tls-creds-x509 verify-peer=on).
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=client",
+            "-keyout", "client-key.pem", "-out", "client.csr")
+    openssl("x509", "-req", "-in", "client.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem",
+            "-CAcreateserial", "-days", "2", "-out", "client-cert.pem")
+    return directory

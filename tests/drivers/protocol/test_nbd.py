@@ -17,7 +17,7 @@ import trio
 
 from tests.support.conformance import check_block_node
 from tests.support.images import create, qemu_img, qemu_io, random_bytes, run
-from tests.support.nbd import NBDKIT, nbdkit, qemu_nbd
+from tests.support.nbd import NBDKIT, make_tls_certificates, nbdkit, qemu_nbd
 from vdiskfs.block.node import BlockStatus
 from vdiskfs.block.registry import OpenOptions, open_image
 from vdiskfs.drivers.protocol.nbd import NbdNode, wire
@@ -506,3 +506,37 @@ async def test_old_server_export_name_and_simple_replies() -> None:
         finally:
             await node.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_tls(tmp_path: Path) -> None:
+    """nbds:// to a qemu-nbd that requires TLS (and a client certificate): verified against
+    tls-certificates' CA, by IP and by tls-hostname; refused with the wrong CA unless
+    tls-verify-peer=0; a plain nbd:// is told to use TLS, and a server without TLS refused."""
+    certs = make_tls_certificates(tmp_path / "pki")
+    other = make_tls_certificates(tmp_path / "other")
+    data = random_bytes(11, 2 << 20)
+    path = tmp_path / "d.raw"
+    path.write_bytes(data)
+    with qemu_nbd(path, "raw", writable=True, tls=certs) as server:
+        assert server.url.startswith("nbds://127.0.0.1:")
+        url = f"{server.url}?tls-certificates={certs}"
+        await check_block_node(lambda: _open(url, read_only=False), data, writable=True)
+        node = await _open(url + "&tls-hostname=localhost")
+        await node.aclose()
+        # Our client certificate, but another CA: the server's certificate is not trusted,
+        # unless verification is off.
+        mixed = tmp_path / "mixed"
+        mixed.mkdir()
+        for name, source in (("ca-cert.pem", other), ("client-cert.pem", certs),
+                             ("client-key.pem", certs)):
+            (mixed / name).write_bytes((source / name).read_bytes())
+        with pytest.raises(HostIOError, match="certificate") as info:
+            await _open(f"{server.url}?tls-certificates={mixed}")
+        assert info.value.errno == errno.EACCES
+        node = await _open(f"{server.url}?tls-certificates={mixed}&tls-verify-peer=0")
+        await node.aclose()
+        with pytest.raises(HostIOError, match=r"requires TLS.*nbds://") as info:
+            await _open(server.url.replace("nbds://", "nbd://"))
+    with qemu_nbd(path, "raw") as plain, pytest.raises(
+            HostIOError, match="TLS was required but the server refused it"):
+        await _open(plain.url.replace("nbd://", "nbds://") + f"?tls-certificates={certs}")

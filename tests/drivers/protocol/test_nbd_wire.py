@@ -122,7 +122,18 @@ def test_uri_refusals() -> None:
         with pytest.raises(VdiskError, match=match) as info:
             parse_uri(url)
         assert info.value.errno == errno.EINVAL and url in str(info.value)
-    for url in ("nbds://h/x", "nbds+unix:///x?socket=s", "nbd://h/x?tls-type=x509",
-                "nbd://user@h/x"):
-        with pytest.raises(UnsupportedError, match="TLS"):
+    with pytest.raises(VdiskError, match="needs an nbds://"):
+        parse_uri("nbd://h/x?tls-type=x509")
+    for url in ("nbds://h/x?tls-type=psk", "nbds://user@h/x"):
+        with pytest.raises(UnsupportedError, match=r"x509|PSK"):
             parse_uri(url)
+
+
+def test_tls_uri() -> None:
+    address = parse_uri("nbds://h/x")
+    assert address.tls and address.tls_verify_peer and address.tls_hostname is None
+    address = parse_uri("nbds+unix:///x?socket=s&tls-hostname=srv&tls-verify-peer=0"
+                        "&tls-certificates=/etc/pki/nbd&tls-type=x509")
+    assert (address.tls, address.socket, address.tls_hostname, address.tls_verify_peer,
+            address.tls_certificates) == (True, "s", "srv", False, "/etc/pki/nbd")
+    assert not parse_uri("nbd://h/x").tls

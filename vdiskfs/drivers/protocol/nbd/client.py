@@ -26,6 +26,7 @@ import contextlib
 import errno
 import itertools
 import os
+import ssl
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,7 +36,7 @@ import trio
 from vdiskfs.drivers.protocol.nbd import wire
 from vdiskfs.drivers.protocol.nbd.uri import NbdAddress
 from vdiskfs.drivers.protocol.nbd.wire import ExportInfo, NbdProtocolError
-from vdiskfs.errors import HostIOError, NoSpaceError, UnsupportedError, VdiskError
+from vdiskfs.errors import HostIOError, NoSpaceError, VdiskError
 
 __all__ = ["ConnectionLost", "NbdConnection", "NbdRequestError"]
 
@@ -153,7 +154,8 @@ class NbdConnection:
                     assert address.host is not None
                     stream = await trio.open_tcp_stream(address.host, address.port)
                 reader = _Reader(stream)
-                info, structured, context_id = await _negotiate(stream, reader, address, label)
+                stream, reader, info, structured, context_id = await _negotiate(
+                    stream, reader, address, label)
         except BaseException as exc:
             if stream is not None:
                 await trio.aclose_forcefully(stream)
@@ -416,11 +418,65 @@ async def _option(stream: trio.abc.Stream, reader: _Reader, option: int,
             return replies
 
 
-async def _negotiate(stream: trio.abc.Stream, reader: _Reader, address: NbdAddress,
-                     label: str) -> tuple[ExportInfo, bool, int | None]:
+def _tls_context(address: NbdAddress) -> ssl.SSLContext:
+    """The client's TLS context: the system's authorities, or ``tls-certificates``'s
+    ``ca-cert.pem`` (and its client certificate, when there is one)."""
+    cafile = None
+    if address.tls_certificates is not None:
+        cafile = os.path.join(address.tls_certificates, "ca-cert.pem")
+    context = ssl.create_default_context(cafile=cafile)
+    if address.tls_certificates is not None:
+        cert = os.path.join(address.tls_certificates, "client-cert.pem")
+        key = os.path.join(address.tls_certificates, "client-key.pem")
+        if os.path.exists(cert) and os.path.exists(key):
+            context.load_cert_chain(cert, key)
+    if not address.tls_verify_peer:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    elif address.tls_hostname is None and address.host is None:
+        # A Unix socket has no name to check; the chain is still verified.
+        context.check_hostname = False
+    return context
+
+
+async def _start_tls(stream: trio.abc.Stream, reader: _Reader, address: NbdAddress,
+                     label: str) -> tuple[trio.abc.Stream, _Reader]:
+    """``NBD_OPT_STARTTLS``, then the TLS handshake; the rest of the negotiation runs over
+    TLS ("TLS support": nothing negotiated before it survives)."""
+    replies = await _option(stream, reader, wire.OPT_STARTTLS, wire.pack_option(wire.OPT_STARTTLS))
+    final, payload = replies[-1]
+    if final != wire.REP_ACK:
+        raise HostIOError(f"TLS was required but the server refused it: "
+                          f"{wire.option_error_text(final, payload)}", path=label,
+                          errno=errno.EPROTO)
+    if reader.buffer:
+        raise NbdProtocolError("data after the server's NBD_OPT_STARTTLS acknowledgement")
+    try:
+        context = await trio.to_thread.run_sync(_tls_context, address)
+    except (OSError, ssl.SSLError) as exc:
+        raise HostIOError(f"TLS certificates: {exc}", path=label,
+                          errno=getattr(exc, "errno", None) or errno.EIO) from exc
+    tls = trio.SSLStream(stream, context,
+                         server_hostname=address.tls_hostname or address.host)
+    try:
+        await tls.do_handshake()
+    except trio.BrokenResourceError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            raise HostIOError(f"TLS: the server's certificate: {cause.verify_message}",
+                              path=label, errno=errno.EACCES) from exc
+        raise HostIOError(f"TLS handshake failed: {cause or exc}", path=label,
+                          errno=errno.EPROTO) from exc
+    return tls, _Reader(tls)
+
+
+async def _negotiate(stream: trio.abc.Stream, reader: _Reader, address: NbdAddress, label: str,
+                     ) -> tuple[trio.abc.Stream, _Reader, ExportInfo, bool, int | None]:
     flags = wire.parse_greeting(await reader.read(wire.GREETING.size))
     await stream.send_all(wire.pack_client_flags(flags))
     no_zeroes = bool(flags & wire.FLAG_NO_ZEROES)
+    if address.tls:
+        stream, reader = await _start_tls(stream, reader, address, label)
 
     replies = await _option(stream, reader, wire.OPT_STRUCTURED_REPLY,
                             wire.pack_option(wire.OPT_STRUCTURED_REPLY))
@@ -446,15 +502,15 @@ async def _negotiate(stream: trio.abc.Stream, reader: _Reader, address: NbdAddre
         size, tflags = wire.parse_export_name_reply(await reader.read(10))
         if not no_zeroes:
             await reader.read(124)
-        return ExportInfo(size, tflags), structured, context_id
+        return stream, reader, ExportInfo(size, tflags), structured, context_id
     if final & wire.REP_FLAG_ERROR:
         text = wire.option_error_text(final, payload)
         export = f"export {address.export!r}"
         if final == wire.REP_ERR_UNKNOWN:
             raise HostIOError(f"{export}: {text}", path=label, errno=errno.ENOENT)
         if final == wire.REP_ERR_TLS_REQD:
-            raise UnsupportedError(f"{export}: {text}; NBD over TLS is not supported yet",
-                                   path=label)
+            raise HostIOError(f"{export}: {text}: use an nbds:// (or nbds+unix://) URI",
+                              path=label, errno=errno.EACCES)
         raise HostIOError(f"{export}: the server refused it: {text}", path=label,
                           errno=errno.EACCES if final == wire.REP_ERR_POLICY else errno.EIO)
     size: int | None = None
@@ -472,5 +528,5 @@ async def _negotiate(stream: trio.abc.Stream, reader: _Reader, address: NbdAddre
                      "max_payload": maximum}
     if size is None:
         raise NbdProtocolError("NBD_OPT_GO succeeded without NBD_INFO_EXPORT")
-    return ExportInfo(size, tflags, **block), structured, context_id
+    return stream, reader, ExportInfo(size, tflags, **block), structured, context_id
 

@@ -258,7 +258,7 @@ class NbdNode(BlockNode):
 
 @register_protocol("nbd", "nbd+unix", "nbds", "nbds+unix")
 async def open_nbd(url: str, options: OpenOptions) -> BlockNode:
-    """Open the export that ``url`` names (``nbds`` schemes are refused: no TLS yet)."""
+    """Open the export that ``url`` names (``nbds`` schemes: over TLS)."""
     node = NbdNode(url, read_only=options.read_only)
     await node.open()
     return node

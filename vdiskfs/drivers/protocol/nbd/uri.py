@@ -1,5 +1,6 @@
-"""NBD URIs (``doc/uri.md`` of the NBD project): ``nbd://host[:port]/export`` and
-``nbd+unix:///export?socket=PATH``. Pure parsing, no I/O."""
+"""NBD URIs (``doc/uri.md`` of the NBD project): ``nbd://host[:port]/export``,
+``nbd+unix:///export?socket=PATH``, and their TLS forms ``nbds://`` and ``nbds+unix://``.
+Pure parsing, no I/O."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ DEFAULT_TIMEOUT = 30.0
 _TLS_PARAMETERS = ("tls-type", "tls-hostname", "tls-verify-peer")
 
 
+
 @dataclass(frozen=True, slots=True)
 class NbdAddress:
     """Where an export is: a TCP ``host``/``port`` or a Unix ``socket``, and its name."""
@@ -28,21 +30,31 @@ class NbdAddress:
     port: int = NBD_DEFAULT_PORT
     socket: str | None = None
     timeout: float = DEFAULT_TIMEOUT
+    #: TLS (``nbds``, ``nbds+unix``): required; the connection fails without it.
+    tls: bool = False
+    #: The name the server's certificate must carry (``tls-hostname``; default the host).
+    tls_hostname: str | None = None
+    #: Verify the server's certificate (``tls-verify-peer``, default 1).
+    tls_verify_peer: bool = True
+    #: A directory with ``ca-cert.pem`` and optionally ``client-cert.pem`` and
+    #: ``client-key.pem`` (``tls-certificates``, as libnbd and QEMU's ``tls-creds-x509`` lay
+    #: it out); without it, the system's certificate authorities.
+    tls_certificates: str | None = None
 
 
 def parse_uri(url: str) -> NbdAddress:
-    """Parse an NBD URI; refuse what this client cannot honour (TLS) or does not know (an
-    unknown query parameter, which the URI spec says "SHOULD be diagnosed")."""
+    """Parse an NBD URI; refuse what this client cannot honour (TLS-PSK, TLS parameters on a
+    URI that does not require TLS) or does not know (an unknown query parameter, which the
+    URI spec says "SHOULD be diagnosed")."""
 
     def bad(message: str, err: int = errno.EINVAL) -> VdiskError:
         return VdiskError(f"bad NBD URI: {message}", path=url, errno=err)
 
     parts = urllib.parse.urlsplit(url)
     scheme = parts.scheme.lower()
-    if scheme in ("nbds", "nbds+unix"):
-        raise UnsupportedError(f"{scheme}: NBD over TLS is not supported yet", path=url)
-    if scheme not in ("nbd", "nbd+unix"):
-        raise bad(f"scheme {parts.scheme!r} is not nbd or nbd+unix")
+    if scheme not in ("nbd", "nbd+unix", "nbds", "nbds+unix"):
+        raise bad(f"scheme {parts.scheme!r} is not nbd, nbd+unix, nbds or nbds+unix")
+    tls = scheme.startswith("nbds")
     if parts.fragment:
         raise bad("a fragment (#...) has no meaning in an NBD URI")
     # The export name is the path without its leading "/", percent-decoded.
@@ -52,6 +64,7 @@ def parse_uri(url: str) -> NbdAddress:
     query = urllib.parse.parse_qs(parts.query, keep_blank_values=True, strict_parsing=False)
     socket: str | None = None
     timeout = DEFAULT_TIMEOUT
+    tls_options: dict[str, object] = {}
     for key, values in query.items():
         value = values[-1]
         if key == "socket":
@@ -63,25 +76,39 @@ def parse_uri(url: str) -> NbdAddress:
                 raise bad(f"x-timeout={value!r} is not a number of seconds") from None
             if not timeout > 0:
                 raise bad(f"x-timeout={value!r} must be positive")
-        elif key in _TLS_PARAMETERS:
-            raise UnsupportedError(f"{key}: NBD over TLS is not supported yet", path=url)
+        elif key in _TLS_PARAMETERS or key == "tls-certificates":
+            if not tls:
+                # Opportunistic TLS over nbd:// invites a downgrade: ask for nbds:// instead.
+                raise bad(f"{key} needs an nbds:// or nbds+unix:// URI")
+            if key == "tls-type" and value != "x509":
+                raise UnsupportedError(f"tls-type={value}: only x509 is supported", path=url)
+            if key == "tls-hostname":
+                tls_options["tls_hostname"] = value
+            elif key == "tls-verify-peer":
+                if value not in ("0", "1"):
+                    raise bad(f"tls-verify-peer={value!r} is not 0 or 1")
+                tls_options["tls_verify_peer"] = value == "1"
+            elif key == "tls-certificates":
+                tls_options["tls_certificates"] = value
         else:
             raise bad(f"unknown query parameter {key!r}")
     if parts.username is not None:
-        raise UnsupportedError("a user name is only used by TLS, which is not supported yet",
+        raise UnsupportedError("a user name is only used by TLS-PSK, which is not supported",
                                path=url)
-    if scheme == "nbd+unix":
+    if scheme.endswith("+unix"):
         if not socket:
             raise bad("nbd+unix needs ?socket=PATH")
         if parts.netloc:
-            raise bad("nbd+unix takes no host (nbd+unix:///export?socket=PATH)")
-        return NbdAddress(export=export, socket=socket, timeout=timeout)
+            raise bad(f"{scheme} takes no host ({scheme}:///export?socket=PATH)")
+        return NbdAddress(export=export, socket=socket, timeout=timeout, tls=tls,
+                          **tls_options)  # type: ignore[arg-type]
     if socket is not None:
-        raise bad("socket= is only for nbd+unix")
+        raise bad("socket= is only for nbd+unix and nbds+unix")
     try:
         port = parts.port
     except ValueError:
         raise bad("port is not a number from 0 to 65535") from None
     host = parts.hostname or "localhost"
     return NbdAddress(export=export, host=host,
-                      port=NBD_DEFAULT_PORT if port is None else port, timeout=timeout)
+                      port=NBD_DEFAULT_PORT if port is None else port, timeout=timeout, tls=tls,
+                      **tls_options)  # type: ignore[arg-type]

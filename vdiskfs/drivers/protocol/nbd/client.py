@@ -186,13 +186,8 @@ class NbdConnection:
             req = _Request(command, offset, length)
             if command == wire.CMD_READ:
                 req.buffer = bytearray(length)
-            cookie = next(self._cookies)
-            self._pending[cookie] = req
-            self.requests += 1
-            self.max_in_flight = max(self.max_in_flight, len(self._pending))
-            header = wire.pack_request(command, cookie, offset, length, flags)
             try:
-                await self._send(header, data)
+                await self._send(req, flags, data)
                 with trio.move_on_after(self.timeout) as waited:
                     await req.done.wait()
                 if waited.cancelled_caught:
@@ -216,12 +211,21 @@ class NbdConnection:
             raise cls(text, path=self.label, offset=offset if at is None else at, errno=err)
         return req
 
-    async def _send(self, header: bytes, data: bytes | bytearray | memoryview | None) -> None:
-        # Shielded: a half-sent request would desynchronise the stream (module docstring).
-        with trio.CancelScope(shield=True):
-            async with self._send_lock:
-                if self._broken is not None:
-                    raise _fresh(self._broken)
+    async def _send(self, req: _Request, flags: int,
+                    data: bytes | bytearray | memoryview | None) -> None:
+        """Register ``req`` under a new cookie and send it. Waiting for the socket can be
+        cancelled (nothing is sent yet); the send itself is shielded, because a half-sent
+        request would desynchronise the stream (module docstring)."""
+        async with self._send_lock:
+            if self._broken is not None:
+                raise _fresh(self._broken)
+            cookie = next(self._cookies)
+            # Registered before the first byte goes out: the reply may come at once.
+            self._pending[cookie] = req
+            self.requests += 1
+            self.max_in_flight = max(self.max_in_flight, len(self._pending))
+            header = wire.pack_request(req.command, cookie, req.offset, req.length, flags)
+            with trio.CancelScope(shield=True):
                 try:
                     with trio.fail_after(self.timeout):
                         await self._stream.send_all(header)

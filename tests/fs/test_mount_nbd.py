@@ -3,7 +3,9 @@ through the real command line, read and written, and ``vdiskfs info`` of it."""
 
 from __future__ import annotations
 
+import errno
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -48,3 +50,23 @@ def test_mount_qcow2_over_nbd_read_and_write(tmp_path: Path) -> None:
     qemu_io(reference, "write -P 0x77 5M 8k", fmt="raw")
     run("qemu-img", "check", image)
     run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", image, reference)
+
+
+def test_mounted_export_whose_server_dies(tmp_path: Path) -> None:
+    """The server killed under a mount: reads of the file get EIO at once (no hang), and the
+    mount still unmounts cleanly."""
+    image = tmp_path / "d.raw"
+    image.write_bytes(os.urandom(32 << 20))
+    with qemu_nbd(image, "raw", export="d") as server, mounted(
+            server.url, mountpoint=tmp_path / "mnt", options=("--format", "raw")) as mnt:
+        fd = os.open(mnt / "d.raw", os.O_RDONLY)
+        try:
+            assert os.pread(fd, 4096, 0) == image.read_bytes()[:4096]
+            server.kill()
+            start = time.monotonic()
+            with pytest.raises(OSError) as exc:
+                os.pread(fd, 4096, 24 << 20)  # never read: not in the page cache
+            assert exc.value.errno == errno.EIO
+            assert time.monotonic() - start < 10
+        finally:
+            os.close(fd)

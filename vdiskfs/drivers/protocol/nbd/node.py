@@ -12,8 +12,8 @@ above 1, reads are widened to it and writes read-modify-write the edge blocks.
 
 A dropped connection (the server restarted, the network broke, no answer within the timeout)
 is reconnected once and the failed requests are sent again -- each request at most twice;
-a server that is really gone gives :class:`~vdiskfs.errors.HostIOError` (EIO, or the
-connect's errno), never a hang.
+a server that is really gone gives :class:`~vdiskfs.errors.HostIOError` with EIO, never a
+hang.
 """
 
 from __future__ import annotations
@@ -135,8 +135,10 @@ class NbdNode(BlockNode):
             try:
                 conn = await NbdConnection.connect(self.address, self.url)
             except HostIOError as exc:
+                # EIO, whatever the connect said (ECONNREFUSED...): to the reader of a disk
+                # this is an I/O error; the message keeps the cause.
                 raise HostIOError(f"connection lost, and reconnecting failed: {exc.message}",
-                                  path=self.url, errno=exc.errno) from exc
+                                  path=self.url, errno=errno.EIO) from exc
             if conn.info.size != self.size:
                 await conn.aclose()
                 raise HostIOError(f"after reconnecting the export's size is {conn.info.size}, "

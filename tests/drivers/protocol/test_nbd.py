@@ -317,6 +317,16 @@ async def test_server_block_size_constraints(tmp_path: Path) -> None:
         finally:
             await node.aclose()
         await check_block_node(lambda: _open(server.url, read_only=False), data, writable=True)
+        # Many small writes into the same blocks at once: none undoes another.
+        node = await _open(server.url, read_only=False)
+        try:
+            async with trio.open_nursery() as nursery:
+                for i in range(64):
+                    nursery.start_soon(node.pwrite, 8192 + i * 100, bytes([i + 1]) * 100)
+            expected = b"".join(bytes([i + 1]) * 100 for i in range(64))
+            assert await node.pread(8192, 6400) == expected
+        finally:
+            await node.aclose()
 
 
 @pytest.mark.skipif(NBDKIT is None, reason="needs nbdkit (scripts/setup.sh installs it)")

@@ -66,6 +66,8 @@ class NbdNode(BlockNode):
         self.info_: wire.ExportInfo | None = None
         self._conn: NbdConnection | None = None
         self._reconnect_lock = trio.Lock()
+        #: Serialises writes on a server with a minimum block size > 1 (see _pwrite).
+        self._write_lock = trio.Lock()
 
     # -- life cycle ------------------------------------------------------------------------------
 
@@ -186,13 +188,23 @@ class NbdNode(BlockNode):
         return out
 
     async def _pwrite(self, offset: int, data: Buffer) -> None:
-        view = memoryview(data)
-        start, span = self._aligned(offset, len(view))
-        if (start, span) != (offset, len(view)):
-            # Read-modify-write of the edge blocks (a server with a minimum block size > 1).
-            merged = await self._read_aligned(start, span)
-            merged[offset - start : offset - start + len(view)] = view
-            offset, view = start, memoryview(merged)
+        assert self.info_ is not None
+        if self.info_.min_block == 1:
+            await self._write_aligned(offset, memoryview(data))
+            return
+        # A server with a minimum block size > 1: read-modify-write of the edge blocks. Writes
+        # take turns, so that two writes into one block never both read it before either
+        # wrote it (the second would put the first's bytes back as they were).
+        async with self._write_lock:
+            view = memoryview(data)
+            start, span = self._aligned(offset, len(view))
+            if (start, span) != (offset, len(view)):
+                merged = await self._read_aligned(start, span)
+                merged[offset - start : offset - start + len(view)] = view
+                offset, view = start, memoryview(merged)
+            await self._write_aligned(offset, view)
+
+    async def _write_aligned(self, offset: int, view: memoryview) -> None:
         step = self._max_payload()
         for at in range(0, len(view), step):
             piece = view[at : at + step]

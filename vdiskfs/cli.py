@@ -266,8 +266,11 @@ def _cmd_create(args: argparse.Namespace) -> int:
         raise VdiskError(f"{args.file}: already exists; refusing to overwrite it")
 
     async def backing_facts() -> tuple[int, str]:
-        # The backing name is relative to the new image's directory, as qemu-img does it.
-        path = os.path.join(os.path.dirname(os.path.abspath(args.file)), args.backing)
+        # The backing name is relative to the new image's directory, as qemu-img does it; a
+        # URL (nbd://...) is taken as it is.
+        path = args.backing
+        if url_scheme(path) is None:
+            path = os.path.join(os.path.dirname(os.path.abspath(args.file)), args.backing)
         node = await open_image(path, OpenOptions(format=args.backing_format))
         try:
             return node.size, node.driver

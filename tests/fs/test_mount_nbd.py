@@ -4,6 +4,7 @@ through the real command line, read and written, and ``vdiskfs info`` of it."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import time
 from pathlib import Path
@@ -70,3 +71,17 @@ def test_mounted_export_whose_server_dies(tmp_path: Path) -> None:
             assert time.monotonic() - start < 10
         finally:
             os.close(fd)
+
+
+def test_create_over_an_nbd_base_and_mount_it(tmp_path: Path) -> None:
+    """``vdiskfs create -b nbd://...``: the URL recorded as the backing file, the size and
+    format taken from the export; the new image mounts and reads through to the server."""
+    base = tmp_path / "base.raw"
+    base.write_bytes(os.urandom(4 << 20))
+    with qemu_nbd(base, "raw", export="base") as server:
+        overlay = tmp_path / "top.qcow2"
+        vdiskfs("create", "-b", server.url, "-F", "raw", overlay)
+        info = json.loads(qemu_img("info", "--output=json", "-U", overlay))
+        assert info["backing-filename"] == server.url and info["virtual-size"] == 4 << 20
+        with mounted(overlay, mountpoint=tmp_path / "mnt") as mnt:
+            assert (mnt / "top.raw").read_bytes() == base.read_bytes()

@@ -3,7 +3,8 @@
 The handshake is the fixed newstyle one with ``NBD_OPT_STRUCTURED_REPLY``,
 ``NBD_OPT_SET_META_CONTEXT base:allocation`` and ``NBD_OPT_GO`` asking for
 ``NBD_INFO_BLOCK_SIZE`` (falling back to ``NBD_OPT_EXPORT_NAME`` when the server has no
-``NBD_OPT_GO``), as QEMU's ``nbd/client.c: nbd_receive_negotiate`` does.
+``NBD_OPT_GO``), as QEMU's ``nbd/client.c: nbd_receive_negotiate`` does. An ``nbds`` URI
+first sends ``NBD_OPT_STARTTLS`` and runs everything after it over ``trio.SSLStream``.
 
 In transmission, requests carry a cookie and replies come back in any order ("Transmission"),
 so one reader task reads every reply and hands each to the request with its cookie, as QEMU's

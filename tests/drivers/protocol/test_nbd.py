@@ -130,6 +130,8 @@ async def test_block_status_matches_qemu_img_map(server: str, sparse_qcow2: Path
                 offset += run
             assert ours == theirs
             assert len(theirs) > 3
+            # The server describes several extents per reply: later runs came from those.
+            assert node.counters.block_status_cached > 0
         finally:
             await node.aclose()
 
@@ -569,3 +571,32 @@ async def test_tls(tmp_path: Path) -> None:
     with qemu_nbd(path, "raw") as plain, pytest.raises(
             HostIOError, match="TLS was required but the server refused it"):
         await _open(plain.url.replace("nbd://", "nbds://") + f"?tls-certificates={certs}")
+
+
+async def test_cached_extents_never_outlive_a_write(tmp_path: Path) -> None:
+    """Block status answered from an earlier reply's extents, until a write, zero or
+    discard changes the export (also one running while the status request was out)."""
+    raw = _sparse_raw(tmp_path / "sparse.raw")
+    with qemu_nbd(raw, "raw", writable=True) as server:
+        node = await _open(server.url, read_only=False)
+        try:
+            status, run = await node.block_status(0, node.size)
+            assert status & BlockStatus.DATA and run == 65536
+            status, run = await node.block_status(2 << 20, 1 << 20)  # a hole, from the cache
+            assert status & BlockStatus.ZERO and not status & BlockStatus.DATA
+            assert node.counters.block_status_cached == 1
+            await node.pwrite(2 << 20, b"x" * 4096)
+            status, _ = await node.block_status(2 << 20, 1 << 20)
+            assert status & BlockStatus.DATA
+            await node.zero(0, 65536, may_unmap=True)
+            status, _ = await node.block_status(0, 65536)
+            assert status & BlockStatus.ZERO
+            # A status request with a write in flight does not fill the cache.
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(node.pwrite, 8 << 20, b"y" * (4 << 20))
+                await trio.sleep(0)
+                await node.block_status(8 << 20, 1 << 20)
+            status, _ = await node.block_status((12 << 20) - 4096, 4096)
+            assert status & BlockStatus.DATA
+        finally:
+            await node.aclose()

@@ -18,7 +18,10 @@ hang.
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import errno
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,12 +46,15 @@ _MAX_EFFECT = (1 << 32) - (1 << 16)
 class NbdCounters(Counters):
     """``requests``: NBD requests sent; ``reconnects``: connections made again after one
     dropped; ``retried``: requests sent again on the new connection;
-    ``max_requests_in_flight``: most requests in flight at once on one connection."""
+    ``max_requests_in_flight``: most requests in flight at once on one connection;
+    ``block_status_cached``: block-status answers taken from an earlier reply's extents."""
 
     requests: int = 0
     reconnects: int = 0
     retried: int = 0
     max_requests_in_flight: int = 0
+    #: Block-status answers taken from the extents of an earlier reply (no request sent).
+    block_status_cached: int = 0
 
 
 class NbdNode(BlockNode):
@@ -68,6 +74,15 @@ class NbdNode(BlockNode):
         self._reconnect_lock = trio.Lock()
         #: Serialises writes on a server with a minimum block size > 1 (see _pwrite).
         self._write_lock = trio.Lock()
+        # The extents of the last block-status reply, ``(start, end, state)`` in order, valid
+        # while ``_changes`` is what it was (see _block_status).
+        self._extents: list[tuple[int, int, int]] = []
+        self._extent_starts: list[int] = []
+        self._extents_changes = -1
+        #: Bumped when a write, zero or discard starts and when it ends; ``_writing`` counts
+        #: those in flight.
+        self._changes = 0
+        self._writing = 0
 
     # -- life cycle ------------------------------------------------------------------------------
 
@@ -187,7 +202,22 @@ class NbdNode(BlockNode):
             out[at : at + n] = req.buffer
         return out
 
+    @contextlib.contextmanager
+    def _changing(self) -> Iterator[None]:
+        """Around every request that changes the export: cached extents stop counting."""
+        self._changes += 1
+        self._writing += 1
+        try:
+            yield
+        finally:
+            self._writing -= 1
+            self._changes += 1
+
     async def _pwrite(self, offset: int, data: Buffer) -> None:
+        with self._changing():
+            await self._pwrite_now(offset, data)
+
+    async def _pwrite_now(self, offset: int, data: Buffer) -> None:
         assert self.info_ is not None
         if self.info_.min_block == 1:
             await self._write_aligned(offset, memoryview(data))
@@ -223,6 +253,10 @@ class NbdNode(BlockNode):
         return -(-offset // align) * align, inner_end
 
     async def _discard(self, offset: int, length: int) -> None:
+        with self._changing():
+            await self._discard_now(offset, length)
+
+    async def _discard_now(self, offset: int, length: int) -> None:
         if not self._flag(wire.FLAG_SEND_TRIM):
             return  # advisory: a server without trim keeps the data
         start, end = self._inner_blocks(offset, length)
@@ -230,6 +264,10 @@ class NbdNode(BlockNode):
             await self._call(wire.CMD_TRIM, at, min(_MAX_EFFECT, end - at))
 
     async def _zero(self, offset: int, length: int, may_unmap: bool) -> None:
+        with self._changing():
+            await self._zero_now(offset, length, may_unmap)
+
+    async def _zero_now(self, offset: int, length: int, may_unmap: bool) -> None:
         if not self._flag(wire.FLAG_SEND_WRITE_ZEROES):
             await super()._zero(offset, length, may_unmap)
             return
@@ -251,23 +289,59 @@ class NbdNode(BlockNode):
         if conn is None or conn.context_id is None:
             return await super()._block_status(offset, length)
         assert self.info_ is not None
+        cached = self._cached_extent(offset)
+        if cached is not None:
+            self.counters.block_status_cached += 1
+            end, state = cached
+            return _status(state), min(length, end - offset)
         start, span = self._aligned(offset, min(length, _MAX_EFFECT))
+        changes, quiet = self._changes, self._writing == 0
         req = await self._call(wire.CMD_BLOCK_STATUS, start, span)
+        if quiet and self._writing == 0 and self._changes == changes:
+            # No write ran during the request: the server's extents (all of them, not only
+            # the first) describe the export until the next write. A walk over a sparse
+            # export (SEEK_DATA, a copy) then costs a request per reply, not per extent.
+            self._remember(start, req.extents)
         extent_length, state = req.extents[0]
         run = min(length, start + extent_length - offset)
         if run <= 0:  # an extent that ends inside the block before offset: one block, as data
             run = min(length, start + span - offset)
             state = 0
-        # base:allocation: ZERO means reads give zeros. HOLE alone (contents undefined) is
-        # still read from the server, so it is DATA here: a protocol node has nothing below it
-        # that a "not DATA" range could come from.
-        if state & wire.STATE_ZERO:
-            status = BlockStatus.ZERO | BlockStatus.ALLOCATED
-            if not state & wire.STATE_HOLE:
-                status |= BlockStatus.DATA
-        else:
-            status = BlockStatus.DATA | BlockStatus.ALLOCATED
-        return status, run
+        return _status(state), run
+
+    def _remember(self, start: int, extents: list[tuple[int, int]]) -> None:
+        spans = []
+        for extent_length, state in extents:
+            end = min(self.size, start + extent_length)
+            if end <= start:
+                break
+            spans.append((start, end, state))
+            start = end
+        self._extents = spans
+        self._extent_starts = [s for s, _, _ in spans]
+        self._extents_changes = self._changes
+
+    def _cached_extent(self, offset: int) -> tuple[int, int] | None:
+        """``(end, state)`` of the remembered extent holding ``offset``, if still valid."""
+        if self._extents_changes != self._changes or self._writing:
+            return None
+        i = bisect.bisect_right(self._extent_starts, offset) - 1
+        if i < 0:
+            return None
+        _, end, state = self._extents[i]
+        return (end, state) if offset < end else None
+
+
+def _status(state: int) -> BlockStatus:
+    """A ``base:allocation`` state as a BlockStatus. ZERO means reads give zeros. HOLE alone
+    (contents undefined) is still read from the server, so it is DATA here: a protocol node has
+    nothing below it that a "not DATA" range could come from."""
+    if state & wire.STATE_ZERO:
+        status = BlockStatus.ZERO | BlockStatus.ALLOCATED
+        if not state & wire.STATE_HOLE:
+            status |= BlockStatus.DATA
+        return status
+    return BlockStatus.DATA | BlockStatus.ALLOCATED
 
 
 @register_protocol("nbd", "nbd+unix", "nbds", "nbds+unix")

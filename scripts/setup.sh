@@ -13,6 +13,7 @@ APT_PACKAGES=(
   qemu-system-common                              # qemu-storage-daemon: the benchmark peer
   fdisk gdisk e2fsprogs dosfstools mtools         # partitioned test images
   fio zstd util-linux
+  nginx-light openssl                             # https tests: a local server, its CA
 )
 
 missing=()

@@ -298,6 +298,7 @@ def _cmd_create(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    from vdiskfs.drivers.protocol.http import redact_url
     from vdiskfs.info import format_text, image_info
 
     # Warnings (probed raw, damaged partition entries) are part of the output, via
@@ -307,7 +308,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     async def collect() -> dict[str, object]:
         node = await open_image(args.image, options)
         try:
-            info = image_info(node, args.image)
+            # A URL's credentials never reach the output (the node's label is redacted too).
+            info = image_info(node, redact_url(args.image))
             info.update(await _partition_info(node))
             if node.warnings:
                 info["warnings"] = list(node.warnings)

@@ -159,6 +159,10 @@ class OpenOptions:
     locking: bool = True
     #: Callback for warnings meant for the user (probed raw, damaged partition entries...).
     warn: Callable[[str], None] | None = None
+    #: ``https``: a CA certificate file (PEM) to verify the server with instead of the
+    #: system's store (``--ca-file``), and whether to verify at all (``--no-verify-tls``).
+    ca_file: str | None = None
+    verify_tls: bool = True
 
 
 @dataclass

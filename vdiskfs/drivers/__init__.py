@@ -1,4 +1,4 @@
-"""Every driver module; importing this package registers the format drivers."""
+"""Every driver module; importing this package registers the format and protocol drivers."""
 
 from vdiskfs.drivers.format import (
     qcow2,  # noqa: F401
@@ -9,3 +9,4 @@ from vdiskfs.drivers.format import (
     vmdk,  # noqa: F401
     vpc,  # noqa: F401
 )
+from vdiskfs.drivers.protocol import http  # noqa: F401

@@ -1,0 +1,285 @@
+"""The http/https protocol node against nginx (tests.support.http_server) and broken servers:
+images read by URL as ``qemu-img convert`` reads the local file, the connection pool, TLS
+verification, servers that ignore ranges, files replaced while open, credentials that never
+show, servers that never answer."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import shutil
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.support.conformance import check_block_node
+from tests.support.http_server import PASSWORD, USER, Nginx, ignoring_range_server
+from tests.support.images import create, qemu_img, qemu_io, random_bytes, reference_raw
+from tests.support.qcow2_images import Qcow2Images
+from vdiskfs.block.node import BlockNode
+from vdiskfs.block.registry import OpenOptions, open_image, url_scheme
+from vdiskfs.drivers.protocol.http import HttpError, HttpNode, open_http, redact_url
+from vdiskfs.errors import VdiskError
+
+MiB = 1 << 20
+
+#: qcow2 recipes of the read corpus that need no other file (backing files and external data
+#: files named by a URL image are not resolved yet).
+QCOW2_RECIPES = ["v2", "v3", "cluster_512", "zlib_convert", "zstd_write", "extended_l2",
+                 "snapshots", "odd_size"]
+OTHER_FORMATS = {
+    "vmdk": ["-o", "subformat=monolithicSparse"],
+    "vpc": ["-o", "subformat=dynamic"],
+    "vhdx": [],
+    "vdi": [],
+    "qed": [],
+}
+
+
+async def _read_all(node: BlockNode, chunk: int = MiB) -> bytes:
+    parts = []
+    for offset in range(0, node.size, chunk):
+        parts.append(bytes(await node.pread(offset, min(chunk, node.size - offset))))
+    return b"".join(parts)
+
+
+async def _open(url: str, **kwargs: object) -> HttpNode:
+    node = HttpNode(url, **kwargs)  # type: ignore[arg-type]
+    try:
+        await node.open()
+    except BaseException:
+        await node.aclose()
+        raise
+    return node
+
+
+@pytest.fixture(scope="module")
+def raw_disk(nginx: Nginx) -> bytes:
+    data = random_bytes(7, 3 * MiB + 12345)
+    (nginx.root / "disk.raw").write_bytes(data)
+    return data
+
+
+@pytest.fixture(scope="module")
+def qcow2_images(tmp_path_factory: pytest.TempPathFactory) -> Qcow2Images:
+    return Qcow2Images(tmp_path_factory.mktemp("qcow2-http"))
+
+
+def test_url_scheme_and_redaction() -> None:
+    assert url_scheme("https://host/x.qcow2") == "https"
+    assert url_scheme("HTTP://host/x") == "http"
+    assert url_scheme("./https:/x") is None
+    assert redact_url("https://u:pw@h:8443/a?b=c") == "https://u:***@h:8443/a?b=c"
+    assert redact_url("https://h/a") == "https://h/a"
+    assert redact_url("https://:pw@h/a") == "https://***@h/a"
+
+
+async def test_conformance_over_http(nginx: Nginx, raw_disk: bytes) -> None:
+    await check_block_node(lambda: _open(nginx.url("disk.raw")), raw_disk)
+
+
+async def test_https_with_the_ca_file(nginx: Nginx, raw_disk: bytes) -> None:
+    node = await _open(nginx.url("disk.raw", tls=True), ca_file=str(nginx.ca_file))
+    async with node:
+        assert node.size == len(raw_disk)
+        assert await _read_all(node) == raw_disk
+        assert node.counters.bytes_fetched == len(raw_disk)
+        assert await node.allocated_size() == len(raw_disk)
+
+
+async def test_https_refused_without_the_ca(nginx: Nginx, raw_disk: bytes) -> None:
+    url = nginx.url("disk.raw", tls=True)
+    with pytest.raises(HttpError, match=r"127\.0\.0\.1.*TLS certificate verification failed"
+                       ".*--ca-file"):
+        await _open(url)
+    # Opting out works, for the user who asks.
+    node = await _open(url, verify_tls=False)
+    async with node:
+        assert await node.pread(0, 4096) == raw_disk[:4096]
+
+
+async def test_open_image_by_url_probes_the_format(nginx: Nginx, raw_disk: bytes) -> None:
+    node = await open_image(nginx.url("disk.raw", tls=True),
+                            OpenOptions(ca_file=str(nginx.ca_file), format="raw"))
+    async with node:
+        assert node.driver == "raw"
+        assert node.child("file").driver == "http"  # type: ignore[union-attr]
+        assert await _read_all(node) == raw_disk
+    with pytest.raises(VdiskError, match="read-only") as info:
+        await open_image(nginx.url("disk.raw"), OpenOptions(read_only=False))
+    assert info.value.errno == errno.EROFS
+
+
+@pytest.mark.parametrize("name", QCOW2_RECIPES)
+async def test_qcow2_corpus_by_url(nginx: Nginx, qcow2_images: Qcow2Images, name: str) -> None:
+    image = qcow2_images.get(name)
+    served = nginx.root / "qcow2" / f"{name}.qcow2"
+    served.parent.mkdir(exist_ok=True)
+    shutil.copyfile(image.path, served)
+    node = await open_image(nginx.url(f"qcow2/{name}.qcow2"))
+    async with node:
+        assert node.driver == "qcow2"
+        assert await _read_all(node) == image.reference
+
+
+@pytest.mark.parametrize("fmt", sorted(OTHER_FORMATS))
+async def test_other_formats_by_url(nginx: Nginx, fmt: str, tmp_path: Path) -> None:
+    source = create(tmp_path / "source.qcow2", "6M")
+    qemu_io(source, "write -P 0x5a 0 1M", "write -P 0xa5 3M 1536k", "write -z 5M 64k")
+    served = nginx.root / "formats" / f"disk.{fmt}"
+    served.parent.mkdir(exist_ok=True)
+    qemu_img("convert", "-O", fmt, *OTHER_FORMATS[fmt], source, served)
+    reference = reference_raw(served, tmp_path / "ref.raw", fmt=fmt).read_bytes()
+    node = await open_image(nginx.url(f"formats/disk.{fmt}", tls=True),
+                            OpenOptions(ca_file=str(nginx.ca_file)))
+    async with node:
+        assert node.driver == fmt
+        assert await _read_all(node) == reference
+
+
+async def test_concurrent_reads_use_the_pool(nginx: Nginx, raw_disk: bytes) -> None:
+    node = await _open(nginx.url("disk.raw"), max_connections=4)
+    rng = random.Random(3)
+    ranges = [(rng.randrange(0, len(raw_disk) - 70000), rng.randrange(1, 70000))
+              for _ in range(64)]
+    results: dict[int, bytes] = {}
+
+    async def read(i: int, offset: int, length: int) -> None:
+        results[i] = bytes(await node.pread(offset, length))
+
+    async with node:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for i, (offset, length) in enumerate(ranges):
+                    nursery.start_soon(read, i, offset, length)
+        for i, (offset, length) in enumerate(ranges):
+            assert results[i] == raw_disk[offset:offset + length]
+        counters = node.counters
+        assert 1 < counters.connections_opened <= 4
+        assert counters.requests == 65  # HEAD + one GET per read
+        assert node.stats_snapshot().max_in_flight > 1
+        snapshot = node.stats_snapshot().as_dict()
+        assert snapshot["connections_opened"] == counters.connections_opened
+
+
+async def test_redirect_followed(nginx: Nginx, raw_disk: bytes) -> None:
+    node = await _open(nginx.url("redirect/disk.raw"))
+    async with node:
+        assert node.counters.redirects == 1
+        assert await node.pread(100, 1000) == raw_disk[100:1100]
+
+
+async def test_missing_file(nginx: Nginx) -> None:
+    with pytest.raises(HttpError, match="404") as info:
+        await _open(nginx.url("nothing-here.raw"))
+    assert info.value.errno == errno.ENOENT
+
+
+async def test_server_without_ranges_refused_at_open() -> None:
+    with ignoring_range_server(b"x" * 10000, accept_ranges=False) as base, \
+            pytest.raises(HttpError, match="does not support byte ranges") as info:
+        await _open(f"{base}/disk.raw")
+    assert info.value.errno == errno.ENOTSUP
+
+
+async def test_server_ignoring_range_refused_at_read() -> None:
+    with ignoring_range_server(b"x" * 100000, accept_ranges=True) as base:
+        node = await _open(f"{base}/disk.raw")
+        async with node:
+            with pytest.raises(HttpError, match="ignores Range"):
+                await node.pread(4096, 512)
+            # The 100000-byte body was not read.
+            assert node.counters.bytes_fetched < 100000
+
+
+async def test_file_replaced_while_open(nginx: Nginx, tmp_path: Path) -> None:
+    path = nginx.root / "changing.raw"
+    path.write_bytes(random_bytes(1, MiB))
+    node = await _open(nginx.url("changing.raw"))
+    async with node:
+        assert node.etag is not None
+        await node.pread(0, 4096)
+        # Replaced by a file of the same size: only the validators can tell.
+        new = tmp_path / "new.raw"
+        new.write_bytes(random_bytes(2, MiB))
+        st = path.stat()
+        os.utime(new, (st.st_atime + 10, st.st_mtime + 10))
+        os.replace(new, path)
+        with pytest.raises(HttpError, match=r"http://127\.0\.0\.1:\d+/changing\.raw: "
+                           ".*changed on the server since it was opened") as info:
+            await node.pread(4096, 4096)
+        assert info.value.errno == errno.EIO
+
+
+async def test_credentials_used_and_never_shown(nginx: Nginx, raw_disk: bytes) -> None:
+    (nginx.root / "private" / "disk.raw").write_bytes(raw_disk)
+    with pytest.raises(HttpError, match="401") as info:
+        await _open(nginx.url("private/disk.raw"))
+    assert info.value.errno == errno.EACCES
+
+    url = nginx.url("private/disk.raw", credentials=f"{USER}:{PASSWORD}@")
+    node = await open_image(url, OpenOptions(format="raw"))
+    async with node:
+        assert await node.pread(0, 4096) == raw_disk[:4096]
+        file = node.child("file")
+        assert file is not None
+        shown = [str(node), repr(node), node.label, file.label, repr(file),
+                 str(file.stats_snapshot().as_dict())]
+        for text in shown:
+            assert PASSWORD not in text
+        assert f"{USER}:***@" in node.label
+
+    wrong = nginx.url("private/disk.raw", credentials=f"{USER}:wrong-{PASSWORD}@")
+    with pytest.raises(HttpError) as info:
+        await _open(wrong)
+    assert PASSWORD not in str(info.value)
+
+    # info prints the URL redacted, and neither nginx's logs nor the output show the password.
+    proc = subprocess.run([sys.executable, "-m", "vdiskfs", "info", "--json", url],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert PASSWORD not in proc.stdout + proc.stderr
+    assert f"{USER}:***@" in proc.stdout
+    assert PASSWORD not in nginx.log_text()
+
+
+async def test_credentials_from_netrc(nginx: Nginx, raw_disk: bytes, tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    (nginx.root / "private" / "disk.raw").write_bytes(raw_disk)
+    netrc = tmp_path / "netrc"
+    netrc.write_text(f"machine 127.0.0.1 login {USER} password {PASSWORD}\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    node = await _open(nginx.url("private/disk.raw"))
+    async with node:
+        assert await node.pread(0, 512) == raw_disk[:512]
+
+
+async def test_server_that_never_answers_times_out() -> None:
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, _hold_forever, 0,
+                                                host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        with trio.fail_after(10):
+            with pytest.raises(HttpError, match=r"timed out after 0\.5 s") as info:
+                await _open(f"http://127.0.0.1:{port}/disk.raw", timeout=0.5)
+        assert info.value.errno == errno.ETIMEDOUT
+        nursery.cancel_scope.cancel()
+
+
+async def _hold_forever(stream: trio.SocketStream) -> None:
+    await trio.sleep_forever()
+
+
+async def test_connection_refused_after_retries() -> None:
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    listener.close()  # nothing listens there now
+    with trio.fail_after(10), pytest.raises(HttpError, match=r"connection lost.*4 attempts"):
+        await open_http(f"http://127.0.0.1:{port}/x.raw", OpenOptions())

@@ -18,7 +18,13 @@ import trio
 
 from vdiskfs import __version__
 from vdiskfs.block.node import BlockNode
-from vdiskfs.block.registry import OpenOptions, driver_names, open_image, url_scheme
+from vdiskfs.block.registry import (
+    OpenOptions,
+    driver_names,
+    open_image,
+    redact_url,
+    url_scheme,
+)
 from vdiskfs.errors import VdiskError
 from vdiskfs.units import parse_size
 
@@ -346,7 +352,7 @@ def _cmd_create(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from vdiskfs.drivers.protocol.http import redact_url
+
     from vdiskfs.info import format_text, image_info
 
     # Warnings (probed raw, damaged partition entries) are part of the output, via

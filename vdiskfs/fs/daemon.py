@@ -26,9 +26,8 @@ from dataclasses import dataclass
 import trio
 
 from vdiskfs.block.node import BlockNode
-from vdiskfs.block.registry import OpenOptions, open_image, url_scheme
+from vdiskfs.block.registry import OpenOptions, open_image, redact_url, url_scheme
 from vdiskfs.drivers.format.raw import RawNode
-from vdiskfs.drivers.protocol.http import redact_url
 from vdiskfs.errors import VdiskError
 from vdiskfs.fs.mount import serve, terminate
 from vdiskfs.fs.operations import VdiskOperations

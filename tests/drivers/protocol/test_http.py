@@ -20,7 +20,7 @@ import trio
 from tests.support.conformance import check_block_node
 from tests.support.http_server import PASSWORD, USER, Nginx, ignoring_range_server
 from tests.support.images import create, qemu_img, qemu_io, random_bytes, reference_raw
-from tests.support.qcow2_images import Qcow2Images
+from tests.support.qcow2_images import RECIPES, Qcow2Images
 from vdiskfs.block.node import BlockNode
 from vdiskfs.block.registry import OpenOptions, open_image, url_scheme
 from vdiskfs.drivers.protocol.http import HttpError, HttpNode, open_http, redact_url
@@ -28,12 +28,9 @@ from vdiskfs.errors import VdiskError
 
 MiB = 1 << 20
 
-#: qcow2 recipes of the read corpus that need no other file (backing files and external data
-#: files named by a URL image are not resolved yet).
-QCOW2_RECIPES = ["v2", "v3", "cluster_512", "zlib_convert", "zstd_write", "extended_l2",
-                 "snapshots", "odd_size"]
 OTHER_FORMATS = {
     "vmdk": ["-o", "subformat=monolithicSparse"],
+    "vmdk-extents": ["-o", "subformat=twoGbMaxExtentSparse"],
     "vpc": ["-o", "subformat=dynamic"],
     "vhdx": [],
     "vdi": [],
@@ -115,30 +112,36 @@ async def test_open_image_by_url_probes_the_format(nginx: Nginx, raw_disk: bytes
     assert info.value.errno == errno.EROFS
 
 
-@pytest.mark.parametrize("name", QCOW2_RECIPES)
+@pytest.mark.parametrize("name", sorted(RECIPES))
 async def test_qcow2_corpus_by_url(nginx: Nginx, qcow2_images: Qcow2Images, name: str) -> None:
+    """Every image of the qcow2 read corpus, its backing files and data files on the server
+    too (relative names resolve against the image's URL)."""
     image = qcow2_images.get(name)
-    served = nginx.root / "qcow2" / f"{name}.qcow2"
-    served.parent.mkdir(exist_ok=True)
-    shutil.copyfile(image.path, served)
-    node = await open_image(nginx.url(f"qcow2/{name}.qcow2"))
+    served = nginx.root / "qcow2" / name
+    shutil.copytree(image.path.parent, served)
+    url = nginx.url(f"qcow2/{name}/{image.path.relative_to(image.path.parent)}")
+    node = await open_image(url)
     async with node:
         assert node.driver == "qcow2"
         assert await _read_all(node) == image.reference
+        for _depth, _role, child in node.walk():
+            if child.kind == "protocol":
+                assert child.driver == "http", child
 
 
 @pytest.mark.parametrize("fmt", sorted(OTHER_FORMATS))
 async def test_other_formats_by_url(nginx: Nginx, fmt: str, tmp_path: Path) -> None:
     source = create(tmp_path / "source.qcow2", "6M")
     qemu_io(source, "write -P 0x5a 0 1M", "write -P 0xa5 3M 1536k", "write -z 5M 64k")
-    served = nginx.root / "formats" / f"disk.{fmt}"
-    served.parent.mkdir(exist_ok=True)
-    qemu_img("convert", "-O", fmt, *OTHER_FORMATS[fmt], source, served)
-    reference = reference_raw(served, tmp_path / "ref.raw", fmt=fmt).read_bytes()
-    node = await open_image(nginx.url(f"formats/disk.{fmt}", tls=True),
+    driver = fmt.partition("-")[0]
+    served = nginx.root / "formats" / fmt / f"disk.{driver}"
+    served.parent.mkdir(parents=True)
+    qemu_img("convert", "-O", driver, *OTHER_FORMATS[fmt], source, served)
+    reference = reference_raw(served, tmp_path / "ref.raw", fmt=driver).read_bytes()
+    node = await open_image(nginx.url(f"formats/{fmt}/disk.{driver}", tls=True),
                             OpenOptions(ca_file=str(nginx.ca_file)))
     async with node:
-        assert node.driver == fmt
+        assert node.driver == driver
         assert await _read_all(node) == reference
 
 
@@ -246,6 +249,39 @@ async def test_credentials_used_and_never_shown(nginx: Nginx, raw_disk: bytes) -
     assert PASSWORD not in proc.stdout + proc.stderr
     assert f"{USER}:***@" in proc.stdout
     assert PASSWORD not in nginx.log_text()
+
+
+async def test_chain_with_credentials(nginx: Nginx, tmp_path: Path) -> None:
+    """The backing file of an image opened by URL is fetched with the same credentials; no
+    label or error shows them; --no-follow-outside keeps the chain in the image's directory."""
+    chain = nginx.root / "private" / "chain"
+    chain.mkdir()
+    create(chain / "base.qcow2", "2M")
+    qemu_io(chain / "base.qcow2", "write -P 0x11 0 1M")
+    create(chain / "top.qcow2", "2M", backing="base.qcow2", backing_fmt="qcow2")
+    qemu_io(chain / "top.qcow2", "write -P 0x22 512k 64k")
+    reference = reference_raw(chain / "top.qcow2", tmp_path / "ref.raw").read_bytes()
+    url = nginx.url("private/chain/top.qcow2", credentials=f"{USER}:{PASSWORD}@")
+    node = await open_image(url)
+    async with node:
+        assert await _read_all(node) == reference
+        backing = node.child("backing")
+        assert backing is not None
+        assert backing.label == nginx.url("private/chain/base.qcow2",
+                                          credentials=f"{USER}:***@")
+
+    outside = nginx.root / "private" / "outside"
+    outside.mkdir()
+    create(outside / "top.qcow2", "2M", backing="../chain/top.qcow2", backing_fmt="qcow2")
+    with pytest.raises(VdiskError, match="outside the image's directory"):
+        await open_image(nginx.url("private/outside/top.qcow2",
+                                   credentials=f"{USER}:{PASSWORD}@"),
+                         OpenOptions(follow_outside=False))
+
+    (chain / "base.qcow2").unlink()
+    with pytest.raises(VdiskError, match=r"backing file 'base\.qcow2' not found") as info:
+        await open_image(url)
+    assert PASSWORD not in str(info.value)
 
 
 async def test_credentials_from_netrc(nginx: Nginx, raw_disk: bytes, tmp_path: Path,

@@ -28,7 +28,7 @@ import urllib.parse
 from typing import Any
 
 from vdiskfs.block.node import BlockNode, Buffer, NodeKind
-from vdiskfs.block.registry import OpenOptions, register_protocol
+from vdiskfs.block.registry import OpenOptions, redact_url, register_protocol
 from vdiskfs.drivers.protocol.http.pool import ConnectionPool, HttpCounters, HttpError, Response
 from vdiskfs.errors import UnsupportedError
 
@@ -38,23 +38,6 @@ log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 10
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
-
-
-def redact_url(url: str) -> str:
-    """``url`` with the password of its user information replaced by ``***``, safe to show.
-
-    Anything that does not parse as a URL with a host comes back unchanged.
-    """
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:
-        return url
-    if parts.password is None and "@" not in parts.netloc:
-        return url
-    userinfo, _, hostport = parts.netloc.rpartition("@")
-    user = userinfo.partition(":")[0]
-    netloc = f"{user}:***@{hostport}" if user else f"***@{hostport}"
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 class _Origin:

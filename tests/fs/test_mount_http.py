@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -10,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from tests.support.http_server import PASSWORD, USER, Nginx
-from tests.support.images import create, qemu_io, reference_raw, sha256_file
+from tests.support.images import create, qemu_img, qemu_io, reference_raw, sha256_file
 from tests.support.mount import mounted, vdiskfs
+from tests.support.partitioned import make_gpt_disk, reference_partitions
 from vdiskfs.fs.daemon import image_stem
 from vdiskfs.fs.mount import find_mount
 
@@ -64,3 +66,32 @@ def test_mount_url_with_credentials(nginx: Nginx, tmp_path: Path) -> None:
             if path.is_file():
                 assert PASSWORD not in path.read_text(), path
         assert f"{USER}:***@" in (mnt / "stats" / "secret" / "tree").read_text()
+
+
+def test_mount_url_partitions(nginx: Nginx, tmp_path: Path) -> None:
+    disk = make_gpt_disk(tmp_path)
+    served = nginx.root / "parts" / "gpt.qcow2"
+    served.parent.mkdir(exist_ok=True)
+    qemu_img("convert", "-O", "qcow2", disk.path, served)
+    data = disk.path.read_bytes()
+    with mounted(nginx.url("parts/gpt.qcow2"), mountpoint=tmp_path / "mnt") as mnt:
+        for part in reference_partitions(disk.path):
+            exported = mnt / f"gpt-part{part.number}.raw"
+            assert exported.read_bytes() == data[part.start:part.start + part.size]
+
+
+def test_file_replaced_under_the_mount_gives_eio(nginx: Nginx, tmp_path: Path) -> None:
+    path = nginx.root / "replaced.raw"
+    path.write_bytes(os.urandom(4 << 20))
+    with mounted(nginx.url("replaced.raw"), mountpoint=tmp_path / "mnt",
+                 options=("--format", "raw", "--no-partitions")) as mnt, \
+            open(mnt / "replaced.raw", "rb") as f:
+        os.pread(f.fileno(), 4096, 0)
+        new = tmp_path / "new.raw"
+        new.write_bytes(os.urandom(4 << 20))
+        st = path.stat()
+        os.utime(new, (st.st_atime + 10, st.st_mtime + 10))
+        os.replace(new, path)
+        with pytest.raises(OSError) as info:
+            os.pread(f.fileno(), 4096, 3 << 20)
+        assert info.value.errno == errno.EIO

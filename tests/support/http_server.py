@@ -186,3 +186,57 @@ def ignoring_range_server(data: bytes, *, accept_ranges: bool) -> Iterator[str]:
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+class _FlakyHandler(_Handler):
+    """Honours ``Range``, but breaks the connection on the first ``server.failures`` GETs:
+    before answering (``server.mode == "drop"``) or halfway through the body ("truncate")."""
+
+    server: _FlakyServer
+
+    def do_GET(self) -> None:
+        data = self.server.data
+        first, _, last = self.headers["Range"].removeprefix("bytes=").partition("-")
+        start, end = int(first), min(int(last), len(data) - 1)
+        part = data[start:end + 1]
+        with self.server.lock:
+            fail = self.server.failures > 0
+            self.server.failures -= fail
+        if fail and self.server.mode == "drop":
+            self.close_connection = True
+            return
+        self.send_response(206)
+        self.send_header("Content-Length", str(len(part)))
+        self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+        self.end_headers()
+        if fail:
+            self.wfile.write(part[: len(part) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        self.wfile.write(part)
+
+
+class _FlakyServer(_Server):
+    failures: int
+    mode: str
+    lock: threading.Lock
+
+
+@contextlib.contextmanager
+def flaky_server(data: bytes, *, failures: int, mode: str) -> Iterator[str]:
+    """A ranged server whose first ``failures`` GETs lose the connection; its base URL."""
+    server = _FlakyServer(("127.0.0.1", 0), _FlakyHandler)
+    server.data = data
+    server.accept_ranges = True
+    server.failures = failures
+    server.mode = mode
+    server.lock = threading.Lock()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

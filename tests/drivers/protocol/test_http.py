@@ -18,7 +18,13 @@ import pytest
 import trio
 
 from tests.support.conformance import check_block_node
-from tests.support.http_server import PASSWORD, USER, Nginx, ignoring_range_server
+from tests.support.http_server import (
+    PASSWORD,
+    USER,
+    Nginx,
+    flaky_server,
+    ignoring_range_server,
+)
 from tests.support.images import create, qemu_img, qemu_io, random_bytes, reference_raw
 from tests.support.qcow2_images import RECIPES, Qcow2Images
 from vdiskfs.block.node import BlockNode
@@ -198,6 +204,44 @@ async def test_server_ignoring_range_refused_at_read() -> None:
                 await node.pread(4096, 512)
             # The 100000-byte body was not read.
             assert node.counters.bytes_fetched < 100000
+
+
+@pytest.mark.parametrize("mode", ["drop", "truncate"])
+async def test_lost_connections_retried(mode: str) -> None:
+    data = random_bytes(5, 200000)
+    with flaky_server(data, failures=2, mode=mode) as base:
+        node = await _open(f"{base}/disk.raw")
+        async with node:
+            with trio.fail_after(10):
+                assert await node.pread(1000, 50000) == data[1000:51000]
+            assert node.counters.retries == 2
+        # One failure more than the retries: EIO naming the URL, after 4 attempts.
+    with flaky_server(data, failures=4, mode=mode) as base:
+        node = await _open(f"{base}/disk.raw")
+        async with node:
+            with trio.fail_after(10), pytest.raises(HttpError, match=r"127\.0\.0\.1.*"
+                                                    "connection lost.*4 attempts") as info:
+                await node.pread(0, 50000)
+            assert info.value.errno == errno.EIO
+            assert await node.pread(0, 100) == data[:100]  # the next request works again
+
+
+async def test_cancelled_reads_leave_the_pool_usable(nginx: Nginx, raw_disk: bytes) -> None:
+    node = await _open(nginx.url("disk.raw"), max_connections=2)
+    async with node:
+        # Cancel reads at every point of their exchange: connecting, sending, in the body.
+        for delay in (0, 0.0005, 0.001, 0.002, 0.005):
+            async with trio.open_nursery() as nursery:
+                for i in range(4):
+                    nursery.start_soon(node.pread, i * 100000, 3 * MiB - i * 100000)
+                await trio.sleep(delay)
+                nursery.cancel_scope.cancel()
+        assert node.stats_snapshot().in_flight == 0
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                for _ in range(4):
+                    nursery.start_soon(node.pread, 0, MiB)
+            assert await node.pread(12345, 100000) == raw_disk[12345:112345]
 
 
 async def test_file_replaced_while_open(nginx: Nginx, tmp_path: Path) -> None:

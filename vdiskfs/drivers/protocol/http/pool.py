@@ -143,8 +143,7 @@ class ConnectionPool:
         attempt = 0
         while True:
             try:
-                with trio.fail_after(self.timeout):
-                    return await self._once(request, method, body_limit)
+                return await self._once(request, method, body_limit)
             except trio.TooSlowError:
                 raise HttpError(f"{method} timed out after {self.timeout:g} s (no complete "
                                 "answer from the server)", path=self.name,
@@ -160,19 +159,25 @@ class ConnectionPool:
 
     async def _once(self, request: h11.Request, method: str,
                     body_limit: int | None) -> Response:
+        # The timeout starts once a connection slot is ours: waiting behind other requests of
+        # a deep queue is not the server being slow.
         async with self._slots:
-            conn = self._idle.pop() if self._idle else await self._connect()
-            reused = conn.used
-            conn.used = True
-            keep = False
-            try:
-                response, keep = await self._exchange(conn, request, method, body_limit, reused)
-                return response
-            finally:
-                if keep and not self._closed:
-                    self._idle.append(conn)
-                else:
-                    await conn.aclose()
+            with trio.fail_after(self.timeout):
+                conn = self._idle.pop() if self._idle else await self._connect()
+                reused = conn.used
+                conn.used = True
+                keep = False
+                try:
+                    response, keep = await self._exchange(conn, request, method, body_limit,
+                                                          reused)
+                    return response
+                finally:
+                    # A cancelled or failed exchange leaves the connection in an unknown
+                    # state: only a cleanly finished one goes back to the pool.
+                    if keep and not self._closed:
+                        self._idle.append(conn)
+                    else:
+                        await conn.aclose()
 
     async def _connect(self) -> _Connection:
         try:

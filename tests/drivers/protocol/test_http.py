@@ -30,7 +30,8 @@ from tests.support.qcow2_images import RECIPES, Qcow2Images
 from vdiskfs.block.node import BlockNode
 from vdiskfs.block.registry import OpenOptions, open_image, url_scheme
 from vdiskfs.drivers.protocol.http import HttpError, HttpNode, open_http, redact_url
-from vdiskfs.errors import VdiskError
+from vdiskfs.errors import UnsupportedError, VdiskError
+from vdiskfs.overlay import open_overlay
 
 MiB = 1 << 20
 
@@ -149,6 +150,16 @@ async def test_other_formats_by_url(nginx: Nginx, fmt: str, tmp_path: Path) -> N
     async with node:
         assert node.driver == driver
         assert await _read_all(node) == reference
+
+
+async def test_refused_uses(nginx: Nginx, tmp_path: Path) -> None:
+    url = nginx.url("disk.raw", credentials=f"{USER}:{PASSWORD}@")
+    with pytest.raises(UnsupportedError, match="--overlay over an image opened by URL") as info:
+        await open_overlay(url, str(tmp_path / "new.qcow2"), OpenOptions())
+    assert PASSWORD not in str(info.value)
+    assert not (tmp_path / "new.qcow2").exists()
+    with pytest.raises(HttpError, match="cannot load the CA file"):
+        HttpNode(nginx.url("disk.raw", tls=True), ca_file=str(tmp_path / "missing.pem"))
 
 
 async def test_concurrent_reads_use_the_pool(nginx: Nginx, raw_disk: bytes) -> None:

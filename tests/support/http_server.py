@@ -189,12 +189,14 @@ def ignoring_range_server(data: bytes, *, accept_ranges: bool) -> Iterator[str]:
 
 
 class _FlakyHandler(_Handler):
-    """Honours ``Range``, but breaks the connection on the first ``server.failures`` GETs:
-    before answering (``server.mode == "drop"``) or halfway through the body ("truncate")."""
+    """Honours ``Range``, after ``server.delay`` seconds (a far server), but breaks the
+    connection on the first ``server.failures`` GETs: before answering (``server.mode ==
+    "drop"``) or halfway through the body ("truncate")."""
 
     server: _FlakyServer
 
     def do_GET(self) -> None:
+        time.sleep(self.server.delay)
         data = self.server.data
         first, _, last = self.headers["Range"].removeprefix("bytes=").partition("-")
         start, end = int(first), min(int(last), len(data) - 1)
@@ -218,19 +220,23 @@ class _FlakyHandler(_Handler):
 
 
 class _FlakyServer(_Server):
+    delay: float
     failures: int
     mode: str
     lock: threading.Lock
 
 
 @contextlib.contextmanager
-def flaky_server(data: bytes, *, failures: int, mode: str) -> Iterator[str]:
-    """A ranged server whose first ``failures`` GETs lose the connection; its base URL."""
+def flaky_server(data: bytes, *, failures: int = 0, mode: str = "drop",
+                 delay: float = 0.0) -> Iterator[str]:
+    """A ranged server that answers GETs after ``delay`` seconds, and whose first
+    ``failures`` GETs lose the connection; its base URL."""
     server = _FlakyServer(("127.0.0.1", 0), _FlakyHandler)
     server.data = data
     server.accept_ranges = True
     server.failures = failures
     server.mode = mode
+    server.delay = delay
     server.lock = threading.Lock()
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -53,8 +53,10 @@ def test_mount_url_with_credentials(nginx: Nginx, tmp_path: Path) -> None:
     data = os.urandom(2 << 20)
     (nginx.root / "private" / "secret.raw").write_bytes(data)
     url = f"http://{USER}:{PASSWORD}@127.0.0.1:{nginx.http_port}/private/secret.raw"
+    log = tmp_path / "daemon.log"
     with mounted(url, mountpoint=tmp_path / "mnt",
-                 options=("--format", "raw", "--no-partitions")) as mnt:
+                 options=("--format", "raw", "--no-partitions", "--debug",
+                          "--log-file", str(log))) as mnt:
         assert (mnt / "secret.raw").read_bytes() == data
         info = find_mount(str(mnt))
         assert info is not None and info.daemon_pid is not None
@@ -66,6 +68,8 @@ def test_mount_url_with_credentials(nginx: Nginx, tmp_path: Path) -> None:
             if path.is_file():
                 assert PASSWORD not in path.read_text(), path
         assert f"{USER}:***@" in (mnt / "stats" / "secret" / "tree").read_text()
+    assert "mounted 1 file(s)" in log.read_text()
+    assert PASSWORD not in log.read_text()
 
 
 def test_mount_url_partitions(nginx: Nginx, tmp_path: Path) -> None:

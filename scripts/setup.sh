@@ -13,6 +13,7 @@ APT_PACKAGES=(
   qemu-system-common                              # qemu-storage-daemon: the benchmark peer
   fdisk gdisk e2fsprogs dosfstools mtools         # partitioned test images
   fio zstd util-linux
+  nginx-light openssl                             # https tests: a local server, its CA
   nbdkit                                          # a second NBD server for the nbd tests
 )
 
@@ -25,6 +26,11 @@ if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # The tests run nginx themselves, on free ports (tests/support/http_server.py); the system
+  # service that Debian enables and starts when the package is installed is not wanted.
+  if [[ " ${missing[*]} " == *" nginx-light "* && -d /run/systemd/system ]]; then
+    systemctl disable --now nginx >/dev/null 2>&1 || true
+  fi
 fi
 
 # pyfuse3: the sdist, checked, with the patch applied, installed under a local version that

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.concurrency import build_templates
+from tests.support.http_server import Nginx, start_nginx
 
 
 def _can_mount() -> bool:
@@ -28,3 +30,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def variant_templates(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One small pre-filled image of every writable format (tests.support.concurrency)."""
     return build_templates(tmp_path_factory.mktemp("variants"))
+
+
+@pytest.fixture(scope="session")
+def nginx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nginx]:
+    """nginx on 127.0.0.1 over HTTP and HTTPS (tests.support.http_server); tests put the files
+    they serve under ``nginx.root``."""
+    if shutil.which("nginx") is None and not os.path.exists("/usr/sbin/nginx"):
+        pytest.skip("needs nginx (scripts/setup.sh installs nginx-light)")
+    with start_nginx(tmp_path_factory.mktemp("nginx")) as server:
+        yield server

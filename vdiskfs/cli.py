@@ -18,7 +18,13 @@ import trio
 
 from vdiskfs import __version__
 from vdiskfs.block.node import BlockNode
-from vdiskfs.block.registry import OpenOptions, driver_names, open_image, url_scheme
+from vdiskfs.block.registry import (
+    OpenOptions,
+    driver_names,
+    open_image,
+    redact_url,
+    url_scheme,
+)
 from vdiskfs.errors import VdiskError
 from vdiskfs.units import parse_size
 
@@ -30,6 +36,14 @@ log = logging.getLogger("vdiskfs")
 #: (``--timeout``). Opening reads only headers and tables, well under a second for sane
 #: images; a minute means a file on a hung file system (or a log replay of a huge image).
 READY_TIMEOUT = 60.0
+
+
+def _add_tls_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ca-file", metavar="FILE",
+                        help="https: verify the server with the CA certificates in FILE (PEM) "
+                        "instead of the system's")
+    parser.add_argument("--no-verify-tls", dest="verify_tls", action="store_false",
+                        help="https: do not verify the server's certificate")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -67,7 +81,9 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="give up (and stop the daemon) when the images are not mounted "
                        f"after SECONDS (default {READY_TIMEOUT:g}; 0: wait for ever)")
     mount.add_argument("--debug", action="store_true", help="log every FUSE request")
+    _add_tls_arguments(mount)
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    mount.add_argument("--paths-from-stdin", action="store_true", help=argparse.SUPPRESS)
 
     unmount = commands.add_parser(
         "unmount", aliases=["umount"], help="unmount and wait for the images to be closed"
@@ -110,6 +126,7 @@ def _build_parser() -> argparse.ArgumentParser:
                       help="force the format instead of probing it")
     info.add_argument("--no-follow-outside", dest="follow_outside", action="store_false",
                       help="refuse backing files and extents outside the image's directory")
+    _add_tls_arguments(info)
     return parser
 
 
@@ -143,11 +160,17 @@ def _setup_logging(debug: bool) -> None:
 def _cmd_mount(args: argparse.Namespace) -> int:
     from vdiskfs.fs.daemon import MountRequest, run_foreground, spawn_daemon
 
-    if len(args.paths) < 2:
+    if args.paths_from_stdin:
+        # From a background mount (see daemon_arguments).
+        images, mountpoint = json.loads(sys.stdin.read()), args.paths[-1]
+    elif len(args.paths) < 2:
         raise VdiskError("mount needs at least one IMAGE and a MOUNTPOINT")
-    *images, mountpoint = args.paths
+    else:
+        *images, mountpoint = args.paths
     if not args.foreground:
-        return spawn_daemon(argv_of(args), args.log_file, args.timeout or None)  # 0: no limit
+        argv, stdin = daemon_arguments(args)
+        return spawn_daemon(argv, args.log_file, args.timeout or None,  # 0: no limit
+                            stdin=stdin)
 
     request = MountRequest(
         images=images,
@@ -159,6 +182,8 @@ def _cmd_mount(args: argparse.Namespace) -> int:
         allow_other=args.allow_other,
         follow_outside=args.follow_outside,
         debug=args.debug,
+        ca_file=args.ca_file,
+        verify_tls=args.verify_tls,
     )
     _setup_logging(args.debug)
     report = os.fdopen(args.ready_fd, "w", buffering=1) if args.ready_fd is not None else None
@@ -188,6 +213,32 @@ def _cmd_mount(args: argparse.Namespace) -> int:
     return 0
 
 
+def daemon_arguments(args: argparse.Namespace) -> tuple[list[str], bytes | None]:
+    """The mount arguments to hand to the background daemon, and what to write on its stdin.
+
+    When an IMAGE is a URL with credentials (``https://user:password@host/...``), the IMAGE
+    arguments travel as JSON on the daemon's stdin instead of its argv, which every user can
+    read (``ps``, ``/proc/PID/cmdline``); so does its initial environment, to its owner.
+    """
+    argv = argv_of(args)
+    *images, mountpoint = args.paths
+    if not any(_has_credentials(image) for image in images):
+        return argv, None
+    cut = argv.index("--")
+    paths = json.dumps([_daemon_path(image) for image in images]).encode()
+    return [*argv[:cut], "--paths-from-stdin", "--", _daemon_path(mountpoint)], paths
+
+
+def _has_credentials(path: str) -> bool:
+    return url_scheme(path) is not None and "@" in path.partition("://")[2].partition("/")[0]
+
+
+def _daemon_path(path: str) -> str:
+    """Paths become absolute (the daemon must not depend on the caller's directory); URLs stay
+    as they are."""
+    return path if url_scheme(path) is not None else os.path.abspath(path)
+
+
 def argv_of(args: argparse.Namespace) -> list[str]:
     """The mount arguments to hand to the background daemon."""
     argv: list[str] = []
@@ -205,10 +256,12 @@ def argv_of(args: argparse.Namespace) -> list[str]:
         argv.append("--no-follow-outside")
     if args.debug:
         argv.append("--debug")
-    # Paths become absolute: the daemon must not depend on the caller's directory. URLs
-    # (nbd://...) stay as given.
+    if args.ca_file:
+        argv += ["--ca-file", os.path.abspath(args.ca_file)]
+    if not args.verify_tls:
+        argv.append("--no-verify-tls")
     argv.append("--")
-    argv += [p if url_scheme(p) is not None else os.path.abspath(p) for p in args.paths]
+    argv += [_daemon_path(p) for p in args.paths]
     return argv
 
 
@@ -302,16 +355,19 @@ def _cmd_create(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+
     from vdiskfs.info import format_text, image_info
 
     # Warnings (probed raw, damaged partition entries) are part of the output, via
     # node.warnings, rather than log lines.
-    options = OpenOptions(format=args.format, follow_outside=args.follow_outside)
+    options = OpenOptions(format=args.format, follow_outside=args.follow_outside,
+                          ca_file=args.ca_file, verify_tls=args.verify_tls)
 
     async def collect() -> dict[str, object]:
         node = await open_image(args.image, options)
         try:
-            info = image_info(node, args.image)
+            # A URL's credentials never reach the output (the node's label is redacted too).
+            info = image_info(node, redact_url(args.image))
             info.update(await _partition_info(node))
             if node.warnings:
                 info["warnings"] = list(node.warnings)

@@ -12,8 +12,8 @@ import os
 from dataclasses import replace
 
 from vdiskfs.block.node import BlockNode
-from vdiskfs.block.registry import OpenOptions, open_image, run_blocking, url_scheme
-from vdiskfs.errors import VdiskError
+from vdiskfs.block.registry import OpenOptions, open_image, redact_url, run_blocking, url_scheme
+from vdiskfs.errors import UnsupportedError, VdiskError
 
 __all__ = ["open_overlay"]
 
@@ -26,6 +26,13 @@ async def open_overlay(image: str, overlay: str, options: OpenOptions) -> BlockN
     """
     from vdiskfs.drivers.format.qcow2.create import create_qcow2
 
+    scheme = url_scheme(image)
+    if scheme is not None and not scheme.startswith("nbd"):
+        # The overlay would record the URL as its backing file, credentials and all. (An NBD
+        # URL carries none -- the nbd driver refuses user names -- so it is recorded.)
+        raise UnsupportedError("--overlay over an image opened by URL is not supported; "
+                               "download the image, or mount it read-only",
+                               path=redact_url(image))
     created = False
     # Off the event loop: a hung file system must not keep SIGTERM from ending the daemon.
     if not await run_blocking(lambda: os.path.exists(overlay)):

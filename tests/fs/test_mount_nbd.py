@@ -23,8 +23,8 @@ def test_image_stem_of_urls() -> None:
     assert image_stem("nbd://127.0.0.1:10809/vm/deb.qcow2") == "deb"
     assert image_stem("nbd+unix:///deb.qcow2?socket=/run/x.sock") == "deb"
     assert image_stem("nbd://host/disk") == "disk"
-    assert image_stem("nbd://host/") == "nbd"
-    assert image_stem("nbd+unix:///?socket=s") == "nbd-unix"
+    assert image_stem("nbd://host/") == "host"  # the default export: the host
+    assert image_stem("nbd+unix:///?socket=s") == "disk"
     assert image_stem("/vm/debian.qcow2") == "debian"
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol, TypeVar
@@ -36,6 +38,7 @@ __all__ = [
     "get_driver",
     "open_image",
     "probe",
+    "redact_url",
     "register",
     "register_protocol",
     "run_blocking",
@@ -82,6 +85,8 @@ def register(cls: T) -> T:
 #: URL instead of a local path. An opener returns the protocol node, open.
 ProtocolOpener = Callable[[str, "OpenOptions"], "Awaitable[BlockNode]"]
 _PROTOCOLS: dict[str, ProtocolOpener] = {}
+#: ``scheme://userinfo@`` at the start of a URL (the authority ends at ``/``, ``?`` or ``#``).
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)([^/?#]*)@")
 
 
 def register_protocol(*schemes: str) -> Callable[[ProtocolOpener], ProtocolOpener]:
@@ -106,6 +111,17 @@ def url_scheme(name: str) -> str | None:
         return None
     _load_drivers()
     return scheme.lower() if scheme.lower() in _PROTOCOLS else None
+
+
+def redact_url(name: str) -> str:
+    """``name`` with the credentials of a URL hidden, safe to show: ``https://user:***@host/x``
+    (a user name alone, which may be a token, becomes ``***``); anything else unchanged."""
+    match = _USERINFO.match(name)
+    if match is None:
+        return name
+    user, colon, _ = match.group(2).partition(":")
+    shown = f"{user}:***" if colon and user else "***"
+    return f"{match.group(1)}{shown}@{name[match.end():]}"
 
 
 def _load_drivers() -> None:
@@ -159,6 +175,10 @@ class OpenOptions:
     locking: bool = True
     #: Callback for warnings meant for the user (probed raw, damaged partition entries...).
     warn: Callable[[str], None] | None = None
+    #: ``https``: a CA certificate file (PEM) to verify the server with instead of the
+    #: system's store (``--ca-file``), and whether to verify at all (``--no-verify-tls``).
+    ca_file: str | None = None
+    verify_tls: bool = True
 
 
 @dataclass
@@ -171,6 +191,9 @@ class OpenContext:
     #: Real paths from the root image down to this one: a loop is a path seen twice.
     chain: tuple[str, ...] = ()
     warnings: list[str] = field(default_factory=list)
+    #: The URL of an image opened by URL, credentials included: what names in it resolve
+    #: against. ``path`` is then its redacted form, which messages show.
+    url: str | None = None
 
     @property
     def read_only(self) -> bool:
@@ -200,6 +223,8 @@ class OpenContext:
             )
         if reference.startswith("file:"):
             reference = reference[len("file:") :]
+        if self.url is not None:
+            return self._resolve_url(self.url, reference, field_name)
         base = os.path.dirname(os.path.abspath(self.path))
         resolved = os.path.normpath(os.path.join(base, reference))
         if not self.options.follow_outside:
@@ -215,6 +240,22 @@ class OpenContext:
                 )
         return resolved
 
+    def _resolve_url(self, url: str, reference: str, field_name: str) -> str:
+        """A name recorded in an image opened by URL, resolved against that URL (credentials
+        included), as QEMU combines a backing name with its overlay's URL. An absolute name
+        is taken from the server's root: a remote image never names a local file."""
+        resolved = urllib.parse.urljoin(url, urllib.parse.quote(reference, safe="/"))
+        directory = urllib.parse.urljoin(url, ".")
+        if not self.options.follow_outside and not resolved.startswith(directory):
+            raise ChainError(
+                f"{reference!r} leads outside the image's directory on the server "
+                "(refused by --no-follow-outside)",
+                path=self.path,
+                field=field_name,
+                errno=errno.EPERM,
+            )
+        return resolved
+
     async def exists(self, reference: str, *, field_name: str, role: str = "parent") -> bool:
         """Whether something exists where ``reference`` resolves (a candidate parent path).
 
@@ -222,6 +263,18 @@ class OpenContext:
         component that is no directory) is an error naming the chain, as :meth:`open_child`
         would raise it, rather than a silent "not found".
         """
+        if self.url is not None:
+            url = self.resolve(reference, field_name=field_name)
+            try:
+                await (await _open_file(url, read_only=True, locking=False,
+                                        options=self.options)).aclose()
+            except VdiskError as exc:
+                if exc.errno == errno.ENOENT:
+                    return False
+                raise self._child_error(exc, reference, redact_url(url), role,
+                                        field_name) from exc
+            return True
+
         def check() -> bool:
             path = self.resolve(reference, field_name=field_name)
             try:
@@ -237,6 +290,8 @@ class OpenContext:
 
     async def realpath(self, reference: str, *, field_name: str) -> str:
         """The real path that ``reference`` resolves to (to tell two names of one file)."""
+        if self.url is not None:
+            return self.resolve(reference, field_name=field_name)
         return await run_blocking(lambda: os.path.realpath(self.resolve(reference,
                                                                      field_name=field_name)))
 
@@ -272,9 +327,10 @@ class OpenContext:
                 path=self.path,
                 field=field_name,
             )
-        if url_scheme(reference) is not None:
-            # A URL of a registered protocol (nbd://...), as QEMU records one: no directory
-            # to resolve against, and always "outside" the image's directory.
+        if (url_scheme(reference) or "").startswith("nbd"):
+            # An NBD URL, as QEMU records one: no directory to resolve against, and always
+            # "outside" the image's directory. (Other URLs stay refused by resolve(): an
+            # https one could carry credentials.)
             if not self.options.follow_outside:
                 raise ChainError(
                     f"{reference!r} is a network URL (refused by --no-follow-outside)",
@@ -293,7 +349,7 @@ class OpenContext:
             file = await _open_file(path, read_only=read_only, locking=self.options.locking,
                                     options=self.options)
         except VdiskError as exc:
-            raise self._child_error(exc, reference, path, role, field_name) from exc
+            raise self._child_error(exc, reference, redact_url(path), role, field_name) from exc
         return await _open_tree(
             file,
             real=real,
@@ -321,7 +377,7 @@ class OpenContext:
 
 def _resolve_real(ctx: OpenContext, reference: str, field_name: str) -> tuple[str, str]:
     path = ctx.resolve(reference, field_name=field_name)
-    return path, os.path.realpath(path)
+    return path, path if url_scheme(path) is not None else os.path.realpath(path)
 
 
 async def run_blocking(fn: Callable[[], T]) -> T:
@@ -374,6 +430,7 @@ async def _open_tree(
             path=path,
             chain=(*chain, real),
             warnings=warnings,
+            url=real if url_scheme(real) is not None else None,
         )
         lock_warning = getattr(file, "lock_warning", None)
         if lock_warning is not None:

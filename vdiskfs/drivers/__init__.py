@@ -1,5 +1,4 @@
-"""Every driver module; importing this package registers the format drivers and the
-protocol openers of URLs (nbd)."""
+"""Every driver module; importing this package registers the format and protocol drivers."""
 
 from vdiskfs.drivers.format import (
     qcow2,  # noqa: F401
@@ -10,4 +9,7 @@ from vdiskfs.drivers.format import (
     vmdk,  # noqa: F401
     vpc,  # noqa: F401
 )
-from vdiskfs.drivers.protocol import nbd  # noqa: F401
+from vdiskfs.drivers.protocol import (
+    http,  # noqa: F401
+    nbd,  # noqa: F401
+)

@@ -10,6 +10,7 @@ mounted.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 import trio
 
 from vdiskfs.block.node import BlockNode
-from vdiskfs.block.registry import OpenOptions, open_image, url_scheme
+from vdiskfs.block.registry import OpenOptions, open_image, redact_url, url_scheme
 from vdiskfs.drivers.format.raw import RawNode
 from vdiskfs.errors import VdiskError
 from vdiskfs.fs.mount import serve, terminate
@@ -56,19 +57,22 @@ class MountRequest:
     allow_other: bool = False
     follow_outside: bool = True
     debug: bool = False
+    #: https: a CA file instead of the system's store; whether to verify at all.
+    ca_file: str | None = None
+    verify_tls: bool = True
 
 
 def image_stem(path: str) -> str:
-    """``debian.qcow2`` -> ``debian``: the file name without its last extension.
-
-    For a URL, the last component of its path (an NBD export name): ``nbd://h/vm/deb.qcow2``
-    and ``nbd+unix:///deb.qcow2?socket=S`` -> ``deb``; the default export (``nbd://h/``) ->
-    the scheme.
-    """
-    scheme = url_scheme(path)
-    if scheme is not None:
-        name = urllib.parse.unquote(urllib.parse.urlsplit(path).path).rstrip("/")
-        path = name.rpartition("/")[2] or scheme.replace("+", "-")
+    """``debian.qcow2`` -> ``debian``: the file name without its last extension; for a URL,
+    its path's last component without the extension (``https://h/d/x.qcow2?s=1`` -> ``x``),
+    or the host when the path has none."""
+    if url_scheme(path) is not None:
+        parts = urllib.parse.urlsplit(path)
+        name = urllib.parse.unquote(parts.path.rstrip("/").rpartition("/")[2])
+        name = name.replace("/", "_").replace("\0", "_")
+        if name in ("", ".", ".."):
+            return parts.hostname or "disk"
+        return os.path.splitext(name)[0] or name
     return os.path.splitext(os.path.basename(path))[0] or os.path.basename(path)
 
 
@@ -84,8 +88,8 @@ async def open_exports(
         stem = image_stem(path)
         if stem in stems:
             raise VdiskError(
-                f"{path}: would appear as {stem}.raw, like {stems[stem]}; "
-                "rename or link one of them"
+                f"{redact_url(path)}: would appear as {stem}.raw, like "
+                f"{redact_url(stems[stem])}; rename or link one of them"
             )
         stems[stem] = path
     options = OpenOptions(
@@ -93,6 +97,8 @@ async def open_exports(
         format=request.format,
         follow_outside=request.follow_outside,
         warn=warn,
+        ca_file=request.ca_file,
+        verify_tls=request.verify_tls,
     )
     if request.overlay is not None and len(request.images) != 1:
         raise VdiskError("--overlay takes exactly one IMAGE")
@@ -248,10 +254,12 @@ async def _open_unless_signalled(
                      errno=errno.EINTR)
 
 
-def spawn_daemon(argv: list[str], log_file: str | None, timeout: float | None) -> int:
+def spawn_daemon(argv: list[str], log_file: str | None, timeout: float | None, *,
+                 stdin: bytes | None = None) -> int:
     """Start ``vdiskfs mount --foreground`` in the background; relay its report; exit status.
 
-    ``argv`` are the mount arguments without ``--foreground``. A daemon that has not mounted
+    ``argv`` are the mount arguments without ``--foreground``; ``stdin``, when given, is
+    written to the daemon's standard input (else it reads /dev/null). A daemon that has not mounted
     after ``timeout`` seconds (None: no limit) is stopped -- SIGTERM, which it obeys even while
     an open waits on a hung file system, then SIGKILL -- and the mount fails with a message,
     rather than the command waiting for ever.
@@ -262,7 +270,7 @@ def spawn_daemon(argv: list[str], log_file: str | None, timeout: float | None) -
         proc = subprocess.Popen(
             [sys.executable, "-m", "vdiskfs", "mount", "--foreground",
              f"--ready-fd={write_fd}", *argv],
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=stderr,
             pass_fds=(write_fd,),
@@ -272,6 +280,12 @@ def spawn_daemon(argv: list[str], log_file: str | None, timeout: float | None) -
         os.close(write_fd)
         if stderr is not subprocess.DEVNULL:
             stderr.close()
+    if stdin is not None:
+        assert proc.stdin is not None
+        # Small: it fits the pipe, so this never waits for the daemon. A daemon that died
+        # already has its report read below.
+        with contextlib.suppress(BrokenPipeError), proc.stdin:
+            proc.stdin.write(stdin)
     ready = reported = timed_out = False
     deadline = None if timeout is None else time.monotonic() + timeout
     try:

@@ -1,0 +1,262 @@
+"""A bounded keep-alive pool of HTTP/1.1 connections to one origin, on trio streams and h11.
+
+One :class:`ConnectionPool` serves one ``scheme://host:port``. A request takes an idle
+connection (or opens one, up to ``max_connections``: the rest wait), sends one request, reads
+the whole response, and puts the connection back when h11 says both sides may start a new
+cycle; anything else (an error, a cancellation, ``Connection: close``, a response whose body
+was not read) closes it, because its state is no longer known. So many requests are in flight
+at once over several connections, as QEMU's curl driver keeps several ``CURL`` states, and a
+random read at queue depth 16 is not 16 serial round trips.
+
+Requests here are idempotent (HEAD and ranged GET), so a connection lost before a response
+arrived is retried: at once when the connection was an idle one that the server had closed
+(keep-alive timeouts make that common), after a backoff otherwise. A request that does not
+complete within ``timeout`` seconds fails with ETIMEDOUT and is not retried: a server that
+stopped answering should surface as an error, not as minutes of silent retries.
+"""
+
+from __future__ import annotations
+
+import errno
+import ssl
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import h11
+import trio
+
+from vdiskfs.block.stats import Counters
+from vdiskfs.errors import VdiskError
+
+__all__ = ["ConnectionPool", "HttpCounters", "HttpError", "Response"]
+
+#: Bytes read from the socket at a time.
+RECEIVE_SIZE = 256 * 1024
+
+
+class HttpError(VdiskError):
+    """A request to an HTTP server failed: it could not be made, it timed out, or the answer
+    was not what the protocol node needs. The message names the (redacted) URL."""
+
+    errno = errno.EIO
+
+
+class _ConnectionLost(Exception):
+    """The connection broke before a complete response arrived (retryable)."""
+
+    def __init__(self, cause: BaseException, reused: bool) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        self.reused = reused
+
+
+@dataclass(slots=True)
+class HttpCounters(Counters):
+    """Counters of an HTTP protocol node (its pool's, and the node's own)."""
+
+    #: Requests sent (HEAD and GET, each retry counted again).
+    requests: int = 0
+    #: Requests sent again after a lost connection.
+    retries: int = 0
+    #: TCP (and TLS) connections opened.
+    connections_opened: int = 0
+    #: Body bytes received.
+    bytes_fetched: int = 0
+    #: Redirects followed at open.
+    redirects: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    status: int
+    #: Header names in lower case; a repeated header keeps its last value.
+    headers: dict[str, str]
+    body: bytes
+
+
+class _Connection:
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.h11 = h11.Connection(h11.CLIENT)
+        #: Whether it already served a request (an idle connection the server may have closed).
+        self.used = False
+
+    async def aclose(self) -> None:
+        await trio.aclose_forcefully(self.stream)
+
+
+class ConnectionPool:
+    """Keep-alive connections to ``host:port`` (TLS when ``ssl_context`` is given).
+
+    ``name`` (the redacted URL) is what errors name; the pool never sees credentials except in
+    the headers its caller passes, which it neither logs nor puts in a message.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext | None,
+        name: str,
+        counters: HttpCounters,
+        max_connections: int = 8,
+        timeout: float = 30.0,
+        retries: int = 3,
+        backoff: float = 0.1,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.ssl_context = ssl_context
+        self.name = name
+        self.counters = counters
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self._idle: list[_Connection] = []
+        # Bounds the connections open at once, idle ones included: a request holds a token
+        # from before it takes a connection until it gives it back.
+        self._slots = trio.Semaphore(max_connections)
+        self._closed = False
+
+    async def aclose(self) -> None:
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await conn.aclose()
+
+    async def request(self, method: str, target: str, headers: Iterable[tuple[str, str]], *,
+                      body_limit: int | None = None) -> Response:
+        """Send one idempotent request and return the whole response.
+
+        ``body_limit``: the most body bytes accepted; a response announcing or sending more
+        closes the connection and returns what was announced with an empty body (the caller
+        refuses it anyway: a server that ignored ``Range``).
+        """
+        host_header = self.host if ":" not in self.host else f"[{self.host}]"
+        default_port = 443 if self.ssl_context is not None else 80
+        if self.port != default_port:
+            host_header += f":{self.port}"
+        all_headers = [("Host", host_header), ("User-Agent", "vdiskfs"), *headers]
+        request = h11.Request(method=method, target=target, headers=all_headers)
+        attempt = 0
+        while True:
+            try:
+                return await self._once(request, method, body_limit)
+            except trio.TooSlowError:
+                raise HttpError(f"{method} timed out after {self.timeout:g} s (no complete "
+                                "answer from the server)", path=self.name,
+                                errno=errno.ETIMEDOUT) from None
+            except _ConnectionLost as lost:
+                if attempt >= self.retries:
+                    raise HttpError(f"{method} failed: connection lost ({lost.cause}); gave up "
+                                    f"after {attempt + 1} attempts", path=self.name) from None
+                attempt += 1
+                self.counters.retries += 1
+                if not lost.reused:
+                    await trio.sleep(self.backoff * 2 ** (attempt - 1))
+
+    async def _once(self, request: h11.Request, method: str,
+                    body_limit: int | None) -> Response:
+        # The timeout starts once a connection slot is ours: waiting behind other requests of
+        # a deep queue is not the server being slow.
+        async with self._slots:
+            with trio.fail_after(self.timeout):
+                conn = self._idle.pop() if self._idle else await self._connect()
+                reused = conn.used
+                conn.used = True
+                keep = False
+                try:
+                    response, keep = await self._exchange(conn, request, method, body_limit,
+                                                          reused)
+                    return response
+                finally:
+                    # A cancelled or failed exchange leaves the connection in an unknown
+                    # state: only a cleanly finished one goes back to the pool.
+                    if keep and not self._closed:
+                        self._idle.append(conn)
+                    else:
+                        await conn.aclose()
+
+    async def _connect(self) -> _Connection:
+        try:
+            stream: trio.abc.Stream = await trio.open_tcp_stream(self.host, self.port)
+        except OSError as exc:
+            raise _ConnectionLost(exc, reused=False) from exc
+        self.counters.connections_opened += 1
+        if self.ssl_context is not None:
+            tls = trio.SSLStream(stream, self.ssl_context, server_hostname=self.host,
+                                 https_compatible=True)
+            try:
+                await tls.do_handshake()
+            except BaseException as exc:
+                await trio.aclose_forcefully(stream)
+                if isinstance(exc, trio.BrokenResourceError) and isinstance(
+                    exc.__cause__, ssl.SSLCertVerificationError
+                ):
+                    raise HttpError(
+                        f"TLS certificate verification failed: {exc.__cause__.verify_message} "
+                        "(give --ca-file for a server with a private CA, or --no-verify-tls "
+                        "to skip the check)",
+                        path=self.name,
+                    ) from None
+                if isinstance(exc, trio.BrokenResourceError) and isinstance(
+                    exc.__cause__, ssl.SSLError
+                ):
+                    raise HttpError(f"TLS handshake failed: {exc.__cause__}",
+                                    path=self.name) from None
+                if isinstance(exc, trio.BrokenResourceError | OSError):
+                    raise _ConnectionLost(exc, reused=False) from exc
+                raise
+            stream = tls
+        return _Connection(stream)
+
+    async def _exchange(self, conn: _Connection, request: h11.Request, method: str,
+                        body_limit: int | None, reused: bool) -> tuple[Response, bool]:
+        self.counters.requests += 1
+        try:
+            await conn.stream.send_all(conn.h11.send(request))
+            await conn.stream.send_all(conn.h11.send(h11.EndOfMessage()))
+            head = await self._next_event(conn)
+            while isinstance(head, h11.InformationalResponse):
+                head = await self._next_event(conn)
+            if not isinstance(head, h11.Response):
+                raise _ConnectionLost(ConnectionError("connection closed before a response"),
+                                      reused)
+            headers = {name.decode("latin-1").lower(): value.decode("latin-1")
+                       for name, value in head.headers}
+            announced = headers.get("content-length")
+            if body_limit is not None and announced is not None and announced.isdigit() \
+                    and int(announced) > body_limit:
+                # Not read: the connection is closed instead.
+                return Response(head.status_code, headers, b""), False
+            body = bytearray()
+            while True:
+                event = await self._next_event(conn)
+                if isinstance(event, h11.Data):
+                    body += event.data
+                    self.counters.bytes_fetched += len(event.data)
+                    if body_limit is not None and len(body) > body_limit:
+                        return Response(head.status_code, headers, b""), False
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+                else:
+                    raise _ConnectionLost(ConnectionError("connection closed in the body"),
+                                          reused=False)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError,
+                h11.RemoteProtocolError) as exc:
+            raise _ConnectionLost(exc, reused) from exc
+        keep = conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE
+        if keep:
+            conn.h11.start_next_cycle()
+        return Response(head.status_code, headers, bytes(body)), keep
+
+    async def _next_event(self, conn: _Connection) -> Any:
+        while True:
+            event = conn.h11.next_event()
+            if event is h11.NEED_DATA:
+                data = await conn.stream.receive_some(RECEIVE_SIZE)
+                conn.h11.receive_data(data)  # b"": the server closed its side
+                continue
+            return event

@@ -38,12 +38,16 @@ log = logging.getLogger("vdiskfs")
 READY_TIMEOUT = 60.0
 
 
-def _add_tls_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_remote_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of images opened by URL: TLS verification, the read cache."""
     parser.add_argument("--ca-file", metavar="FILE",
                         help="https: verify the server with the CA certificates in FILE (PEM) "
                         "instead of the system's")
     parser.add_argument("--no-verify-tls", dest="verify_tls", action="store_false",
                         help="https: do not verify the server's certificate")
+    parser.add_argument("--no-cache", dest="cache", action="store_false",
+                        help="URLs: no read cache over the remote image (every read goes to "
+                        "the server)")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -81,7 +85,7 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="give up (and stop the daemon) when the images are not mounted "
                        f"after SECONDS (default {READY_TIMEOUT:g}; 0: wait for ever)")
     mount.add_argument("--debug", action="store_true", help="log every FUSE request")
-    _add_tls_arguments(mount)
+    _add_remote_arguments(mount)
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     mount.add_argument("--paths-from-stdin", action="store_true", help=argparse.SUPPRESS)
 
@@ -126,7 +130,7 @@ def _build_parser() -> argparse.ArgumentParser:
                       help="force the format instead of probing it")
     info.add_argument("--no-follow-outside", dest="follow_outside", action="store_false",
                       help="refuse backing files and extents outside the image's directory")
-    _add_tls_arguments(info)
+    _add_remote_arguments(info)
     return parser
 
 
@@ -184,6 +188,7 @@ def _cmd_mount(args: argparse.Namespace) -> int:
         debug=args.debug,
         ca_file=args.ca_file,
         verify_tls=args.verify_tls,
+        cache=args.cache,
     )
     _setup_logging(args.debug)
     report = os.fdopen(args.ready_fd, "w", buffering=1) if args.ready_fd is not None else None
@@ -260,6 +265,8 @@ def argv_of(args: argparse.Namespace) -> list[str]:
         argv += ["--ca-file", os.path.abspath(args.ca_file)]
     if not args.verify_tls:
         argv.append("--no-verify-tls")
+    if not args.cache:
+        argv.append("--no-cache")
     argv.append("--")
     argv += [_daemon_path(p) for p in args.paths]
     return argv
@@ -361,7 +368,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     # Warnings (probed raw, damaged partition entries) are part of the output, via
     # node.warnings, rather than log lines.
     options = OpenOptions(format=args.format, follow_outside=args.follow_outside,
-                          ca_file=args.ca_file, verify_tls=args.verify_tls)
+                          ca_file=args.ca_file, verify_tls=args.verify_tls,
+                          cache=args.cache)
 
     async def collect() -> dict[str, object]:
         node = await open_image(args.image, options)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 from pathlib import Path
@@ -40,7 +41,16 @@ def test_mount_https_url(nginx: Nginx, tmp_path: Path) -> None:
         assert sorted(p.name for p in mnt.iterdir()) == ["disk.raw", "stats"]
         assert sha256_file(mnt / "disk.raw") == sha256_file(reference)
         tree = (mnt / "stats" / "disk" / "tree").read_text()
-        assert "1-http" in tree and url in tree
+        assert "1-cache" in tree and "2-http" in tree and url in tree
+        cache = json.loads((mnt / "stats" / "disk" / "1-cache").read_text())
+        assert cache["bytes_fetched"] > 0 and cache["cached_bytes"] <= cache["bytes_fetched"]
+    # --no-cache: the format node reads the server directly.
+    with mounted(url, mountpoint=tmp_path / "mnt",
+                 options=("--ca-file", str(nginx.ca_file), "--no-partitions",
+                          "--no-cache")) as mnt:
+        assert sha256_file(mnt / "disk.raw") == sha256_file(reference)
+        tree = (mnt / "stats" / "disk" / "tree").read_text()
+        assert "cache" not in tree and "1-http" in tree
 
     # Without the CA, the mount is refused with the reason, and nothing is mounted.
     proc = vdiskfs("mount", url, tmp_path / "mnt", check=False)

@@ -179,6 +179,9 @@ class OpenOptions:
     #: system's store (``--ca-file``), and whether to verify at all (``--no-verify-tls``).
     ca_file: str | None = None
     verify_tls: bool = True
+    #: Put a read cache (the ``cache`` filter) over the protocol node of a URL; off with
+    #: ``--no-cache``.
+    cache: bool = True
 
 
 @dataclass
@@ -267,7 +270,7 @@ class OpenContext:
             url = self.resolve(reference, field_name=field_name)
             try:
                 await (await _open_file(url, read_only=True, locking=False,
-                                        options=self.options)).aclose()
+                                        options=replace(self.options, cache=False))).aclose()
             except VdiskError as exc:
                 if exc.errno == errno.ENOENT:
                     return False
@@ -398,12 +401,29 @@ async def _read_probe_bytes(file: BlockNode) -> tuple[bytes, bytes]:
 
 async def _open_file(path: str, *, read_only: bool, locking: bool,
                      options: OpenOptions | None = None) -> BlockNode:
-    """The protocol node of ``path``, open: a registered protocol's for a URL, else the file
-    (a regular file or block device, else refused)."""
+    """The protocol node of ``path``, open: a registered protocol's for a URL (under a
+    ``cache`` filter unless ``options.cache`` is off), else the file (a regular file or block
+    device, else refused)."""
     scheme = url_scheme(path)
     if scheme is not None:
-        return await _PROTOCOLS[scheme](path, _with_read_only(options or OpenOptions(),
-                                                              read_only))
+        options = _with_read_only(options or OpenOptions(), read_only)
+        node = await _PROTOCOLS[scheme](path, options)
+        if not options.cache:
+            return node
+        # Every request to a remote node is a round trip: a read cache sits under the format.
+        from vdiskfs.drivers.filter.cache import CacheNode
+
+        try:
+            cache = CacheNode(node)
+        except BaseException:
+            await node.aclose()
+            raise
+        try:
+            await cache.open()
+        except BaseException:
+            await cache.aclose()
+            raise
+        return cache
     from vdiskfs.drivers.protocol.file import FileNode
 
     file = FileNode(path, read_only=read_only, locking=locking)

@@ -60,6 +60,8 @@ class MountRequest:
     #: https: a CA file instead of the system's store; whether to verify at all.
     ca_file: str | None = None
     verify_tls: bool = True
+    #: URLs: a read cache over the remote node (``--no-cache`` turns it off).
+    cache: bool = True
 
 
 def image_stem(path: str) -> str:
@@ -99,6 +101,7 @@ async def open_exports(
         warn=warn,
         ca_file=request.ca_file,
         verify_tls=request.verify_tls,
+        cache=request.cache,
     )
     if request.overlay is not None and len(request.images) != 1:
         raise VdiskError("--overlay takes exactly one IMAGE")

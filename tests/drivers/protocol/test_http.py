@@ -112,8 +112,16 @@ async def test_open_image_by_url_probes_the_format(nginx: Nginx, raw_disk: bytes
                             OpenOptions(ca_file=str(nginx.ca_file), format="raw"))
     async with node:
         assert node.driver == "raw"
-        assert node.child("file").driver == "http"  # type: ignore[union-attr]
+        cache = node.child("file")
+        assert cache is not None and cache.driver == "cache"
+        assert cache.child("file").driver == "http"  # type: ignore[union-attr]
         assert await _read_all(node) == raw_disk
+        assert cache.counters.bytes_fetched == len(raw_disk)  # type: ignore[attr-defined]
+        assert await _read_all(node) == raw_disk  # the second pass from the cache
+        assert cache.counters.bytes_fetched == len(raw_disk)  # type: ignore[attr-defined]
+    node = await open_image(nginx.url("disk.raw"), OpenOptions(format="raw", cache=False))
+    async with node:
+        assert [n.driver for _, _, n in node.walk()] == ["raw", "http"]
     with pytest.raises(VdiskError, match="read-only") as info:
         await open_image(nginx.url("disk.raw"), OpenOptions(read_only=False))
     assert info.value.errno == errno.EROFS

@@ -145,7 +145,7 @@ async def test_qcow2_probed_over_nbd_and_unix_socket(tmp_path: Path,
         root = await open_image(server.url)
         try:
             assert root.driver == "qcow2"
-            assert [n.driver for _, _, n in root.walk()] == ["qcow2", "nbd"]
+            assert [n.driver for _, _, n in root.walk()] == ["qcow2", "cache", "nbd"]
             assert await root.pread(0, root.size) == reference
             status, run = await root.block_status(4 << 20, 1 << 20)
             assert status & BlockStatus.ZERO and run == 1 << 20
@@ -369,7 +369,8 @@ async def test_local_qcow2_overlay_over_an_nbd_base(tmp_path: Path,
         root = await open_image(str(theirs))
         try:
             assert [(r, n.driver) for _, r, n in root.walk()] == [
-                ("", "qcow2"), ("file", "file"), ("backing", "raw"), ("file", "nbd")]
+                ("", "qcow2"), ("file", "file"), ("backing", "raw"), ("file", "cache"),
+                ("file", "nbd")]
             assert await root.pread(0, root.size) == expected
         finally:
             await root.aclose()

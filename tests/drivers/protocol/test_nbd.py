@@ -20,6 +20,7 @@ from tests.support.images import create, qemu_img, qemu_io, random_bytes, run
 from tests.support.nbd import NBDKIT, make_tls_certificates, nbdkit, qemu_nbd
 from vdiskfs.block.node import BlockStatus
 from vdiskfs.block.registry import OpenOptions, open_image
+from vdiskfs.drivers.filter.cache import CacheNode
 from vdiskfs.drivers.protocol.nbd import NbdNode, wire
 from vdiskfs.errors import HostIOError, NoSpaceError, ReadOnlyError, VdiskError
 
@@ -51,6 +52,22 @@ async def test_conformance_writable_raw(tmp_path: Path) -> None:
     path.write_bytes(data)
     with qemu_nbd(path, "raw", writable=True) as server:
         await check_block_node(lambda: _open(server.url, read_only=False), data, writable=True)
+
+
+async def test_conformance_writable_raw_under_the_cache(tmp_path: Path) -> None:
+    """What a URL opens as: the cache filter over the nbd node, reads and writes at once."""
+    data = random_bytes(4, 2 * 1024 * 1024 + 512)
+    path = tmp_path / "disk.raw"
+    path.write_bytes(data)
+
+    async def open_cached() -> CacheNode:
+        node = CacheNode(await _open(server.url, read_only=False), block_size=64 << 10,
+                         max_bytes=1 << 20)
+        await node.open()
+        return node
+
+    with qemu_nbd(path, "raw", writable=True) as server:
+        await check_block_node(open_cached, data, writable=True)
 
 
 async def test_conformance_read_only_unaligned_size(tmp_path: Path) -> None:

@@ -308,3 +308,17 @@ async def test_close_with_fetch_in_flight(image: tuple[Path, bytes]) -> None:
             await trio.testing.wait_all_tasks_blocked()
             await node.aclose()
     assert counting.waiting == 0
+
+
+async def test_open_cancelled_leaves_no_task(image: tuple[Path, bytes]) -> None:
+    path, _data = image
+    file = FileNode(str(path))
+    await file.open()
+    node = CacheNode(file)
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await node.open()
+    assert scope.cancelled_caught
+    await node.aclose()
+    await trio.testing.wait_all_tasks_blocked()
+    assert node._stopped.is_set()  # the task hosting the fetches started, and ended at once

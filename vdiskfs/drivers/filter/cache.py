@@ -148,9 +148,11 @@ class CacheNode(FilterNode):
             self._stopped.set()
 
     async def _close(self) -> None:
+        # Cancelled even when the host task has not started yet (an open that was cancelled
+        # while waiting for it): it then enters a cancelled scope and ends at once.
+        self._scope.cancel()
         if self._nursery is None:
             return
-        self._scope.cancel()
         # Shielded: a cancelled closer still waits for the fetches to end before the base
         # class closes the child under them.
         with trio.move_on_after(CLOSE_TIMEOUT) as wait:

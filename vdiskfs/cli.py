@@ -48,6 +48,9 @@ def _add_remote_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-cache", dest="cache", action="store_false",
                         help="URLs: no read cache over the remote image (every read goes to "
                         "the server)")
+    parser.add_argument("--cache-dir", metavar="DIR",
+                        help="URLs: keep the blocks read from http(s) images in DIR too, for "
+                        "the next mount of the same URL")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -189,6 +192,7 @@ def _cmd_mount(args: argparse.Namespace) -> int:
         ca_file=args.ca_file,
         verify_tls=args.verify_tls,
         cache=args.cache,
+        cache_dir=args.cache_dir,
     )
     _setup_logging(args.debug)
     report = os.fdopen(args.ready_fd, "w", buffering=1) if args.ready_fd is not None else None
@@ -267,6 +271,8 @@ def argv_of(args: argparse.Namespace) -> list[str]:
         argv.append("--no-verify-tls")
     if not args.cache:
         argv.append("--no-cache")
+    if args.cache_dir:
+        argv += ["--cache-dir", os.path.abspath(args.cache_dir)]
     argv.append("--")
     argv += [_daemon_path(p) for p in args.paths]
     return argv
@@ -369,7 +375,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     # node.warnings, rather than log lines.
     options = OpenOptions(format=args.format, follow_outside=args.follow_outside,
                           ca_file=args.ca_file, verify_tls=args.verify_tls,
-                          cache=args.cache)
+                          cache=args.cache, cache_dir=args.cache_dir)
 
     async def collect() -> dict[str, object]:
         node = await open_image(args.image, options)

@@ -155,6 +155,14 @@ class BlockNode:
         """Format-specific facts for ``vdiskfs info`` (cluster size, feature flags...)."""
         return {}
 
+    def content_key(self) -> str | None:
+        """A name of this node's content as of open that stays the same, across opens and
+        processes, exactly while the content does (a remote file's URL, pinned validator and
+        size), for caches kept on disk; None when there is none (the default: a local file is
+        already local, an NBD export can change unseen). It may be secret (a URL's query):
+        show only a hash of it."""
+        return None
+
     def stats_snapshot(self) -> StatsSnapshot:
         return self.stats.snapshot(self.counters.snapshot())
 
@@ -342,6 +350,9 @@ class FilterNode(BlockNode):
 
     def unallocated_source(self) -> tuple[BlockNode, int] | None:
         return self.file.unallocated_source()
+
+    def content_key(self) -> str | None:
+        return self.file.content_key()
 
     async def _pread(self, offset: int, length: int) -> Buffer:
         return await self.file.pread(offset, length)

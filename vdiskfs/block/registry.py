@@ -182,6 +182,9 @@ class OpenOptions:
     #: Put a read cache (the ``cache`` filter) over the protocol node of a URL; off with
     #: ``--no-cache``.
     cache: bool = True
+    #: A directory where the cache also keeps the blocks of remote images whose content a
+    #: validator pins (``--cache-dir``), for the next open of the same URL.
+    cache_dir: str | None = None
 
 
 @dataclass
@@ -414,7 +417,7 @@ async def _open_file(path: str, *, read_only: bool, locking: bool,
         from vdiskfs.drivers.filter.cache import CacheNode
 
         try:
-            cache = CacheNode(node)
+            cache = CacheNode(node, cache_dir=options.cache_dir)
         except BaseException:
             await node.aclose()
             raise
@@ -423,6 +426,10 @@ async def _open_file(path: str, *, read_only: bool, locking: bool,
         except BaseException:
             await cache.aclose()
             raise
+        for message in cache.warnings:
+            log.warning("%s", message)
+            if options.warn is not None:
+                options.warn(message)
         return cache
     from vdiskfs.drivers.protocol.file import FileNode
 

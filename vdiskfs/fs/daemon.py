@@ -62,6 +62,8 @@ class MountRequest:
     verify_tls: bool = True
     #: URLs: a read cache over the remote node (``--no-cache`` turns it off).
     cache: bool = True
+    #: ``--cache-dir``: the cache's on-disk tier.
+    cache_dir: str | None = None
 
 
 def image_stem(path: str) -> str:
@@ -102,6 +104,7 @@ async def open_exports(
         ca_file=request.ca_file,
         verify_tls=request.verify_tls,
         cache=request.cache,
+        cache_dir=request.cache_dir,
     )
     if request.overlay is not None and len(request.images) != 1:
         raise VdiskError("--overlay takes exactly one IMAGE")

@@ -57,6 +57,16 @@ async def _open(path: Path, *, read_only: bool = True, **kwargs: int) -> CacheNo
     return node
 
 
+async def _settle(node: CacheNode) -> None:
+    """Wait until the fetches started so far (prefetches included) have landed: the child's
+    reads may run in threads, which ``wait_all_tasks_blocked`` does not wait for."""
+    with trio.fail_after(TIMEOUT):
+        await trio.testing.wait_all_tasks_blocked()
+        while node.file.stats.in_flight:
+            await trio.sleep(0.001)
+        await trio.testing.wait_all_tasks_blocked()
+
+
 def _counting(node: CacheNode) -> Counting:
     file = node.file
     assert isinstance(file, Counting)
@@ -177,7 +187,7 @@ async def test_sequential_reads_read_ahead(image: tuple[Path, bytes]) -> None:
         for offset in range(0, len(data), chunk):
             length = min(chunk, len(data) - offset)
             assert await node.pread(offset, length) == data[offset : offset + length]
-            await trio.testing.wait_all_tasks_blocked()  # let the prefetches land
+            await _settle(node)  # let the prefetches land
         c = node.counters
         assert c.readahead_bytes > 0
         # Only block 0 was a miss: the readahead stayed ahead of a reader that waits for it.
@@ -198,7 +208,7 @@ async def test_wasted_readahead_counted(image: tuple[Path, bytes]) -> None:
                            readahead_blocks=2) as node:
         await node.pread(0, 100)
         await node.pread(100, 100)  # sequential: prefetches blocks 1 and 2
-        await trio.testing.wait_all_tasks_blocked()
+        await _settle(node)
         assert node.counters.readahead_bytes == 2 * BS
         for index in range(10, 20):  # random reads evict them unread
             await node.pread(index * BS + 7, 1)
@@ -322,3 +332,73 @@ async def test_open_cancelled_leaves_no_task(image: tuple[Path, bytes]) -> None:
     await node.aclose()
     await trio.testing.wait_all_tasks_blocked()
     assert node._stopped.is_set()  # the task hosting the fetches started, and ended at once
+
+
+class Keyed(Counting):
+    """A child that names its content, as an http node with an ETag does."""
+
+    key = "https://host/disk.raw etag-1"
+
+    def content_key(self) -> str | None:
+        return self.key
+
+
+async def _open_keyed(path: Path, cache_dir: Path, key: str = Keyed.key) -> CacheNode:
+    file = FileNode(str(path))
+    await file.open()
+    keyed = Keyed(file)
+    keyed.key = key
+    await keyed.open()
+    node = CacheNode(keyed, block_size=BS, cache_dir=str(cache_dir))
+    await node.open()
+    return node
+
+
+async def test_cache_dir_serves_a_second_open(image: tuple[Path, bytes], tmp_path: Path) -> None:
+    path, data = image
+    cache_dir = tmp_path / "cache"
+    blocks = -(-len(data) // BS)
+    async with await _open_keyed(path, cache_dir) as node:
+        assert await node.pread(0, len(data)) == data
+    assert node.counters.disk_bytes_written == len(data)  # closing waits for the writes
+    names = sorted(p.name for p in cache_dir.iterdir())
+    assert len(names) == 2 and all("host" not in n and "etag" not in n for n in names)
+    async with await _open_keyed(path, cache_dir) as node:
+        rng = random.Random(1)
+        for _ in range(50):
+            offset = rng.randrange(len(data))
+            length = rng.randrange(1, min(len(data) - offset, 300 * KiB) + 1)
+            assert await node.pread(offset, length) == data[offset : offset + length]
+        assert _counting(node).reads == []
+        assert 0 < node.counters.disk_hits <= blocks and node.counters.bytes_fetched == 0
+    # Another validator is another content: fetched again, into other files.
+    async with await _open_keyed(path, cache_dir, key="https://host/disk.raw etag-2") as node:
+        assert await node.pread(0, 100) == data[:100]
+        assert _counting(node).reads
+    assert len(list(cache_dir.iterdir())) == 4
+
+
+async def test_cache_dir_ignores_a_foreign_map(image: tuple[Path, bytes], tmp_path: Path) -> None:
+    path, data = image
+    cache_dir = tmp_path / "cache"
+    async with await _open_keyed(path, cache_dir) as node:
+        await node.pread(0, 3 * BS)
+    (map_file,) = cache_dir.glob("*.map")
+    map_file.write_bytes(b"garbage")
+    async with await _open_keyed(path, cache_dir) as node:
+        assert await node.pread(0, 3 * BS) == data[: 3 * BS]
+        assert node.counters.disk_hits == 0 and node.counters.misses == 3
+
+
+async def test_cache_dir_unused_without_a_content_key(image: tuple[Path, bytes],
+                                                      tmp_path: Path) -> None:
+    path, data = image
+    async with await _open(path, block_size=BS) as node:
+        assert node.info()["on_disk"] is False
+    file = FileNode(str(path))
+    await file.open()
+    node = CacheNode(file, cache_dir=str(tmp_path / "cache"))
+    await node.open()
+    async with node:
+        assert await node.pread(0, 10) == data[:10]
+    assert not (tmp_path / "cache").exists()

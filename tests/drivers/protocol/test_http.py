@@ -398,3 +398,23 @@ async def test_connection_refused_after_retries() -> None:
     listener.close()  # nothing listens there now
     with trio.fail_after(10), pytest.raises(HttpError, match=r"connection lost.*4 attempts"):
         await open_http(f"http://127.0.0.1:{port}/x.raw", OpenOptions())
+
+
+async def test_cache_dir_serves_the_second_open(nginx: Nginx, raw_disk: bytes,
+                                                tmp_path: Path) -> None:
+    """--cache-dir: the second open of a URL reads the blocks from the cache files, which no
+    name or byte of shows the URL's credentials."""
+    (nginx.root / "private" / "cached.raw").write_bytes(raw_disk)
+    url = nginx.url("private/cached.raw", credentials=f"{USER}:{PASSWORD}@")
+    options = OpenOptions(format="raw", cache_dir=str(tmp_path / "cache"))
+    for attempt in range(2):
+        node = await open_image(url, options)
+        async with node:
+            assert await _read_all(node) == raw_disk
+            http = next(n for _, _, n in node.walk() if n.driver == "http")
+            fetched = http.counters.bytes_fetched  # type: ignore[attr-defined]
+            assert fetched == (len(raw_disk) if attempt == 0 else 0)
+    for path in (tmp_path / "cache").iterdir():
+        assert USER not in path.name and PASSWORD not in path.name
+        if path.suffix == ".map":
+            assert PASSWORD.encode() not in path.read_bytes()

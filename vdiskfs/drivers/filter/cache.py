@@ -15,6 +15,12 @@ the child (:data:`BLOCK_SIZE`) in an LRU bounded in bytes (:data:`MAX_BYTES`), a
   write, so that no fetch that overlapped the write can put stale bytes back; ``zero`` and
   ``discard`` do the same; ``block_status`` passes through.
 
+With ``cache_dir`` (``--cache-dir``), blocks also go to a sparse file there
+(:mod:`vdiskfs.drivers.filter.cache_file`) when the child names its content
+(:meth:`~vdiskfs.block.node.BlockNode.content_key`: an http(s) file with an ETag or
+Last-Modified), and a later open of the same content reads them from there instead of the
+server.
+
 Fetches belong to the node, not to the reader that asked first: they run in a nursery that the
 node owns (hosted by a trio system task from :meth:`CacheNode.open` until :meth:`aclose`), so a
 cancelled reader only stops waiting, and the block it started still arrives for the others.
@@ -23,7 +29,8 @@ A failed fetch is raised to every reader of it and caches nothing.
 Counters (the node's ``stats/<n>-cache`` file): ``hits``, ``misses`` and ``waits`` (blocks
 found cached, fetched, or joined while another reader's fetch was in flight), ``bytes_fetched``,
 ``readahead_bytes``, ``readahead_wasted_bytes`` (prefetched, then evicted or dropped unread),
-``evictions`` and ``cached_bytes``.
+``evictions`` and ``cached_bytes``; with a cache directory ``disk_hits`` (blocks read from it)
+and ``disk_bytes_written``.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import trio
 
 from vdiskfs.block.node import BlockNode, Buffer, FilterNode
 from vdiskfs.block.stats import Counters
+from vdiskfs.drivers.filter.cache_file import BlockFile
 from vdiskfs.errors import HostIOError
 
 __all__ = ["BLOCK_SIZE", "MAX_BYTES", "CacheCounters", "CacheNode"]
@@ -67,6 +75,9 @@ class CacheCounters(Counters):
     readahead_wasted_bytes: int = 0
     evictions: int = 0
     cached_bytes: int = 0
+    #: ``--cache-dir``: blocks read from the cache file, bytes written to it.
+    disk_hits: int = 0
+    disk_bytes_written: int = 0
 
 
 class _Load:
@@ -100,6 +111,7 @@ class CacheNode(FilterNode):
         block_size: int = BLOCK_SIZE,
         max_bytes: int = MAX_BYTES,
         readahead_blocks: int = READAHEAD_BLOCKS,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__(child)
         if block_size <= 0 or max_bytes < block_size or readahead_blocks < 0:
@@ -119,6 +131,9 @@ class CacheNode(FilterNode):
         #: Where the last read ended: a read starting there is sequential.
         self._next_offset = -1
         self._nursery: trio.Nursery | None = None
+        #: ``--cache-dir``: where the on-disk tier goes, and the tier once open.
+        self.cache_dir = cache_dir
+        self._disk: BlockFile | None = None
         self._scope = trio.CancelScope()
         self._stopped = trio.Event()
 
@@ -126,6 +141,17 @@ class CacheNode(FilterNode):
 
     async def open(self) -> None:
         await super().open()
+        key = self.file.content_key() if self.cache_dir is not None else None
+        if key is not None and self.file.read_only:
+            try:
+                self._disk = await BlockFile.open(self.cache_dir, key,  # type: ignore[arg-type]
+                                                  self.size, self.block_size)
+            except OSError as exc:
+                self.warnings.append(f"{self.label}: no on-disk cache in {self.cache_dir}: "
+                                     f"{exc.strerror or exc}")
+        elif self.cache_dir is not None:
+            log.info("%s: no on-disk cache (no validator pins the content, or writable)",
+                     self.label)
         ready = trio.Event()
         # The fetches outlive the reader that started them, so they need a nursery of their
         # own that lives as long as the node: a system task hosts it (trio has no other way to
@@ -158,11 +184,18 @@ class CacheNode(FilterNode):
         with trio.move_on_after(CLOSE_TIMEOUT) as wait:
             wait.shield = True
             await self._stopped.wait()
+            # Only once every task is done: no thread may write to a closed descriptor.
+            if self._disk is not None and self._stopped.is_set():
+                try:
+                    await self._disk.close()
+                except OSError as exc:
+                    log.warning("%s: the on-disk cache was not saved: %s", self.label, exc)
         self._drop_all()
 
     def info(self) -> dict[str, Any]:
         return {"block_size": self.block_size, "max_bytes": self.max_bytes,
-                "readahead_blocks": self.readahead_blocks}
+                "readahead_blocks": self.readahead_blocks,
+                "on_disk": self._disk is not None}
 
     # -- reads -------------------------------------------------------------------------------------
 
@@ -235,7 +268,48 @@ class CacheNode(FilterNode):
             for load in run:
                 self._finish(load, error=error)
             return
-        nursery.start_soon(self._fetch, run)
+        disk = self._disk
+        if disk is None:
+            nursery.start_soon(self._fetch, run)
+            return
+        # Blocks on disk are read from there, one by one; the others still go in runs.
+        missing: list[_Load] = []
+        for load in run:
+            if disk.has(load.index):
+                nursery.start_soon(self._read_disk, disk, load)
+                continue
+            if missing and missing[-1].index != load.index - 1:
+                nursery.start_soon(self._fetch, missing)
+                missing = []
+            missing.append(load)
+        if missing:
+            nursery.start_soon(self._fetch, missing)
+
+    async def _read_disk(self, disk: BlockFile, load: _Load) -> None:
+        try:
+            data = await disk.read(load.index)
+        except OSError as exc:
+            log.warning("%s: block %d of the on-disk cache unreadable (%s): fetched again",
+                        self.label, load.index, exc)
+            await self._fetch([load])
+            return
+        except BaseException:
+            self._finish(load, error=HostIOError("the cache was closed during the read",
+                                                 path=self.label, errno=errno.EBADF))
+            raise
+        self.counters.disk_hits += 1
+        self._finish(load, data=data)
+
+    async def _write_disk(self, disk: BlockFile, index: int, data: bytes) -> None:
+        try:
+            # Shielded: a block fetched before the node closes is still kept (closing waits).
+            with trio.CancelScope(shield=True):
+                await disk.write(index, data)
+        except OSError as exc:
+            log.warning("%s: cannot store block %d in the on-disk cache: %s", self.label,
+                        index, exc)
+            return
+        self.counters.disk_bytes_written += len(data)
 
     def _read_ahead(self, start: int) -> None:
         """Prefetch up to ``readahead_blocks`` blocks from ``start`` that are neither cached
@@ -277,8 +351,12 @@ class CacheNode(FilterNode):
             if data is not None:
                 self.counters.bytes_fetched += len(data)
                 view = memoryview(data)
+                disk, nursery = self._disk, self._nursery
                 for i, load in enumerate(run):
-                    self._finish(load, data=bytes(view[i * bs : (i + 1) * bs]))
+                    block = bytes(view[i * bs : (i + 1) * bs])
+                    self._finish(load, data=block)
+                    if disk is not None and nursery is not None and not disk.has(load.index):
+                        nursery.start_soon(self._write_disk, disk, load.index, block)
             else:
                 for load in run:
                     self._finish(load, error=error)

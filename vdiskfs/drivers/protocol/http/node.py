@@ -225,6 +225,15 @@ class HttpNode(BlockNode):
     def info(self) -> dict[str, Any]:
         return {"filename": self.label}
 
+    def content_key(self) -> str | None:
+        """The URL without credentials (it still selects the same file), the pinned ETag or
+        Last-Modified and the size; None when the server gives no validator."""
+        if self.etag is None and self.last_modified is None:
+            return None
+        origin = self.origin
+        return "\n".join(["http", origin.scheme, origin.host, str(origin.port), origin.target,
+                          self.etag or "", self.last_modified or "", str(self.size)])
+
     async def allocated_size(self) -> int:
         return self.size
 

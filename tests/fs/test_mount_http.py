@@ -51,6 +51,16 @@ def test_mount_https_url(nginx: Nginx, tmp_path: Path) -> None:
         assert sha256_file(mnt / "disk.raw") == sha256_file(reference)
         tree = (mnt / "stats" / "disk" / "tree").read_text()
         assert "cache" not in tree and "1-http" in tree
+    # --cache-dir: the second mount reads every block from the cache directory.
+    for attempt in range(2):
+        with mounted(url, mountpoint=tmp_path / "mnt",
+                     options=("--ca-file", str(nginx.ca_file), "--no-partitions",
+                              "--cache-dir", str(tmp_path / "cache"))) as mnt:
+            assert sha256_file(mnt / "disk.raw") == sha256_file(reference)
+            http = json.loads((mnt / "stats" / "disk" / "2-http").read_text())
+            cache = json.loads((mnt / "stats" / "disk" / "1-cache").read_text())
+            if attempt == 1:
+                assert http["bytes_fetched"] == 0 and cache["disk_hits"] > 0
 
     # Without the CA, the mount is refused with the reason, and nothing is mounted.
     proc = vdiskfs("mount", url, tmp_path / "mnt", check=False)

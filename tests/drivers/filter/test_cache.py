@@ -5,6 +5,8 @@ in the middle of a fetch."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
 from pathlib import Path
 
@@ -402,3 +404,27 @@ async def test_cache_dir_unused_without_a_content_key(image: tuple[Path, bytes],
     async with node:
         assert await node.pread(0, 10) == data[:10]
     assert not (tmp_path / "cache").exists()
+
+
+async def test_open_cancelled_closes_the_cache_file(image: tuple[Path, bytes],
+                                                    tmp_path: Path) -> None:
+    path, _data = image
+    file = FileNode(str(path))
+    await file.open()
+    keyed = Keyed(file)
+    await keyed.open()
+    node = CacheNode(keyed, cache_dir=str(tmp_path / "cache"))
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await node.open()
+    assert scope.cancelled_caught
+    await node.aclose()
+
+    def open_cache_files() -> list[str]:
+        targets = []
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(FileNotFoundError):  # the listing's own descriptor
+                targets.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return [t for t in targets if t.startswith(str(tmp_path / "cache"))]
+
+    assert open_cache_files() == []

@@ -177,15 +177,15 @@ class CacheNode(FilterNode):
         # Cancelled even when the host task has not started yet (an open that was cancelled
         # while waiting for it): it then enters a cancelled scope and ends at once.
         self._scope.cancel()
-        if self._nursery is None:
-            return
         # Shielded: a cancelled closer still waits for the fetches to end before the base
         # class closes the child under them.
         with trio.move_on_after(CLOSE_TIMEOUT) as wait:
             wait.shield = True
-            await self._stopped.wait()
-            # Only once every task is done: no thread may write to a closed descriptor.
-            if self._disk is not None and self._stopped.is_set():
+            if self._nursery is not None:
+                await self._stopped.wait()
+            # Only when no task is left (the host ended, or never started any): no thread may
+            # write to a closed descriptor.
+            if self._disk is not None and self._nursery is None:
                 try:
                     await self._disk.close()
                 except OSError as exc:

@@ -70,6 +70,21 @@ async def test_conformance_writable_raw_under_the_cache(tmp_path: Path) -> None:
         await check_block_node(open_cached, data, writable=True)
 
 
+async def test_no_disk_cache_for_an_export(tmp_path: Path) -> None:
+    """An export can change unseen (no validator): --cache-dir keeps nothing of it."""
+    data = random_bytes(5, 1 << 20)
+    path = tmp_path / "disk.raw"
+    path.write_bytes(data)
+    with qemu_nbd(path, "raw") as server:
+        root = await open_image(server.url, OpenOptions(format="raw",
+                                                        cache_dir=str(tmp_path / "cache")))
+        async with root:
+            assert await root.pread(0, len(data)) == data
+            cache = root.child("file")
+            assert cache is not None and cache.info()["on_disk"] is False
+    assert not (tmp_path / "cache").exists()
+
+
 async def test_conformance_read_only_unaligned_size(tmp_path: Path) -> None:
     data = random_bytes(2, 1024 * 1024 + 77)
     path = tmp_path / "odd.raw"

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -23,8 +22,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from common import CACHE, MiB, Mounted, drop_caches, qsd_mount, run, vdiskfs_mount
+
+from tests.support.holes import assert_same_sparse_files
 
 PIECES = 10  # 1 MiB each, spread over the disk
 
@@ -45,36 +47,6 @@ def build(size: str) -> Path:
     run("qemu-io", "-f", "qcow2", *commands, partial)
     partial.rename(image)
     return image
-
-
-def data_ranges(path: Path) -> list[tuple[int, int]]:
-    """Where a sparse file holds data (SEEK_DATA/SEEK_HOLE)."""
-    ranges = []
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        offset = 0
-        while offset < size:
-            try:
-                start = os.lseek(f.fileno(), offset, os.SEEK_DATA)
-            except OSError:
-                break
-            offset = os.lseek(f.fileno(), start, os.SEEK_HOLE)
-            ranges.append((start, offset))
-    return ranges
-
-
-def same_content(a: Path, b: Path) -> bool:
-    """Byte equality of two sparse files, reading only where either holds data (outside that,
-    both are holes: zeros)."""
-    if a.stat().st_size != b.stat().st_size:
-        return False
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        for start, end in sorted(data_ranges(a) + data_ranges(b)):
-            for offset in range(start, end, 16 * MiB):
-                n = min(16 * MiB, end - offset)
-                if os.pread(fa.fileno(), n, offset) != os.pread(fb.fileno(), n, offset):
-                    return False
-    return True
 
 
 def copy_once(mounted: Mounted, scratch: Path) -> float:
@@ -104,8 +76,11 @@ def main() -> None:
                 with mount as mounted:
                     seconds[peer].append(copy_once(mounted, scratch))
                 copy = scratch / "copy.raw"
-                if not same_content(copy, reference):
-                    raise SystemExit(f"{peer}: the copy differs from qemu-img convert")
+                try:
+                    assert_same_sparse_files(copy, reference)
+                except AssertionError as exc:
+                    raise SystemExit(f"{peer}: the copy differs from qemu-img convert: "
+                                     f"{exc}") from None
                 allocated = copy.stat().st_blocks * 512
                 copy.unlink()
         result = {peer: statistics.median(values) for peer, values in seconds.items()}

@@ -99,3 +99,27 @@ def loop_device(image: str | os.PathLike[str], *, partscan: bool = False,
         yield device
     finally:
         subprocess.run(["losetup", "-d", device], capture_output=True)
+
+
+@contextlib.contextmanager
+def child_fs_mounted(module: str, args: list[str], mountpoint: Path,
+                     fsname: str) -> Iterator[None]:
+    """Run the test file system ``python -m module args...`` (which mounts itself at
+    ``mountpoint`` with ``fsname=fsname``) until its mount appears; unmount and end it
+    afterwards, also when the test fails."""
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([sys.executable, "-m", module, *args], stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while (info := find_mount(str(mountpoint))) is None or info.source != fsname:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, f"{fsname} did not mount"
+            time.sleep(0.02)
+        yield
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

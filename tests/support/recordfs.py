@@ -17,16 +17,14 @@ import errno
 import json
 import os
 import stat
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pyfuse3
 import trio
 
-from vdiskfs.fs.mount import find_mount
+from tests.support.mount import child_fs_mounted
 
 ROOT = pyfuse3.ROOT_INODE
 FILE = ROOT + 1
@@ -150,24 +148,9 @@ def calls(log: Path, op: str) -> list[dict[str, int]]:
 def record_mount(mountpoint: Path, log: Path, *, bare: bool = False) -> Iterator[Path]:
     """Mount the file system at ``mountpoint`` (in a child process) recording into ``log``;
     unmount and end it afterwards. Yields the path of its file."""
-    mountpoint.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, "-m", "tests.support.recordfs", str(mountpoint), str(log)]
-    proc = subprocess.Popen(argv + (["--bare"] if bare else []), stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 10
-        while (info := find_mount(str(mountpoint))) is None or info.source != "recordfs":
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            assert time.monotonic() < deadline, "recordfs did not mount"
-            time.sleep(0.02)
+    args = [str(mountpoint), str(log), *(["--bare"] if bare else [])]
+    with child_fs_mounted("tests.support.recordfs", args, mountpoint, "recordfs"):
         yield mountpoint / os.fsdecode(NAME)
-    finally:
-        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
 
 if __name__ == "__main__":
     main(*sys.argv[1:])

@@ -15,16 +15,14 @@ import contextlib
 import errno
 import os
 import stat
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pyfuse3
 import trio
 
-from vdiskfs.fs.mount import find_mount
+from tests.support.mount import child_fs_mounted
 
 ROOT = pyfuse3.ROOT_INODE
 
@@ -129,24 +127,9 @@ def main(source: str, mountpoint: str, control: str) -> None:
 def slow_mount(source: Path, mountpoint: Path, control: Path) -> Iterator[Path]:
     """Mount ``source`` slowed by ``control`` at ``mountpoint`` (in a child process); unmount
     and end it afterwards."""
-    mountpoint.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([sys.executable, "-m", "tests.support.slowfs", str(source),
-                             str(mountpoint), str(control)], stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 10
-        while (info := find_mount(str(mountpoint))) is None or info.source != "slowfs":
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            assert time.monotonic() < deadline, "slowfs did not mount"
-            time.sleep(0.02)
+    args = [str(source), str(mountpoint), str(control)]
+    with child_fs_mounted("tests.support.slowfs", args, mountpoint, "slowfs"):
         yield mountpoint
-    finally:
-        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
 
 if __name__ == "__main__":
     main(*sys.argv[1:4])

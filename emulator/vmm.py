@@ -425,6 +425,16 @@ class Vmm:
         finally:
             termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
+    def _write_stats_file(self) -> None:
+        if self.config.stats_file is None or self.loop is None:
+            return
+        try:
+            with open(self.config.stats_file, "w") as f:
+                json.dump(self.stats(), f, indent=2)
+                f.write("\n")
+        except OSError as exc:
+            log.error("cannot write stats to %s: %s", self.config.stats_file, exc)
+
     async def _pump_stdin(self, fd: int) -> None:
         """Keyboard input to the UART; Ctrl-A x quits, Ctrl-A Ctrl-A sends a Ctrl-A."""
         assert self.serial is not None
@@ -460,21 +470,19 @@ class Vmm:
             os.set_blocking(fd, True)
 
     async def _teardown(self) -> None:
-        if self.config.stats_file is not None and self.loop is not None:
-            try:
-                with open(self.config.stats_file, "w") as f:
-                    json.dump(self.stats(), f, indent=2)
-                    f.write("\n")
-            except OSError as exc:
-                log.error("cannot write stats to %s: %s", self.config.stats_file, exc)
         with trio.CancelScope(shield=True):
-            for disk in self.disks:
-                try:
-                    if not disk.node.read_only:
-                        await disk.node.flush()
-                except VdiskError as exc:
-                    log.error("%s: flush failed: %s", disk.name, exc)
-                finally:
+            try:
+                for disk in self.disks:
+                    try:
+                        if not disk.node.read_only:
+                            await disk.node.flush()
+                    except VdiskError as exc:
+                        log.error("%s: flush failed: %s", disk.name, exc)
+                # After the final flush, so that the figures include its write-back; before
+                # the close, which drops the nodes' state.
+                self._write_stats_file()
+            finally:
+                for disk in self.disks:
                     await disk.node.aclose()
         for disk in self.disks:
             for efd in (disk.kick, disk.irq_eventfd):

@@ -145,14 +145,15 @@ def test_url_disks_are_refused_clearly_and_without_credentials(tmp_path: Path) -
     assert "s3cret" not in proc.stderr
 
 
-def test_process_title_hides_credentials() -> None:
+@pytest.mark.parametrize("command", [["emulator"], ["vdiskfs", "boot"]])
+def test_process_title_hides_credentials(command: list[str]) -> None:
     """While a disk URL is being opened (a server that accepts and never answers), the
     command line that ps shows has the password replaced."""
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen()
         url = f"http://reader:s3cret@127.0.0.1:{silent.getsockname()[1]}/root.raw"
-        proc = subprocess.Popen([sys.executable, "-m", "emulator", "--kernel", "k",
+        proc = subprocess.Popen([sys.executable, "-m", *command, "--kernel", "k",
                                  "--disk", url], cwd=REPO, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:

@@ -54,7 +54,7 @@ from emulator.memory import GuestMemory
 from emulator.outcome import Outcome, OutcomeKind, StopSignal
 from vdiskfs.block.node import BlockNode
 from vdiskfs.block.registry import OpenOptions, open_image, redact_url
-from vdiskfs.errors import UnsupportedError, VdiskError
+from vdiskfs.errors import ReadOnlyError, UnsupportedError, VdiskError
 from vdiskfs.overlay import open_overlay
 from vdiskfs.urlargs import RemoteOptions
 
@@ -220,12 +220,13 @@ class Vmm:
             else:
                 try:
                     node = await open_image(disk.path, options)
-                except UnsupportedError as exc:
+                except (UnsupportedError, ReadOnlyError) as exc:
+                    # A format that cannot write, an NBD export the server offers read-only.
                     if disk.read_only:
                         raise
-                    raise UnsupportedError(f"{exc.message} (add readonly=on to boot it "
-                                           "read-only, or overlay=NEW.qcow2)",
-                                           path=exc.path) from exc
+                    raise type(exc)(f"{exc.message} (add readonly=on to boot it read-only, "
+                                    "or overlay=NEW.qcow2)", path=exc.path, field=exc.field,
+                                    offset=exc.offset, errno=exc.errno) from exc
             self.disks.append(_Disk(name, disk, node))
             for warning in node.warnings:
                 log.warning("%s", warning)

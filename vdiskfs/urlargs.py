@@ -29,7 +29,7 @@ def add_remote_arguments(parser: argparse.ArgumentParser) -> None:
                         "the server)")
     parser.add_argument("--cache-dir", metavar="DIR",
                         help="URLs: keep the blocks read from http(s) images in DIR too, for "
-                        "the next mount of the same URL")
+                        "the next open of the same URL")
 
 
 @dataclass(frozen=True)

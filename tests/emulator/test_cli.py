@@ -13,6 +13,7 @@ import pytest
 
 from emulator.cli import add_boot_arguments, parse_disk, parse_memory
 from emulator.vmm import DiskConfig
+from tests.support.nbd import qemu_nbd
 from vdiskfs.urlargs import RemoteOptions
 
 REPO = Path(__file__).resolve().parents[2]
@@ -175,3 +176,23 @@ def test_boot_help_shares_the_remote_options() -> None:
                           capture_output=True, text=True, check=True)
     for option in ("--ca-file", "--no-verify-tls", "--no-cache", "--cache-dir"):
         assert option in proc.stdout
+
+
+def test_nbd_disks_writable_unless_said_and_overlay_over_nbd(tmp_path: Path) -> None:
+    """Before the kernel is loaded: a read-only export refuses the default (writable) disk
+    with the way out; overlay= over an nbd URL is created with the URL as its backing file."""
+    import json
+
+    base = tmp_path / "base.raw"
+    base.write_bytes(bytes(1 << 20))
+    overlay = tmp_path / "new.qcow2"
+    with qemu_nbd(base, "raw", export="base") as server:
+        line = _one_line_error(_boot("--kernel", "nonexistent", "--disk", server.url))
+        assert server.url in line and "readonly=on" in line
+        line = _one_line_error(_boot("--kernel", str(tmp_path / "nonexistent"), "--disk",
+                                     f"{server.url},format=raw,overlay={overlay}"))
+        assert "nonexistent" in line
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(overlay)],
+                                     capture_output=True, text=True, check=True).stdout)
+    assert info["backing-filename"] == server.url
+    assert info["backing-filename-format"] == "raw"

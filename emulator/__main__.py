@@ -6,9 +6,12 @@ import argparse
 import sys
 
 from emulator.cli import add_boot_arguments, run_boot
+from vdiskfs.urlargs import hide_credentials
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # this process's own command line
+        hide_credentials()
     parser = argparse.ArgumentParser(
         prog="python -m emulator",
         description="Boot a Linux kernel under KVM with disks served by the vdiskfs stack.",

@@ -15,8 +15,10 @@ import trio
 from emulator.kvm.vm import KvmError
 from emulator.loader.cmdline import CmdlineError
 from emulator.vmm import DiskConfig, VmConfig, Vmm
+from vdiskfs.block.registry import read_only_protocol, redact_url, url_scheme
 from vdiskfs.errors import VdiskError
 from vdiskfs.units import parse_size
+from vdiskfs.urlargs import RemoteOptions, add_remote_arguments
 
 __all__ = ["add_boot_arguments", "parse_disk", "parse_memory", "run_boot"]
 
@@ -39,27 +41,55 @@ def parse_memory(text: str) -> int:
 
 
 def parse_disk(text: str) -> DiskConfig:
-    """``IMAGE[,format=F][,readonly=on][,overlay=NEW.qcow2]`` (``,,`` is a literal comma)."""
-    parts = [p.replace("\0", ",") for p in text.replace(",,", "\0").split(",")]
-    path, options = parts[0], parts[1:]
+    """``IMAGE[,format=F][,readonly=on|off][,overlay=NEW.qcow2]`` (``,,`` is a literal comma).
+
+    A local IMAGE ends at the first comma: every item after it must be an option. A URL may
+    contain commas and ``=`` of its own (``https://h/x.qcow2?sig=a,b``,
+    ``nbd+unix:///x?socket=/run/a,b``): its options are the trailing items that are an option
+    above (a known key and ``=``), and everything before them is the URL. A URL whose query
+    ends in such an item writes that comma as ``,,``.
+
+    An http(s) disk is read-only unless ``readonly=`` says otherwise (QEMU's
+    ``auto-read-only``): the protocol cannot write, and an explicit ``readonly=off`` is refused.
+    """
+    items = [p.replace("\0", ",") for p in text.replace(",,", "\0").split(",")]
+    cut = 1
+    if url_scheme(items[0]) is not None:
+        cut = len(items)
+        while cut > 1 and _is_disk_option(items[cut - 1]):
+            cut -= 1
+    path, options = ",".join(items[:cut]), items[cut:]
     if not path:
-        raise argparse.ArgumentTypeError("--disk needs an image path")
+        raise argparse.ArgumentTypeError("--disk needs an image path or URL")
     disk = DiskConfig(path)
+    read_only: bool | None = None
     for option in options:
-        key, sep, value = option.partition("=")
-        if not sep or key not in _DISK_OPTIONS:
+        if not _is_disk_option(option):
             raise argparse.ArgumentTypeError(
                 f"--disk option {option!r}: expected one of "
                 + ", ".join(f"{k}=..." for k in _DISK_OPTIONS))
+        key, _, value = option.partition("=")
         if key == "format":
             disk.format = value
         elif key == "readonly":
             if value not in ("on", "off"):
                 raise argparse.ArgumentTypeError(f"readonly={value}: expected on or off")
-            disk.read_only = value == "on"
+            read_only = value == "on"
         else:
             disk.overlay = value
+    if read_only_protocol(path):
+        if read_only is False:
+            raise argparse.ArgumentTypeError(
+                f"{redact_url(path)}: readonly=off: http(s) images are read-only")
+        # An overlay takes the writes; open_overlay says whether it can sit over this URL.
+        read_only = read_only if disk.overlay is not None else True
+    disk.read_only = bool(read_only)
     return disk
+
+
+def _is_disk_option(item: str) -> bool:
+    key, sep, _ = item.partition("=")
+    return bool(sep) and key in _DISK_OPTIONS
 
 
 def add_boot_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,9 +104,11 @@ def add_boot_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory", "-m", type=parse_memory, default=256 << 20, metavar="SIZE",
                         help="guest RAM (default 256M)")
     parser.add_argument("--disk", type=parse_disk, action="append", default=[],
-                        metavar="IMAGE[,format=F][,readonly=on][,overlay=NEW.qcow2]",
+                        metavar="IMAGE|URL[,format=F][,readonly=on][,overlay=NEW.qcow2]",
                         help="a virtio-blk disk served by the vdiskfs stack (/dev/vda, "
-                        "/dev/vdb... in order); repeatable")
+                        "/dev/vdb... in order): a file, or an http(s) (read-only) or nbd URL; "
+                        "repeatable")
+    add_remote_arguments(parser)
     parser.add_argument("--mount", metavar="MOUNTPOINT",
                         help="while the guest runs, show the disks (read-only) and live "
                         "statistics of every layer, the virtio devices and the VM there")
@@ -104,6 +136,7 @@ def run_boot(args: argparse.Namespace) -> int:
         append=args.append,
         memory=args.memory,
         disks=list(args.disk),
+        remote=RemoteOptions.from_args(args),
         serial=args.serial,
         mountpoint=args.mount,
         stats_file=args.stats,

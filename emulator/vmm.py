@@ -28,7 +28,6 @@ import time
 import tty
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import trio
@@ -54,9 +53,10 @@ from emulator.loader.cmdline import Cmdline
 from emulator.memory import GuestMemory
 from emulator.outcome import Outcome, OutcomeKind, StopSignal
 from vdiskfs.block.node import BlockNode
-from vdiskfs.block.registry import OpenOptions, open_image
-from vdiskfs.errors import UnsupportedError, VdiskError
+from vdiskfs.block.registry import OpenOptions, open_image, redact_url
+from vdiskfs.errors import ReadOnlyError, UnsupportedError, VdiskError
 from vdiskfs.overlay import open_overlay
+from vdiskfs.urlargs import RemoteOptions
 
 __all__ = ["DiskConfig", "VmConfig", "Vmm"]
 
@@ -69,7 +69,8 @@ ESCAPE_QUIT = ord("x")
 
 @dataclass
 class DiskConfig:
-    """One ``--disk IMAGE[,format=F][,readonly=on][,overlay=NEW.qcow2]``."""
+    """One ``--disk IMAGE[,format=F][,readonly=on][,overlay=NEW.qcow2]``; IMAGE may be a URL
+    (``https://...``, ``nbd://...``)."""
 
     path: str
     format: str | None = None
@@ -84,6 +85,8 @@ class VmConfig:
     append: str = ""
     memory: int = 256 << 20
     disks: list[DiskConfig] = field(default_factory=list)
+    #: TLS and read-cache options of the disks opened by URL (as for ``vdiskfs mount``).
+    remote: RemoteOptions = field(default_factory=RemoteOptions)
     #: "stdio" or a file to write the console to.
     serial: str = "stdio"
     mountpoint: str | None = None
@@ -107,9 +110,13 @@ class _Disk:
 
 
 def _unique_names(paths: list[str]) -> list[str]:
+    """A name per disk for its statistics, its file under ``--mount`` and its virtio serial:
+    the stem that ``vdiskfs mount`` gives the image (for a URL, never its credentials)."""
+    from vdiskfs.fs.daemon import image_stem
+
     names: list[str] = []
     for path in paths:
-        stem = Path(path).stem or "disk"
+        stem = image_stem(path) or "disk"
         name, n = stem, 1
         while name in names:
             name = f"{stem}-{n}"
@@ -118,14 +125,15 @@ def _unique_names(paths: list[str]) -> list[str]:
     return names
 
 
-async def _open_overlay(disk: DiskConfig) -> BlockNode:
+async def _open_overlay(disk: DiskConfig, options: OpenOptions) -> BlockNode:
     """``overlay=NEW.qcow2``: the guest writes go to the overlay (created over the image, or
-    continued), the image stays as it was -- the same overlay as ``vdiskfs mount --overlay``."""
+    continued), the image stays as it was -- the same overlay as ``vdiskfs mount --overlay``
+    (so over an ``nbd://`` image, not over an ``https://`` one)."""
     assert disk.overlay is not None
     if disk.read_only:
         raise UnsupportedError("readonly=on and overlay= together: the overlay exists to be "
-                               "written", path=disk.path)
-    return await open_overlay(disk.path, disk.overlay, OpenOptions(format=disk.format))
+                               "written", path=redact_url(disk.path))
+    return await open_overlay(disk.path, disk.overlay, options)
 
 
 class Vmm:
@@ -205,18 +213,20 @@ class Vmm:
     async def _open_disks(self) -> None:
         names = _unique_names([d.path for d in self.config.disks])
         for name, disk in zip(names, self.config.disks, strict=True):
+            options = self.config.remote.open_options(read_only=disk.read_only,
+                                                      format=disk.format)
             if disk.overlay is not None:
-                node = await _open_overlay(disk)
+                node = await _open_overlay(disk, options)
             else:
                 try:
-                    node = await open_image(disk.path, OpenOptions(read_only=disk.read_only,
-                                                                   format=disk.format))
-                except UnsupportedError as exc:
+                    node = await open_image(disk.path, options)
+                except (UnsupportedError, ReadOnlyError) as exc:
+                    # A format that cannot write, an NBD export the server offers read-only.
                     if disk.read_only:
                         raise
-                    raise UnsupportedError(f"{exc.message} (add readonly=on to boot it "
-                                           "read-only, or overlay=NEW.qcow2)",
-                                           path=exc.path) from exc
+                    raise type(exc)(f"{exc.message} (add readonly=on to boot it read-only, "
+                                    "or overlay=NEW.qcow2)", path=exc.path, field=exc.field,
+                                    offset=exc.offset, errno=exc.errno) from exc
             self.disks.append(_Disk(name, disk, node))
             for warning in node.warnings:
                 log.warning("%s", warning)

@@ -27,6 +27,7 @@ from vdiskfs.block.registry import (
 )
 from vdiskfs.errors import VdiskError
 from vdiskfs.units import parse_size
+from vdiskfs.urlargs import RemoteOptions, add_remote_arguments, has_credentials, hide_credentials
 
 __all__ = ["main"]
 
@@ -36,21 +37,6 @@ log = logging.getLogger("vdiskfs")
 #: (``--timeout``). Opening reads only headers and tables, well under a second for sane
 #: images; a minute means a file on a hung file system (or a log replay of a huge image).
 READY_TIMEOUT = 60.0
-
-
-def _add_remote_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of images opened by URL: TLS verification, the read cache."""
-    parser.add_argument("--ca-file", metavar="FILE",
-                        help="https: verify the server with the CA certificates in FILE (PEM) "
-                        "instead of the system's")
-    parser.add_argument("--no-verify-tls", dest="verify_tls", action="store_false",
-                        help="https: do not verify the server's certificate")
-    parser.add_argument("--no-cache", dest="cache", action="store_false",
-                        help="URLs: no read cache over the remote image (every read goes to "
-                        "the server)")
-    parser.add_argument("--cache-dir", metavar="DIR",
-                        help="URLs: keep the blocks read from http(s) images in DIR too, for "
-                        "the next mount of the same URL")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -88,7 +74,7 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="give up (and stop the daemon) when the images are not mounted "
                        f"after SECONDS (default {READY_TIMEOUT:g}; 0: wait for ever)")
     mount.add_argument("--debug", action="store_true", help="log every FUSE request")
-    _add_remote_arguments(mount)
+    add_remote_arguments(mount)
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     mount.add_argument("--paths-from-stdin", action="store_true", help=argparse.SUPPRESS)
 
@@ -133,11 +119,13 @@ def _build_parser() -> argparse.ArgumentParser:
                       help="force the format instead of probing it")
     info.add_argument("--no-follow-outside", dest="follow_outside", action="store_false",
                       help="refuse backing files and extents outside the image's directory")
-    _add_remote_arguments(info)
+    add_remote_arguments(info)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None:  # this process's own command line
+        hide_credentials()
     args = _build_parser().parse_args(argv)
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
         "mount": _cmd_mount,
@@ -189,10 +177,7 @@ def _cmd_mount(args: argparse.Namespace) -> int:
         allow_other=args.allow_other,
         follow_outside=args.follow_outside,
         debug=args.debug,
-        ca_file=args.ca_file,
-        verify_tls=args.verify_tls,
-        cache=args.cache,
-        cache_dir=args.cache_dir,
+        remote=RemoteOptions.from_args(args),
     )
     _setup_logging(args.debug)
     report = os.fdopen(args.ready_fd, "w", buffering=1) if args.ready_fd is not None else None
@@ -231,15 +216,11 @@ def daemon_arguments(args: argparse.Namespace) -> tuple[list[str], bytes | None]
     """
     argv = argv_of(args)
     *images, mountpoint = args.paths
-    if not any(_has_credentials(image) for image in images):
+    if not any(has_credentials(image) for image in images):
         return argv, None
     cut = argv.index("--")
     paths = json.dumps([_daemon_path(image) for image in images]).encode()
     return [*argv[:cut], "--paths-from-stdin", "--", _daemon_path(mountpoint)], paths
-
-
-def _has_credentials(path: str) -> bool:
-    return url_scheme(path) is not None and "@" in path.partition("://")[2].partition("/")[0]
 
 
 def _daemon_path(path: str) -> str:
@@ -265,14 +246,7 @@ def argv_of(args: argparse.Namespace) -> list[str]:
         argv.append("--no-follow-outside")
     if args.debug:
         argv.append("--debug")
-    if args.ca_file:
-        argv += ["--ca-file", os.path.abspath(args.ca_file)]
-    if not args.verify_tls:
-        argv.append("--no-verify-tls")
-    if not args.cache:
-        argv.append("--no-cache")
-    if args.cache_dir:
-        argv += ["--cache-dir", os.path.abspath(args.cache_dir)]
+    argv += RemoteOptions.from_args(args).argv()
     argv.append("--")
     argv += [_daemon_path(p) for p in args.paths]
     return argv
@@ -373,9 +347,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
     # Warnings (probed raw, damaged partition entries) are part of the output, via
     # node.warnings, rather than log lines.
-    options = OpenOptions(format=args.format, follow_outside=args.follow_outside,
-                          ca_file=args.ca_file, verify_tls=args.verify_tls,
-                          cache=args.cache, cache_dir=args.cache_dir)
+    options = RemoteOptions.from_args(args).open_options(format=args.format,
+                                                         follow_outside=args.follow_outside)
 
     async def collect() -> dict[str, object]:
         node = await open_image(args.image, options)

@@ -30,8 +30,8 @@ async def open_overlay(image: str, overlay: str, options: OpenOptions) -> BlockN
     if scheme is not None and not scheme.startswith("nbd"):
         # The overlay would record the URL as its backing file, credentials and all. (An NBD
         # URL carries none -- the nbd driver refuses user names -- so it is recorded.)
-        raise UnsupportedError("--overlay over an image opened by URL is not supported; "
-                               "download the image, or mount it read-only",
+        raise UnsupportedError("an overlay (--overlay, overlay=) over an http(s) image is not "
+                               "supported; download the image, or open it read-only",
                                path=redact_url(image))
     created = False
     # Off the event loop: a hung file system must not keep SIGTERM from ending the daemon.

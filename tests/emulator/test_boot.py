@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 
 from tests.emulator.guest import BootResult, RootDisk, boot, is_pvm, stop_group
+from tests.support.http_server import PASSWORD, USER, Nginx
+from tests.support.nbd import qemu_nbd
 from vdiskfs.block.registry import driver_names, get_driver
 
 pytestmark = [pytest.mark.boot, pytest.mark.slow]
@@ -209,6 +211,60 @@ def test_overlay_leaves_the_base_unchanged(guest_kernel: Path, root_disk: RootDi
     assert int(_superblock(partition)["Mount count"]) > 0
     if not os.environ.get("VDISKFS_BOOT_NO_USERSPACE"):
         assert "written by the vdiskfs test guest" in _guest_file(partition)
+
+
+def test_root_over_https_and_a_writable_disk_over_nbd(guest_kernel: Path, root_disk: RootDisk,
+                                                     nginx: Nginx, tmp_path: Path) -> None:
+    """vda: the root disk as a qcow2 on nginx over HTTPS (read-only, with credentials in the
+    URL); vdb: a copy served writable by qemu-nbd on a Unix socket, where init writes its
+    file. The credentials reach no output or stats."""
+    served = nginx.root / f"boot-{tmp_path.name}" / "root.qcow2"
+    served.parent.mkdir()
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(root_disk.path),
+                    str(served)], check=True)
+    before = _sha256(served)
+    data = tmp_path / "data.qcow2"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(root_disk.path),
+                    str(data)], check=True)
+    url = nginx.url(f"{served.parent.name}/root.qcow2", tls=True,
+                    credentials=f"{USER}:{PASSWORD}@")
+    with qemu_nbd(data, "qcow2", export="data", writable=True,
+                  unix=tmp_path / "nbd.sock") as server:
+        result = boot(
+            "--kernel", str(guest_kernel), "--memory", MEMORY, "--ca-file", str(nginx.ca_file),
+            "--disk", url, "--disk", f"{server.url},format=raw",
+            "--append", f"root=/dev/vda1 ro vdiskfs.md5dev=/dev/vda2 "
+                        f"vdiskfs.md5={root_disk.data_md5} vdiskfs.writedev=/dev/vdb1",
+            stats=tmp_path / "stats.json",
+        )
+    _assert_kernel_ran_init_from_disk(result, writable=False)
+    assert "vdb: vdb1 vdb2" in result.output, result.output[-3000:]
+    assert _sha256(served) == before
+    stats_text = (tmp_path / "stats.json").read_text()
+    for text in (result.output, result.stderr, stats_text):
+        assert PASSWORD not in text
+    assert result.stats is not None
+    assert f"{USER}:***@" in result.stats["root"]["tree"]
+    _assert_layers_counted(result.stats, "root", writes=False)
+    assert [k for k in result.stats["data"] if re.fullmatch(r"\d+-\w+", k)] == [
+        "0-raw", "1-cache", "2-nbd"]
+
+    # The guest's writes reached the export: qemu's own qcow2 is consistent, the file init
+    # wrote is on vdb1's ext4, vdb2 is as it was.
+    check = subprocess.run(["qemu-img", "check", str(data)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout
+    partition = _root_partition_of(data, root_disk, tmp_path)
+    fsck = subprocess.run(["e2fsck", "-fn", str(partition)], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout
+    raw = tmp_path / "data-converted.raw"
+    assert _md5_range(raw, root_disk.data_offset, root_disk.data_size) == root_disk.data_md5
+    if not os.environ.get("VDISKFS_BOOT_NO_USERSPACE"):
+        compare = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2",
+                                  str(root_disk.path), str(data)], capture_output=True,
+                                 text=True)
+        assert compare.returncode == 1, compare.stdout + compare.stderr  # 1: they differ
+        assert "written by the vdiskfs test guest" in _guest_file(partition)
+        _assert_layers_counted(result.stats, "data", writes=True)
 
 
 @pytest.mark.mount

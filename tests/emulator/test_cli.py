@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from emulator.cli import add_boot_arguments, parse_disk, parse_memory
 from emulator.vmm import DiskConfig
+from tests.support.nbd import qemu_nbd
+from vdiskfs.urlargs import RemoteOptions
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -42,6 +46,40 @@ def test_parse_disk_refuses(text: str) -> None:
         parse_disk(text)
 
 
+@pytest.mark.parametrize(("text", "disk"), [
+    # http(s) is read-only unless an overlay takes the writes (QEMU's auto-read-only).
+    ("https://h/d/disk.qcow2", DiskConfig("https://h/d/disk.qcow2", read_only=True)),
+    ("https://u:p@h/x.raw,format=raw", DiskConfig("https://u:p@h/x.raw", "raw", True)),
+    ("http://h/x.qcow2,readonly=on", DiskConfig("http://h/x.qcow2", read_only=True)),
+    ("https://h/x.qcow2,overlay=new.qcow2",
+     DiskConfig("https://h/x.qcow2", overlay="new.qcow2")),
+    # A query's commas and "=" stay in the URL; only known trailing options are options.
+    ("https://h/x.qcow2?sig=a,b&e=1,format=qcow2",
+     DiskConfig("https://h/x.qcow2?sig=a,b&e=1", "qcow2", True)),
+    ("https://h/x.qcow2?a=1,b=2", DiskConfig("https://h/x.qcow2?a=1,b=2", read_only=True)),
+    ("https://h/x.qcow2?a=1,,format=x", DiskConfig("https://h/x.qcow2?a=1,format=x",
+                                                   read_only=True)),
+    # nbd is writable unless readonly=on.
+    ("nbd://127.0.0.1:10809/export", DiskConfig("nbd://127.0.0.1:10809/export")),
+    ("nbd+unix:///export?socket=/run/a,b.sock,readonly=on",
+     DiskConfig("nbd+unix:///export?socket=/run/a,b.sock", read_only=True)),
+    ("nbd+unix:///e?socket=/tmp/s&x-timeout=5,format=raw,overlay=/tmp/o.qcow2",
+     DiskConfig("nbd+unix:///e?socket=/tmp/s&x-timeout=5", "raw", False, "/tmp/o.qcow2")),
+    # A local path ends at its first comma, and "=" in it is no option.
+    ("dir/a=b.img,readonly=on", DiskConfig("dir/a=b.img", read_only=True)),
+])
+def test_parse_disk_urls(text: str, disk: DiskConfig) -> None:
+    assert parse_disk(text) == disk
+
+
+def test_parse_disk_refuses_writes_over_http() -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="readonly=off: http") as info:
+        parse_disk("https://reader:s3cret@h/x.qcow2,readonly=off")
+    assert "s3cret" not in str(info.value)
+    with pytest.raises(argparse.ArgumentTypeError, match="--disk option 'cache=none'"):
+        parse_disk("nbd.img,cache=none")
+
+
 def test_arguments() -> None:
     parser = argparse.ArgumentParser()
     add_boot_arguments(parser)
@@ -50,6 +88,10 @@ def test_arguments() -> None:
     assert [d.path for d in args.disk] == ["a.img", "b.img"]
     assert args.memory == 128 << 20 and args.serial == "stdio"
     assert args.virtio_notify == "ioeventfd" and args.virtio_irq == "irqfd"
+    assert RemoteOptions.from_args(args) == RemoteOptions()
+    args = parser.parse_args(["--kernel", "k", "--disk", "https://h/x.qcow2", "--ca-file", "ca",
+                              "--no-verify-tls", "--no-cache", "--cache-dir", "d"])
+    assert RemoteOptions.from_args(args) == RemoteOptions("ca", False, False, "d")
 
 
 def _boot(*args: str) -> subprocess.CompletedProcess[str]:
@@ -86,3 +128,71 @@ def test_missing_image_and_kernel(tmp_path: Path) -> None:
     assert "nope.qcow2" in line
     line = _one_line_error(_boot("--kernel", str(tmp_path / "no-kernel")))
     assert "no-kernel" in line or "/dev/kvm" in line
+
+
+def test_url_disks_are_refused_clearly_and_without_credentials(tmp_path: Path) -> None:
+    with socket.socket() as closed:  # a port where nothing listens
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    url = f"https://reader:s3cret@127.0.0.1:{port}/d/root.qcow2"
+    line = _one_line_error(_boot("--kernel", "k", "--disk", url))
+    assert "reader:***@127.0.0.1" in line and "s3cret" not in line
+    line = _one_line_error(_boot("--kernel", "k", "--disk",
+                                 f"{url},overlay={tmp_path / 'new.qcow2'}"))
+    assert "over an http(s) image" in line and "s3cret" not in line
+    assert not (tmp_path / "new.qcow2").exists()
+    proc = _boot("--kernel", "k", "--disk", f"{url},readonly=off")
+    assert proc.returncode == 2 and "readonly=off: http(s) images are read-only" in proc.stderr
+    assert "s3cret" not in proc.stderr
+
+
+@pytest.mark.parametrize("command", [["emulator"], ["vdiskfs", "boot"]])
+def test_process_title_hides_credentials(command: list[str]) -> None:
+    """While a disk URL is being opened (a server that accepts and never answers), the
+    command line that ps shows has the password replaced."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"http://reader:s3cret@127.0.0.1:{silent.getsockname()[1]}/root.raw"
+        proc = subprocess.Popen([sys.executable, "-m", *command, "--kernel", "k",
+                                 "--disk", url], cwd=REPO, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            cmdline = Path(f"/proc/{proc.pid}/cmdline")
+            deadline = time.monotonic() + 30
+            while b"reader:***@" not in cmdline.read_bytes():
+                assert proc.poll() is None, "the VMM ended before its title was seen"
+                assert time.monotonic() < deadline, cmdline.read_bytes()
+                time.sleep(0.05)
+            assert b"s3cret" not in cmdline.read_bytes()
+            assert b"--disk" in cmdline.read_bytes()
+        finally:
+            proc.kill()
+            proc.wait()
+
+
+def test_boot_help_shares_the_remote_options() -> None:
+    proc = subprocess.run([sys.executable, "-m", "vdiskfs", "boot", "--help"], cwd=REPO,
+                          capture_output=True, text=True, check=True)
+    for option in ("--ca-file", "--no-verify-tls", "--no-cache", "--cache-dir"):
+        assert option in proc.stdout
+
+
+def test_nbd_disks_writable_unless_said_and_overlay_over_nbd(tmp_path: Path) -> None:
+    """Before the kernel is loaded: a read-only export refuses the default (writable) disk
+    with the way out; overlay= over an nbd URL is created with the URL as its backing file."""
+    import json
+
+    base = tmp_path / "base.raw"
+    base.write_bytes(bytes(1 << 20))
+    overlay = tmp_path / "new.qcow2"
+    with qemu_nbd(base, "raw", export="base") as server:
+        line = _one_line_error(_boot("--kernel", "nonexistent", "--disk", server.url))
+        assert server.url in line and "readonly=on" in line
+        line = _one_line_error(_boot("--kernel", str(tmp_path / "nonexistent"), "--disk",
+                                     f"{server.url},format=raw,overlay={overlay}"))
+        assert "nonexistent" in line
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(overlay)],
+                                     capture_output=True, text=True, check=True).stdout)
+    assert info["backing-filename"] == server.url
+    assert info["backing-filename-format"] == "raw"

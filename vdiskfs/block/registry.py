@@ -38,6 +38,7 @@ __all__ = [
     "get_driver",
     "open_image",
     "probe",
+    "read_only_protocol",
     "redact_url",
     "register",
     "register_protocol",
@@ -85,19 +86,25 @@ def register(cls: T) -> T:
 #: URL instead of a local path. An opener returns the protocol node, open.
 ProtocolOpener = Callable[[str, "OpenOptions"], "Awaitable[BlockNode]"]
 _PROTOCOLS: dict[str, ProtocolOpener] = {}
+_READ_ONLY_PROTOCOLS: set[str] = set()
 #: ``scheme://userinfo@`` at the start of a URL (the authority ends at ``/``, ``?`` or ``#``).
 _USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)([^/?#]*)@")
 
 
-def register_protocol(*schemes: str) -> Callable[[ProtocolOpener], ProtocolOpener]:
+def register_protocol(
+    *schemes: str, read_only: bool = False
+) -> Callable[[ProtocolOpener], ProtocolOpener]:
     """Decorator of a protocol driver's opener: URLs of these schemes (``nbd``, ``nbd+unix``)
-    open with it, as QEMU's ``bdrv_find_protocol`` picks a driver by the URL's prefix."""
+    open with it, as QEMU's ``bdrv_find_protocol`` picks a driver by the URL's prefix.
+    ``read_only``: the driver cannot write at all (see :func:`read_only_protocol`)."""
 
     def decorate(opener: ProtocolOpener) -> ProtocolOpener:
         for scheme in schemes:
             if scheme in _PROTOCOLS:
                 raise RuntimeError(f"protocol {scheme!r} registered twice")
             _PROTOCOLS[scheme] = opener
+            if read_only:
+                _READ_ONLY_PROTOCOLS.add(scheme)
         return opener
 
     return decorate
@@ -115,13 +122,22 @@ def url_scheme(name: str) -> str | None:
 
 def redact_url(name: str) -> str:
     """``name`` with the credentials of a URL hidden, safe to show: ``https://user:***@host/x``
-    (a user name alone, which may be a token, becomes ``***``); anything else unchanged."""
-    match = _USERINFO.match(name)
-    if match is None:
-        return name
-    user, colon, _ = match.group(2).partition(":")
-    shown = f"{user}:***" if colon and user else "***"
-    return f"{match.group(1)}{shown}@{name[match.end():]}"
+    (a user name alone, which may be a token, becomes ``***``); anything else unchanged. A URL
+    inside a longer text (``--disk=https://...``, a command line) is redacted too."""
+
+    def hide(match: re.Match[str]) -> str:
+        user, colon, _ = match.group(2).partition(":")
+        shown = f"{user}:***" if colon and user else "***"
+        return f"{match.group(1)}{shown}@"
+
+    return _USERINFO.sub(hide, name)
+
+
+def read_only_protocol(name: str) -> bool:
+    """Whether ``name`` is a URL of a protocol that can only read (``https``): opened
+    writable it is refused, so a caller with no explicit mode opens it read-only, as QEMU's
+    ``auto-read-only`` does for ``-drive``."""
+    return url_scheme(name) in _READ_ONLY_PROTOCOLS
 
 
 def _load_drivers() -> None:

@@ -21,18 +21,19 @@ import sys
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
 from vdiskfs.block.node import BlockNode
-from vdiskfs.block.registry import OpenOptions, open_image, redact_url, url_scheme
+from vdiskfs.block.registry import open_image, redact_url, url_scheme
 from vdiskfs.drivers.format.raw import RawNode
 from vdiskfs.errors import VdiskError
 from vdiskfs.fs.mount import serve, terminate
 from vdiskfs.fs.operations import VdiskOperations
 from vdiskfs.fs.tree import Export
 from vdiskfs.overlay import open_overlay
+from vdiskfs.urlargs import RemoteOptions
 
 __all__ = ["MountRequest", "image_stem", "open_exports", "run_foreground", "spawn_daemon"]
 
@@ -57,13 +58,9 @@ class MountRequest:
     allow_other: bool = False
     follow_outside: bool = True
     debug: bool = False
-    #: https: a CA file instead of the system's store; whether to verify at all.
-    ca_file: str | None = None
-    verify_tls: bool = True
-    #: URLs: a read cache over the remote node (``--no-cache`` turns it off).
-    cache: bool = True
-    #: ``--cache-dir``: the cache's on-disk tier.
-    cache_dir: str | None = None
+    #: URLs: TLS (``--ca-file``, ``--no-verify-tls``) and the read cache (``--no-cache``,
+    #: ``--cache-dir``).
+    remote: RemoteOptions = field(default_factory=RemoteOptions)
 
 
 def image_stem(path: str) -> str:
@@ -96,15 +93,11 @@ async def open_exports(
                 f"{redact_url(stems[stem])}; rename or link one of them"
             )
         stems[stem] = path
-    options = OpenOptions(
+    options = request.remote.open_options(
         read_only=not request.writable,
         format=request.format,
         follow_outside=request.follow_outside,
         warn=warn,
-        ca_file=request.ca_file,
-        verify_tls=request.verify_tls,
-        cache=request.cache,
-        cache_dir=request.cache_dir,
     )
     if request.overlay is not None and len(request.images) != 1:
         raise VdiskError("--overlay takes exactly one IMAGE")

@@ -282,7 +282,7 @@ class HttpNode(BlockNode):
                             f"({len(response.body)} bytes)", path=self.label, offset=offset)
 
 
-@register_protocol("http", "https")
+@register_protocol("http", "https", read_only=True)
 async def open_http(url: str, options: OpenOptions) -> BlockNode:
     """The open protocol node of ``url`` (read-only: writing is refused with EROFS)."""
     if not options.read_only:

@@ -1,0 +1,89 @@
+"""Command-line handling shared by every command that opens images by URL (``mount``, ``info``,
+``boot``): the options of remote images (TLS, the read cache), declared, read back and handed
+on in one place, and a URL's credentials kept out of the process title.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from vdiskfs.block.registry import OpenOptions, redact_url, url_scheme
+
+__all__ = ["RemoteOptions", "add_remote_arguments", "has_credentials", "hide_credentials"]
+
+
+def add_remote_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of images opened by URL: TLS verification, the read cache."""
+    parser.add_argument("--ca-file", metavar="FILE",
+                        help="https: verify the server with the CA certificates in FILE (PEM) "
+                        "instead of the system's")
+    parser.add_argument("--no-verify-tls", dest="verify_tls", action="store_false",
+                        help="https: do not verify the server's certificate")
+    parser.add_argument("--no-cache", dest="cache", action="store_false",
+                        help="URLs: no read cache over the remote image (every read goes to "
+                        "the server)")
+    parser.add_argument("--cache-dir", metavar="DIR",
+                        help="URLs: keep the blocks read from http(s) images in DIR too, for "
+                        "the next open of the same URL")
+
+
+@dataclass(frozen=True)
+class RemoteOptions:
+    """What :func:`add_remote_arguments` parsed: the part of :class:`OpenOptions` that only
+    images opened by URL use."""
+
+    ca_file: str | None = None
+    verify_tls: bool = True
+    cache: bool = True
+    cache_dir: str | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> RemoteOptions:
+        return cls(ca_file=args.ca_file, verify_tls=args.verify_tls, cache=args.cache,
+                   cache_dir=args.cache_dir)
+
+    def argv(self) -> list[str]:
+        """The same options as arguments for another process (a background daemon), with
+        absolute paths: it must not depend on the caller's directory."""
+        argv: list[str] = []
+        if self.ca_file:
+            argv += ["--ca-file", os.path.abspath(self.ca_file)]
+        if not self.verify_tls:
+            argv.append("--no-verify-tls")
+        if not self.cache:
+            argv.append("--no-cache")
+        if self.cache_dir:
+            argv += ["--cache-dir", os.path.abspath(self.cache_dir)]
+        return argv
+
+    def open_options(self, **options: Any) -> OpenOptions:
+        """:class:`OpenOptions` with these and the other ``options`` (read_only, format...)."""
+        return OpenOptions(ca_file=self.ca_file, verify_tls=self.verify_tls, cache=self.cache,
+                           cache_dir=self.cache_dir, **options)
+
+
+def has_credentials(path: str) -> bool:
+    """Whether ``path`` is a URL with a user name (and maybe a password) in it."""
+    return url_scheme(path) is not None and "@" in path.partition("://")[2].partition("/")[0]
+
+
+def hide_credentials(argv: Sequence[str] | None = None) -> None:
+    """Give this process a title without the credentials of the URLs in its command line.
+
+    ``ps`` and ``/proc/PID/cmdline`` show every process's arguments to every user, for as long
+    as it runs: a ``boot`` or a foreground ``mount`` of ``https://user:password@host/...``
+    would show the password. The title (``setproctitle`` rewrites the memory the kernel reads
+    the command line from) keeps the arguments with the credentials replaced. Between the
+    start and this call the arguments are visible: a netrc file avoids that window.
+    """
+    argv = list(sys.orig_argv if argv is None else argv)
+    shown = [redact_url(arg) for arg in argv]
+    if shown != argv:
+        import setproctitle
+
+        setproctitle.setproctitle(" ".join(shown))

@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from vdiskfs.block.node import BlockNode, Buffer, NodeKind
 from vdiskfs.block.registry import OpenContext
-from vdiskfs.errors import FormatError
+from vdiskfs.errors import FormatError, UnsupportedError
 
 if TYPE_CHECKING:
     from vdiskfs.drivers.format.runs import Run
 
-__all__ = ["FormatNode"]
+__all__ = ["FormatNode", "SnapshotEntry"]
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotEntry:
+    """One internal snapshot as every format names it (the mount and ``info`` need no more)."""
+
+    #: QEMU's snapshot ID and tag, as recorded in the image (any text: not trusted).
+    id: str
+    name: str
+    #: The guest disk size when the snapshot was taken: what a view of it presents.
+    size: int
 
 
 class FormatNode(BlockNode):
@@ -26,11 +38,16 @@ class FormatNode(BlockNode):
     kind = NodeKind.FORMAT
     #: Whether the driver can write at all (``--rw``); read-only drivers refuse early.
     supports_write: ClassVar[bool] = False
+    #: Whether the format has internal snapshots that :meth:`open_snapshot` opens (and
+    #: ``OpenContext.snapshot`` selects); the others refuse a snapshot by name at open.
+    supports_snapshots: ClassVar[bool] = False
 
-    def __init__(self, file: BlockNode, ctx: OpenContext) -> None:
+    def __init__(self, file: BlockNode, ctx: OpenContext, *, owns_file: bool = True) -> None:
         super().__init__(read_only=ctx.read_only, label=ctx.path)
         self.ctx = ctx
-        self.add_child("file", file)
+        # A view of another node's image (an internal snapshot beside the current state)
+        # reads the same file, which that node owns and closes.
+        self.add_child("file", file, owned=owns_file)
         #: The backing file (parent image), once :meth:`open_backing` opened it.
         self.backing: BlockNode | None = None
 
@@ -42,6 +59,16 @@ class FormatNode(BlockNode):
     @property
     def file(self) -> BlockNode:
         return self.children[0].node
+
+    def internal_snapshots(self) -> list[SnapshotEntry]:
+        """The image's internal snapshots, in table order (none for most formats)."""
+        return []
+
+    async def open_snapshot(self, snapshot: str) -> BlockNode:
+        """A read-only node showing the internal ``snapshot`` (ID or name) of this open image,
+        beside it: it reads through this node's children, so close it before this node."""
+        raise UnsupportedError(f"{self.driver} images have no internal snapshots",
+                               path=self.label, field="snapshot")
 
     async def read_metadata(self, offset: int, length: int, what: str) -> bytes:
         """Read ``length`` bytes of the structure ``what`` from the file child, checked."""

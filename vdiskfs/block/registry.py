@@ -201,6 +201,9 @@ class OpenOptions:
     #: A directory where the cache also keeps the blocks of remote images whose content a
     #: validator pins (``--cache-dir``), for the next open of the same URL.
     cache_dir: str | None = None
+    #: Open the top image at this internal snapshot, read-only (an ID or a name, IDs first,
+    #: as QEMU's ``bdrv_snapshot_load_tmp_by_id_or_name``); backing files open as they are.
+    snapshot: str | None = None
 
 
 @dataclass
@@ -216,6 +219,9 @@ class OpenContext:
     #: The URL of an image opened by URL, credentials included: what names in it resolve
     #: against. ``path`` is then its redacted form, which messages show.
     url: str | None = None
+    #: The internal snapshot (ID or name) the format node opens instead of the current state;
+    #: set for the top image only (:attr:`OpenOptions.snapshot`).
+    snapshot: str | None = None
 
     @property
     def read_only(self) -> bool:
@@ -463,9 +469,10 @@ async def _open_tree(
     read_only: bool,
     chain: tuple[str, ...],
     warnings: list[str],
+    snapshot: str | None = None,
 ) -> BlockNode:
     """The format tree above ``file`` (open; closed here on failure), whose real path is
-    ``real``."""
+    ``real``; at the internal ``snapshot`` when one is given (the top image only)."""
     path = file.label
     try:
         ctx = OpenContext(
@@ -474,6 +481,7 @@ async def _open_tree(
             chain=(*chain, real),
             warnings=warnings,
             url=real if url_scheme(real) is not None else None,
+            snapshot=snapshot,
         )
         lock_warning = getattr(file, "lock_warning", None)
         if lock_warning is not None:
@@ -494,6 +502,19 @@ async def _open_tree(
                 )
         else:
             cls = get_driver(format)
+        if snapshot is not None and not getattr(cls, "supports_snapshots", False):
+            raise UnsupportedError(
+                f"{cls.driver} images have no internal snapshots (asked for {snapshot!r})",
+                path=path,
+                field="snapshot",
+            )
+        if snapshot is not None and not read_only:
+            raise UnsupportedError(
+                f"snapshot {snapshot!r}: an internal snapshot opens read-only",
+                path=path,
+                field="snapshot",
+                errno=errno.EROFS,
+            )
         if not read_only and not getattr(cls, "supports_write", False):
             raise UnsupportedError(
                 f"{cls.driver}: writing is not supported; open the image read-only",
@@ -540,6 +561,7 @@ async def open_image(path: str, options: OpenOptions | None = None) -> BlockNode
             read_only=options.read_only,
             chain=(),
             warnings=[],
+            snapshot=options.snapshot,
         )
     except VdiskError:
         raise

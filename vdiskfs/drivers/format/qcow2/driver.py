@@ -19,17 +19,19 @@ from __future__ import annotations
 
 from array import array
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
-from vdiskfs.block.format import FormatNode
+from vdiskfs.block.format import FormatNode, SnapshotEntry
 from vdiskfs.block.node import BlockNode, BlockStatus, Buffer
 from vdiskfs.block.registry import OpenContext, register
 from vdiskfs.drivers.format.qcow2.compression import DecompressionError, decompress_cluster
 from vdiskfs.drivers.format.qcow2.header import (
     MAGIC,
+    QCOW_MAX_L1_SIZE,
     Header,
+    check_table,
     header_probe_length,
     parse_header,
 )
@@ -46,7 +48,9 @@ from vdiskfs.drivers.format.qcow2.snapshots import (
     MAX_TABLE_SIZE,
     NeedMoreData,
     Snapshot,
+    find_snapshot,
     parse_snapshot_table,
+    shown_text,
 )
 from vdiskfs.drivers.format.qcow2.writer import Qcow2Writer
 from vdiskfs.drivers.format.runs import (
@@ -130,16 +134,25 @@ class Qcow2Node(FormatNode):
 
     driver = "qcow2"
     supports_write = True
+    supports_snapshots = True
     counters_class = Qcow2Counters
     counters: Qcow2Counters
 
-    def __init__(self, file: BlockNode, ctx: OpenContext) -> None:
-        super().__init__(file, ctx)
+    def __init__(self, file: BlockNode, ctx: OpenContext, *,
+                 view_of: tuple[Qcow2Node, Snapshot] | None = None) -> None:
+        # A view (open_snapshot) reads through the image node's children, which that node owns.
+        super().__init__(file, ctx, owns_file=view_of is None)
         self.header: Header | None = None
         self.geometry: Geometry | None = None
         self.snapshots: list[Snapshot] = []
+        #: The internal snapshot this node shows instead of the current state (read-only).
+        self.snapshot: Snapshot | None = None
         self.l2_cache: L2SliceCache | None = None
+        self._view_of = view_of
+        # The L1 table that maps guest offsets: the active one, or the snapshot's. Everything
+        # below it -- L2 slices, subclusters, compressed clusters -- is read the same way.
         self._l1: array[int] = array("Q")
+        self._l1_offset = 0
         self._data: BlockNode = file
         # Decompressed clusters by L2 entry; sized at open by the cluster size.
         self._decompressed: LruCache[int, bytes] = LruCache(1)
@@ -165,6 +178,9 @@ class Qcow2Node(FormatNode):
     # -- open -------------------------------------------------------------------------------------
 
     async def open(self) -> None:
+        if self._view_of is not None:
+            await self._open_view(*self._view_of)
+            return
         file = self.file
         head = await self.read_metadata(0, min(file.size, _FIRST_READ), "header")
         wanted = min(file.size, header_probe_length(head))
@@ -175,24 +191,22 @@ class Qcow2Node(FormatNode):
         self.header, self.geometry = header, geometry
         self.size = header.virtual_size
 
-        if header.l1_size:
+        self.snapshots = await self._read_snapshots(header)
+        if self.ctx.snapshot is not None:
+            # The registry opens a snapshot read-only only, so no writer comes below.
+            await self._load_snapshot(find_snapshot(self.snapshots, self.ctx.snapshot,
+                                                    self.label))
+        elif header.l1_size:
+            self._l1_offset = header.l1_table_offset
             self._l1 = decode_table(
                 await self.read_metadata(header.l1_table_offset, header.l1_size * 8, "L1 table")
             )
-        self.snapshots = await self._read_snapshots(header)
         if not self.read_only:
             # Before any cache exists: a dirty image gets its refcounts rebuilt here.
             self._writer = Qcow2Writer(self)
             header = self.header = await self._writer.prepare(header)
 
-        # As QEMU: room for every L2 entry of the disk, up to 32 MiB of them.
-        clusters = -(-header.size >> header.cluster_bits)
-        self.l2_cache = L2SliceCache(
-            L2SliceCache.capacity_for(clusters * geometry.entry_size, geometry.slice_bytes),
-            self.counters,
-        )
-        self._init_fast_path(geometry)
-        self._decompressed = LruCache(max(1, _DECOMPRESSED_CACHE_BYTES // geometry.cluster_size))
+        self._init_caches(geometry)
         if self._writer is not None:
             await self._writer.open()
 
@@ -207,6 +221,78 @@ class Qcow2Node(FormatNode):
             await self.open_backing(header.backing_file, field="backing_file",
                                     format=header.backing_format,
                                     format_field="backing format extension")
+
+    async def _open_view(self, image: Qcow2Node, snapshot: Snapshot) -> None:
+        """Open as a read-only view of ``snapshot`` of ``image`` (an open node): its header,
+        geometry and children, the snapshot's L1 table, caches of its own.
+
+        Sharing the image's L2 cache would be safe too (slices are keyed by host offset, and
+        the writer never changes a table that a snapshot shares: refcount > 1 copies it), but
+        a cache of its own keeps a busy view from evicting the writer's slices. The header is
+        the image's as opened: what a reader uses of it (cluster size, compression, extended
+        L2) never changes while the image is open.
+        """
+        assert image.header is not None and image.geometry is not None
+        self.header, self.geometry, self.snapshots = image.header, image.geometry, image.snapshots
+        await self._load_snapshot(snapshot)
+        self._init_caches(image.geometry)
+        if image._data is not image.file:
+            self._data = self.add_child("data-file", image._data, owned=False)
+        if image.backing is not None:
+            self.backing = self.add_child("backing", image.backing, owned=False)
+
+    async def _load_snapshot(self, snapshot: Snapshot) -> None:
+        """Map guest offsets through ``snapshot``'s L1 table, at its disk size, as QEMU's
+        ``qcow2_snapshot_load_tmp`` (which checks the table as ``qcow2_validate_table``)."""
+        header, geometry = self.header, self.geometry
+        assert header is not None and geometry is not None
+        what = f"L1 table of snapshot {shown_text(snapshot.id)}"
+        check_table(self.label, "snapshot L1 table", snapshot.l1_table_offset,
+                    snapshot.l1_size * 8, QCOW_MAX_L1_SIZE, header.cluster_size, self.file.size,
+                    what)
+        size = snapshot.virtual_size(header.virtual_size)
+        # The largest disk any L1 table may map, as parse_header bounds the active size.
+        max_size = (QCOW_MAX_L1_SIZE // 8) << geometry.l2_coverage_bits
+        if size > max_size:
+            raise FormatError(
+                f"snapshot {shown_text(snapshot.id)} has a disk size of {size} bytes, more "
+                f"than a qcow2 image with {header.cluster_size}-byte clusters can map",
+                path=self.label, field="snapshot disk_size")
+        self._l1 = array("Q")
+        if snapshot.l1_size:
+            self._l1 = decode_table(await self.read_metadata(
+                snapshot.l1_table_offset, snapshot.l1_size * 8, what))
+        self._l1_offset = snapshot.l1_table_offset
+        # QEMU keeps sizes in 512-byte sectors (see Header.virtual_size).
+        self.size = size & ~511
+        self.snapshot = snapshot
+
+    def _init_caches(self, geometry: Geometry) -> None:
+        # As QEMU: room for every L2 entry of the disk, up to 32 MiB of them.
+        clusters = -(-self.size >> geometry.cluster_bits)
+        self.l2_cache = L2SliceCache(
+            L2SliceCache.capacity_for(clusters * geometry.entry_size, geometry.slice_bytes),
+            self.counters,
+        )
+        self._init_fast_path(geometry)
+        self._decompressed = LruCache(max(1, _DECOMPRESSED_CACHE_BYTES // geometry.cluster_size))
+
+    def internal_snapshots(self) -> list[SnapshotEntry]:
+        current = self.header.virtual_size if self.header is not None else 0
+        return [SnapshotEntry(s.id, s.name, s.virtual_size(current) & ~511)
+                for s in self.snapshots]
+
+    async def open_snapshot(self, snapshot: str) -> BlockNode:
+        found = find_snapshot(self.snapshots, snapshot, self.label)
+        options = replace(self.ctx.options, read_only=True, snapshot=None)
+        view = Qcow2Node(self.file, replace(self.ctx, options=options, snapshot=found.id),
+                         view_of=(self, found))
+        try:
+            await view.open()
+        except BaseException:
+            await view.aclose()
+            raise
+        return view
 
     async def _read_snapshots(self, header: Header) -> list[Snapshot]:
         count = header.nb_snapshots
@@ -401,7 +487,7 @@ class Qcow2Node(FormatNode):
                 f"L2 table offset {l2_offset:#x} is not cluster aligned",
                 path=self.label,
                 field=f"L1 entry {l1_index}",
-                offset=self.header.l1_table_offset + 8 * l1_index,
+                offset=self._l1_offset + 8 * l1_index,
             )
         table = await self.l2_cache.get(g.slice_offset(l2_offset, offset), self._load_slice)
         return g.next_run(table, offset, nbytes)

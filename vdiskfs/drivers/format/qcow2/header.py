@@ -18,6 +18,7 @@ from vdiskfs.errors import FormatError, UnsupportedError
 __all__ = [
     "MAGIC",
     "Header",
+    "check_table",
     "header_probe_length",
     "parse_header",
 ]
@@ -513,7 +514,7 @@ def _check_features(header: Header, path: str) -> None:
         )
 
 
-def _check_table(path: str, name: str, offset: int, nbytes: int, max_bytes: int,
+def check_table(path: str, name: str, offset: int, nbytes: int, max_bytes: int,
                  cluster_size: int, file_size: int | None, what: str) -> None:
     """``qcow2_validate_table``: aligned and bounded; with ``file_size``, also inside the file
     (for the tables this reader loads)."""
@@ -561,13 +562,13 @@ def _check_geometry(header: Header, file_size: int, path: str) -> None:
             f"{header.size} bytes (needs {l1_needed})",
         )
     if header.l1_size:
-        _check_table(path, "l1_table_offset", header.l1_table_offset, header.l1_size * 8,
+        check_table(path, "l1_table_offset", header.l1_table_offset, header.l1_size * 8,
                      QCOW_MAX_L1_SIZE, cluster_size, file_size, "active L1 table")
     if header.refcount_table_clusters == 0:
         raise _error(path, "refcount_table_clusters", "the image has no refcount table")
     # A reader never loads the refcount table: check it as QEMU does, but do not insist that
     # it survived (a truncated image may still have readable data).
-    _check_table(path, "refcount_table_offset", header.refcount_table_offset,
+    check_table(path, "refcount_table_offset", header.refcount_table_offset,
                  header.refcount_table_clusters * cluster_size, QCOW_MAX_REFTABLE_SIZE,
                  cluster_size, None, "refcount table")
     if header.nb_snapshots > QCOW_MAX_SNAPSHOTS:
@@ -577,7 +578,7 @@ def _check_geometry(header: Header, file_size: int, path: str) -> None:
             f"{header.nb_snapshots} snapshots is too many (at most {QCOW_MAX_SNAPSHOTS})",
         )
     if header.nb_snapshots:
-        _check_table(path, "snapshots_offset", header.snapshots_offset,
+        check_table(path, "snapshots_offset", header.snapshots_offset,
                      header.nb_snapshots * SNAPSHOT_HEADER_SIZE,
                      QCOW_MAX_SNAPSHOTS * SNAPSHOT_HEADER_SIZE, cluster_size, file_size,
                      "snapshot table")

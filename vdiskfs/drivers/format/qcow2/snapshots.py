@@ -15,7 +15,8 @@ from typing import Any
 from vdiskfs.drivers.format.qcow2.header import QCOW_MAX_SNAPSHOTS
 from vdiskfs.errors import FormatError
 
-__all__ = ["MAX_TABLE_SIZE", "NeedMoreData", "Snapshot", "parse_snapshot_table"]
+__all__ = ["MAX_TABLE_SIZE", "NeedMoreData", "Snapshot", "find_snapshot", "parse_snapshot_table",
+           "shown_text"]
 
 _ENTRY = struct.Struct(">QIHHIIQII")  # 40 bytes
 _EXTRA_VM_STATE = struct.Struct(">Q")  # extra data bytes 0..7
@@ -55,6 +56,11 @@ class Snapshot:
     #: Bytes from the start of the table to the end of this entry (the last entry's value is
     #: the table's length, which a refcount rebuild counts).
     entry_end: int = 0
+
+    def virtual_size(self, current: int) -> int:
+        """The guest disk size of the snapshot: recorded, else (an entry without that extra
+        data, as old QEMU wrote them) the image's ``current`` size, as QEMU assumes."""
+        return current if self.disk_size is None else self.disk_size
 
     def info(self) -> dict[str, Any]:
         """The entry as ``qemu-img info --output=json`` lists it."""
@@ -121,6 +127,30 @@ def parse_snapshot_table(data: bytes, count: int, table_offset: int,
         )
         pos = entry_end
     return snapshots
+
+
+def find_snapshot(snapshots: list[Snapshot], wanted: str, path: str) -> Snapshot:
+    """The snapshot whose ID, else whose name, is ``wanted`` (the first match, as QEMU's
+    ``find_snapshot_by_id_or_name``); an error listing the ones there are otherwise."""
+    for key in ("id", "name"):
+        for snapshot in snapshots:
+            if getattr(snapshot, key) == wanted:
+                return snapshot
+    if snapshots:
+        listed = ", ".join(f"{shown_text(s.id)} {shown_text(s.name)}" for s in snapshots[:20])
+        more = f" and {len(snapshots) - 20} more" if len(snapshots) > 20 else ""
+        known = f"the image has (ID name): {listed}{more}"
+    else:
+        known = "the image has none"
+    raise FormatError(f"no internal snapshot with ID or name {shown_text(wanted)}; {known}",
+                      path=path, field="snapshot")
+
+
+def shown_text(text: str, limit: int = 64) -> str:
+    """A name from the image, safe to print in one line: quoted and escaped (control
+    characters, NUL), cut after ``limit`` characters."""
+    cut = text if len(text) <= limit else text[:limit] + "..."
+    return repr(cut)
 
 
 def _need(data: bytes, end: int, path: str) -> None:

@@ -65,6 +65,9 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="force the format of every IMAGE instead of probing it")
     mount.add_argument("--no-partitions", dest="partitions", action="store_false",
                        help="do not show partition files")
+    mount.add_argument("--snapshots", action=argparse.BooleanOptionalAction, default=None,
+                       help="show every internal snapshot as <stem>@<name>.raw, read-only "
+                       "(default: on read-only mounts, not with --rw or --overlay)")
     mount.add_argument("--allow-other", action="store_true",
                        help="let other users access the mount (FUSE allow_other)")
     mount.add_argument("--no-follow-outside", dest="follow_outside", action="store_false",
@@ -174,6 +177,7 @@ def _cmd_mount(args: argparse.Namespace) -> int:
         writable=args.rw,
         overlay=args.overlay,
         partitions=args.partitions,
+        snapshots=args.snapshots,
         allow_other=args.allow_other,
         follow_outside=args.follow_outside,
         debug=args.debug,
@@ -240,6 +244,8 @@ def argv_of(args: argparse.Namespace) -> list[str]:
         argv += ["--format", args.format]
     if not args.partitions:
         argv.append("--no-partitions")
+    if args.snapshots is not None:
+        argv.append("--snapshots" if args.snapshots else "--no-snapshots")
     if args.allow_other:
         argv.append("--allow-other")
     if not args.follow_outside:

@@ -64,9 +64,10 @@ class FormatNode(BlockNode):
         """The image's internal snapshots, in table order (none for most formats)."""
         return []
 
-    async def open_snapshot(self, snapshot: str) -> BlockNode:
-        """A read-only node showing the internal ``snapshot`` (ID or name) of this open image,
-        beside it: it reads through this node's children, so close it before this node."""
+    async def open_snapshot(self, snapshot: str | int) -> BlockNode:
+        """A read-only node showing an internal snapshot of this open image beside it, chosen
+        by ID or name (IDs first, as QEMU), or by its position in :meth:`internal_snapshots`.
+        It reads through this node's children: close it before this node."""
         raise UnsupportedError(f"{self.driver} images have no internal snapshots",
                                path=self.label, field="snapshot")
 

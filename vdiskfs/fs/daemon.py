@@ -25,13 +25,14 @@ from dataclasses import dataclass, field
 
 import trio
 
+from vdiskfs.block.format import FormatNode
 from vdiskfs.block.node import BlockNode
 from vdiskfs.block.registry import open_image, redact_url, url_scheme
 from vdiskfs.drivers.format.raw import RawNode
 from vdiskfs.errors import VdiskError
 from vdiskfs.fs.mount import serve, terminate
 from vdiskfs.fs.operations import VdiskOperations
-from vdiskfs.fs.tree import Export
+from vdiskfs.fs.tree import Export, snapshot_file_names
 from vdiskfs.overlay import open_overlay
 from vdiskfs.urlargs import RemoteOptions
 
@@ -61,6 +62,15 @@ class MountRequest:
     #: URLs: TLS (``--ca-file``, ``--no-verify-tls``) and the read cache (``--no-cache``,
     #: ``--cache-dir``).
     remote: RemoteOptions = field(default_factory=RemoteOptions)
+    #: Show every internal snapshot as ``<stem>@<name>.raw`` (``--snapshots``/
+    #: ``--no-snapshots``); None: on read-only mounts only (:attr:`show_snapshots`).
+    snapshots: bool | None = None
+
+    @property
+    def show_snapshots(self) -> bool:
+        if self.snapshots is not None:
+            return self.snapshots
+        return not (self.writable or self.overlay is not None)
 
 
 def image_stem(path: str) -> str:
@@ -112,6 +122,13 @@ async def open_exports(
             roots.append(node)
             writable = request.writable or request.overlay is not None
             exports.append(Export(image_stem(path), node, writable=writable))
+            if request.show_snapshots:
+                # The snapshots of IMAGE: under --overlay, the overlay's backing node.
+                image = node.child("backing") if request.overlay is not None else node
+                views = await _snapshot_exports(image_stem(path), image, set(stems))
+                exports += views
+                # Views read through their image's nodes: closed before it.
+                roots[-1:-1] = [view.node for view in views]
         if request.partitions:
             exports = await _with_partitions(exports, warn)
     except BaseException:
@@ -121,6 +138,29 @@ async def open_exports(
             await close_all(roots)
         raise
     return exports, roots
+
+
+async def _snapshot_exports(stem: str, image: BlockNode | None,
+                            taken: set[str]) -> list[Export]:
+    """A read-only ``<stem>@<name>`` export for every internal snapshot of ``image``.
+
+    They stay read-only whatever the mount's mode: a write to the image never changes what
+    they show, because the writer copies clusters that a snapshot shares (refcount > 1).
+    """
+    if not isinstance(image, FormatNode):
+        return []
+    snapshots = image.internal_snapshots()
+    exports: list[Export] = []
+    try:
+        for index, name in enumerate(snapshot_file_names(stem, snapshots, taken)):
+            # By position, not by ID or name: either may be duplicated in a damaged table.
+            view = await image.open_snapshot(index)
+            exports.append(Export(name, view, writable=False))
+    except BaseException:
+        for export in exports:
+            await export.node.aclose()
+        raise
+    return exports
 
 
 async def _with_partitions(

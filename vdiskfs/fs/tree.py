@@ -5,6 +5,8 @@
     MOUNTPOINT/
       <stem>.raw                 every image, as its guest sees it
       <stem>-part<N>.raw         every partition: a raw window onto <stem>.raw
+      <stem>@<snapshot>.raw      every internal snapshot, read-only (snapshot_file_names)
+      <stem>@<snapshot>-part<N>.raw
       stats/
         <stem>/
           tree                   the node tree, one line per node
@@ -23,10 +25,12 @@ from __future__ import annotations
 
 import json
 import stat
-from collections.abc import Callable, Mapping
+from collections import Counter
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from vdiskfs.block.format import SnapshotEntry
 from vdiskfs.block.node import BlockNode
 
 __all__ = [
@@ -37,10 +41,70 @@ __all__ = [
     "StatsEntry",
     "node_stats_entries",
     "render_json",
+    "snapshot_file_names",
 ]
 
 ROOT_INODE = 1
 StatsSource = Callable[[], Mapping[str, Any]]
+#: Longest snapshot name (in UTF-8 bytes) used in a file name; a longer one goes by its ID. With
+#: the stem and ``-part<N>.raw`` the file name must stay within NAME_MAX (255).
+SNAPSHOT_NAME_MAX = 200
+_NAME_MAX = 255
+#: The longest suffix a snapshot's export gets: a partition file of a GPT disk.
+_LONGEST_SUFFIX = len("-part128.raw")
+
+
+def snapshot_file_names(stem: str, snapshots: Sequence[SnapshotEntry],
+                        taken: Collection[str] = ()) -> list[str]:
+    """The export name ``<stem>@<x>`` of each internal snapshot of the image shown as
+    ``<stem>``: ``x`` is the snapshot's name where it makes a safe file name, else its ID, else
+    ``snapshot<N>`` (its position in the table, from 1).
+
+    Snapshot names are any text the image holds (a hostile one: ``/``, NUL, control
+    characters, ``..``, kilobytes). A name is used only when it is not empty, has none of
+    those, fits :data:`SNAPSHOT_NAME_MAX`, no other snapshot has it and it collides with no
+    export name in ``taken`` (the other images' stems) nor one chosen before it. The mapping is
+    deterministic, so ``vdiskfs info`` prints the same one.
+    """
+    names = Counter(s.name for s in snapshots)
+    ids = Counter(s.id for s in snapshots)
+    chosen: list[str] = []
+    used = set(taken)
+    for number, snapshot in enumerate(snapshots, 1):
+        candidates = []
+        if names[snapshot.name] == 1:
+            candidates.append(snapshot.name)
+        if ids[snapshot.id] == 1:
+            candidates.append(snapshot.id)
+        candidates.append(f"snapshot{number}")
+        for candidate in candidates:
+            name = f"{stem}@{candidate}"
+            if _safe_component(candidate) and _fits(name) and name not in used:
+                break
+        else:
+            # snapshot<N> was taken by another snapshot's name: count on until free.
+            extra = number
+            while name in used:
+                extra += len(snapshots)
+                name = f"{stem}@snapshot{extra}"
+        used.add(name)
+        chosen.append(name)
+    return chosen
+
+
+def _safe_component(text: str) -> bool:
+    return (
+        bool(text)
+        and "/" not in text
+        and ".." not in text
+        and text != "."
+        and not any(ord(c) < 32 or ord(c) == 127 for c in text)
+        and len(text.encode("utf-8", "surrogatepass")) <= SNAPSHOT_NAME_MAX
+    )
+
+
+def _fits(export_name: str) -> bool:
+    return len(export_name.encode("utf-8", "surrogatepass")) + _LONGEST_SUFFIX <= _NAME_MAX
 
 
 @dataclass

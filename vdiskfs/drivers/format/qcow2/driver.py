@@ -282,8 +282,11 @@ class Qcow2Node(FormatNode):
         return [SnapshotEntry(s.id, s.name, s.virtual_size(current) & ~511)
                 for s in self.snapshots]
 
-    async def open_snapshot(self, snapshot: str) -> BlockNode:
-        found = find_snapshot(self.snapshots, snapshot, self.label)
+    async def open_snapshot(self, snapshot: str | int) -> BlockNode:
+        if isinstance(snapshot, int):
+            found = self.snapshots[snapshot]
+        else:
+            found = find_snapshot(self.snapshots, snapshot, self.label)
         options = replace(self.ctx.options, read_only=True, snapshot=None)
         view = Qcow2Node(self.file, replace(self.ctx, options=options, snapshot=found.id),
                          view_of=(self, found))

@@ -361,6 +361,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         try:
             # A URL's credentials never reach the output (the node's label is redacted too).
             info = image_info(node, redact_url(args.image))
+            _add_snapshot_files(info, node, args.image)
             info.update(await _partition_info(node))
             if node.warnings:
                 info["warnings"] = list(node.warnings)
@@ -376,6 +377,23 @@ def _cmd_info(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(format_text(info))
     return 0
+
+
+def _add_snapshot_files(info: dict[str, object], node: BlockNode, image: str) -> None:
+    """Each internal snapshot's disk size and the file ``vdiskfs mount`` shows it as (its
+    name, or its ID where the name is no safe file name)."""
+    from vdiskfs.block.format import FormatNode
+    from vdiskfs.fs.daemon import image_stem
+    from vdiskfs.fs.tree import snapshot_file_names
+
+    listed = info.get("snapshots")
+    if not isinstance(node, FormatNode) or not isinstance(listed, list):
+        return
+    snapshots = node.internal_snapshots()
+    names = snapshot_file_names(image_stem(image), snapshots)
+    for entry, snapshot, name in zip(listed, snapshots, names, strict=True):
+        entry["virtual-size"] = snapshot.size
+        entry["mount-file"] = f"{name}.raw"
 
 
 async def _partition_info(node: BlockNode) -> dict[str, object]:

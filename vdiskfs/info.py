@@ -3,8 +3,9 @@
 The JSON form uses QEMU's ``ImageInfo`` field names (``virtual-size``, ``actual-size``,
 ``cluster-size``, ``backing-filename``, ``format-specific``..., the backing image nested under
 ``backing-image`` as in QAPI), plus vdiskfs's own ``partitions``, ``warnings`` and ``children``
-(external data files, extents). The text form follows ``qemu-img info --backing-chain``: one
-block per image of the chain.
+(external data files, extents), and in each internal snapshot its ``virtual-size`` and the
+``mount-file`` that ``vdiskfs mount`` shows it as. The text form follows
+``qemu-img info --backing-chain``: one block per image of the chain.
 """
 
 from __future__ import annotations
@@ -98,6 +99,12 @@ def _format_one(info: dict[str, Any]) -> str:
         lines.append(f"{'ID':<10}{'TAG':<17} {'VM SIZE':>7} {'DATE':>20} {'VM CLOCK':>12} ICOUNT")
         for snap in snapshots:
             lines.append(_snapshot_line(snap))
+        if any("mount-file" in snap for snap in snapshots):
+            lines.append("Snapshot files (vdiskfs mount):")
+            for snap in snapshots:
+                lines.append(f"    {_printable(snap.get('id', '')):<10}"
+                             f"{size_to_str(snap.get('virtual-size', 0)):>10}  "
+                             f"{_printable(snap.get('mount-file', ''))}")
     specific = info.get("format-specific")
     if specific and specific.get("data"):
         lines.append("Format specific information:")
@@ -126,9 +133,18 @@ def _snapshot_line(snap: dict[str, Any]) -> str:
     clock = f"{hours:02d}:{minutes:02d}:{seconds:02d}.{ns // 1_000_000:03d}"
     vm_size = size_to_str(snap.get("vm-state-size", 0))
     return (
-        f"{snap.get('id', ''):<10}{snap.get('name', ''):<17} {vm_size:>7} {date:>20} "
+        f"{_printable(snap.get('id', '')):<10}{_printable(snap.get('name', '')):<17} "
+        f"{vm_size:>7} {date:>20} "
         f"{clock:>12} {snap.get('icount', 0):>10}"
     )
+
+
+def _printable(text: str, limit: int = 64) -> str:
+    """A name from the image as one safe line of text: as it is when it is short and has no
+    control characters (what qemu-img prints), else quoted, escaped and cut."""
+    if len(text) <= limit and text.isprintable():
+        return text
+    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 def _dump(value: Any, depth: int) -> list[str]:

@@ -24,7 +24,7 @@ __all__ = ["add_boot_arguments", "parse_disk", "parse_memory", "run_boot"]
 
 log = logging.getLogger("vdiskfs.boot")
 
-_DISK_OPTIONS = ("format", "readonly", "overlay")
+_DISK_OPTIONS = ("format", "readonly", "overlay", "snapshot")
 
 
 def parse_memory(text: str) -> int:
@@ -41,7 +41,8 @@ def parse_memory(text: str) -> int:
 
 
 def parse_disk(text: str) -> DiskConfig:
-    """``IMAGE[,format=F][,readonly=on|off][,overlay=NEW.qcow2]`` (``,,`` is a literal comma).
+    """``IMAGE[,format=F][,readonly=on|off][,overlay=NEW.qcow2][,snapshot=NAME]`` (``,,`` is a
+    literal comma).
 
     A local IMAGE ends at the first comma: every item after it must be an option. A URL may
     contain commas and ``=`` of its own (``https://h/x.qcow2?sig=a,b``,
@@ -51,6 +52,7 @@ def parse_disk(text: str) -> DiskConfig:
 
     An http(s) disk is read-only unless ``readonly=`` says otherwise (QEMU's
     ``auto-read-only``): the protocol cannot write, and an explicit ``readonly=off`` is refused.
+    A disk at an internal snapshot (``snapshot=``) is read-only too.
     """
     items = [p.replace("\0", ",") for p in text.replace(",,", "\0").split(",")]
     cut = 1
@@ -75,8 +77,25 @@ def parse_disk(text: str) -> DiskConfig:
             if value not in ("on", "off"):
                 raise argparse.ArgumentTypeError(f"readonly={value}: expected on or off")
             read_only = value == "on"
+        elif key == "snapshot":
+            if not value:
+                raise argparse.ArgumentTypeError("snapshot= needs a snapshot ID or name")
+            disk.snapshot = value
         else:
             disk.overlay = value
+    if disk.snapshot is not None:
+        if disk.overlay is not None:
+            # A qcow2 overlay records only a file as its backing file, never an internal
+            # snapshot of one (QEMU has no way to say it either): reopened later, it would
+            # read the image's current state under the guest's writes.
+            raise argparse.ArgumentTypeError(
+                "snapshot= and overlay= together: an overlay cannot record an internal "
+                "snapshot as its backing file; boot the snapshot read-only, or copy it out "
+                "first (qemu-img convert -l snapshot.name=NAME)")
+        if read_only is False:
+            raise argparse.ArgumentTypeError("snapshot= with readonly=off: an internal "
+                                             "snapshot boots read-only")
+        read_only = True
     if read_only_protocol(path):
         if read_only is False:
             raise argparse.ArgumentTypeError(
@@ -104,9 +123,11 @@ def add_boot_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory", "-m", type=parse_memory, default=256 << 20, metavar="SIZE",
                         help="guest RAM (default 256M)")
     parser.add_argument("--disk", type=parse_disk, action="append", default=[],
-                        metavar="IMAGE|URL[,format=F][,readonly=on][,overlay=NEW.qcow2]",
+                        metavar="IMAGE|URL[,format=F][,readonly=on][,overlay=NEW.qcow2]"
+                        "[,snapshot=NAME]",
                         help="a virtio-blk disk served by the vdiskfs stack (/dev/vda, "
                         "/dev/vdb... in order): a file, or an http(s) (read-only) or nbd URL; "
+                        "snapshot= boots an internal snapshot (ID or name) read-only; "
                         "repeatable")
     add_remote_arguments(parser)
     parser.add_argument("--mount", metavar="MOUNTPOINT",

@@ -69,13 +69,15 @@ ESCAPE_QUIT = ord("x")
 
 @dataclass
 class DiskConfig:
-    """One ``--disk IMAGE[,format=F][,readonly=on][,overlay=NEW.qcow2]``; IMAGE may be a URL
-    (``https://...``, ``nbd://...``)."""
+    """One ``--disk IMAGE[,format=F][,readonly=on][,overlay=NEW.qcow2][,snapshot=NAME]``; IMAGE
+    may be a URL (``https://...``, ``nbd://...``)."""
 
     path: str
     format: str | None = None
     read_only: bool = False
     overlay: str | None = None
+    #: Boot the image's internal snapshot of this ID or name (read-only).
+    snapshot: str | None = None
 
 
 @dataclass
@@ -214,7 +216,8 @@ class Vmm:
         names = _unique_names([d.path for d in self.config.disks])
         for name, disk in zip(names, self.config.disks, strict=True):
             options = self.config.remote.open_options(read_only=disk.read_only,
-                                                      format=disk.format)
+                                                      format=disk.format,
+                                                      snapshot=disk.snapshot)
             if disk.overlay is not None:
                 node = await _open_overlay(disk, options)
             else:

@@ -13,6 +13,7 @@ import pytest
 
 from emulator.cli import add_boot_arguments, parse_disk, parse_memory
 from emulator.vmm import DiskConfig
+from tests.support.images import create, qemu_img
 from tests.support.nbd import qemu_nbd
 from vdiskfs.urlargs import RemoteOptions
 
@@ -37,6 +38,29 @@ def test_parse_disk() -> None:
     assert parse_disk("a.img,format=raw,readonly=on") == DiskConfig("a.img", "raw", True)
     assert parse_disk("b.raw,overlay=new.qcow2").overlay == "new.qcow2"
     assert parse_disk("odd,,name.img,readonly=off") == DiskConfig("odd,name.img")
+
+
+def test_parse_disk_snapshot_is_read_only() -> None:
+    disk = parse_disk("a.qcow2,snapshot=before upgrade")
+    assert disk == DiskConfig("a.qcow2", read_only=True, snapshot="before upgrade")
+    assert parse_disk("a.qcow2,readonly=on,snapshot=1").snapshot == "1"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("a.qcow2,snapshot=", "needs a snapshot"),
+    ("a.qcow2,snapshot=s1,readonly=off", "read-only"),
+    ("a.qcow2,snapshot=s1,overlay=new.qcow2", "overlay cannot record"),
+])
+def test_parse_disk_refuses_snapshot(text: str, message: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match=message):
+        parse_disk(text)
+
+
+def test_unknown_snapshot_is_refused_clearly(tmp_path: Path) -> None:
+    image = create(tmp_path / "snap.qcow2", "1M")
+    qemu_img("snapshot", "-c", "first", image)
+    line = _one_line_error(_boot("--kernel", "nonexistent", "--disk", f"{image},snapshot=nope"))
+    assert str(image) in line and "'nope'" in line and "'first'" in line
 
 
 @pytest.mark.parametrize("text", ["", ",format=raw", "a.img,cache=none", "a.img,readonly=yes",

@@ -15,10 +15,14 @@ import shutil
 import struct
 from pathlib import Path
 
+import trio
+
 from tests.support.images import create, qemu_img, qemu_io
+from vdiskfs.block.registry import open_image
+from vdiskfs.drivers.format.qcow2 import Qcow2Node
 
 __all__ = ["KINDS", "NAMES", "applied_reference", "make_snapshot_image", "rewrite_snapshot_table",
-           "snapshot_reference"]
+           "snapshot_l1_tables", "snapshot_reference"]
 
 KiB, MiB = 1 << 10, 1 << 20
 NAMES = ("first", "second", "third")
@@ -82,6 +86,18 @@ def applied_reference(image: Path, snapshot: str, out: Path) -> Path:
 
 
 _ENTRY = struct.Struct(">QIHHIIQII")
+
+
+def snapshot_l1_tables(image: Path) -> list[tuple[int, int]]:
+    """``(l1_table_offset, l1_size)`` of each snapshot (from a sync caller, outside trio)."""
+
+    async def read() -> list[tuple[int, int]]:
+        node = await open_image(str(image))
+        assert isinstance(node, Qcow2Node)
+        await node.aclose()
+        return [(s.l1_table_offset, s.l1_size) for s in node.snapshots]
+
+    return trio.run(read)
 
 
 def rewrite_snapshot_table(path: Path, entries: list[tuple[str | bytes, str | bytes, int, int]],

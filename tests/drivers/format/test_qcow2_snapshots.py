@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import trio
 
 from tests.support.conformance import check_block_node
 from tests.support.images import create, qemu_img, qemu_io
@@ -17,6 +16,7 @@ from tests.support.snapshots import (
     applied_reference,
     make_snapshot_image,
     rewrite_snapshot_table,
+    snapshot_l1_tables,
     snapshot_reference,
 )
 from vdiskfs.block.registry import OpenOptions, open_image
@@ -146,14 +146,7 @@ async def test_backing_file_is_the_images(tmp_path: Path) -> None:
 def pristine(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[tuple[int, int]]]:
     """A v3 image with three snapshots, and the (L1 offset, L1 size) of each."""
     image = make_snapshot_image(tmp_path_factory.mktemp("pristine"), "v3")
-
-    async def l1s() -> list[tuple[int, int]]:
-        node = await open_image(str(image))
-        assert isinstance(node, Qcow2Node)
-        await node.aclose()
-        return [(s.l1_table_offset, s.l1_size) for s in node.snapshots]
-
-    return image, trio.run(l1s)
+    return image, snapshot_l1_tables(image)
 
 
 def _copy(pristine: tuple[Path, list[tuple[int, int]]], tmp_path: Path) -> Path:

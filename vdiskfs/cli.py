@@ -51,7 +51,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "mount",
         help="mount images as flat raw files",
         description="Show every IMAGE as MOUNTPOINT/<stem>.raw, its partitions as "
-        "<stem>-part<N>.raw and every layer's statistics under MOUNTPOINT/stats/.",
+        "<stem>-part<N>.raw, its internal snapshots as <stem>@<name>.raw and every layer's "
+        "statistics under MOUNTPOINT/stats/.",
     )
     mount.add_argument("paths", nargs="+", metavar="IMAGE... MOUNTPOINT")
     mount.add_argument("-f", "--foreground", action="store_true",

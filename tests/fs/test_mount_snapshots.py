@@ -101,6 +101,19 @@ def test_snapshots_flags(image_dir: Path, tmp_path: Path, options: tuple[str, ..
         assert ("disk@first.raw" in _files(mnt)) is shown
 
 
+def test_overlay_shows_the_images_snapshots_on_request(image_dir: Path, tmp_path: Path) -> None:
+    image = image_dir / "disk.qcow2"
+    before = sha256_file(image)
+    overlay = tmp_path / "new.qcow2"
+    with mounted(image, mountpoint=tmp_path / "mnt",
+                 options=("--overlay", str(overlay), "--snapshots")) as mnt:
+        assert (mnt / "disk@second.raw").read_bytes() == (image_dir / "second.ref").read_bytes()
+        with open(mnt / "disk.raw", "r+b") as f:
+            f.write(b"overlay")
+        assert (mnt / "disk@first.raw").read_bytes() == (image_dir / "first.ref").read_bytes()
+    assert sha256_file(image) == before
+
+
 def test_rw_writes_never_change_a_snapshot(image_dir: Path, tmp_path: Path) -> None:
     image = Path(tmp_path / "disk.qcow2")
     image.write_bytes((image_dir / "disk.qcow2").read_bytes())

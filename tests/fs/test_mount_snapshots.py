@@ -42,10 +42,12 @@ def test_safe_names_else_ids() -> None:
         SnapshotEntry("8", "esc\x1b[2J", 1), SnapshotEntry("9", "dup", 1),
         SnapshotEntry("10", "dup", 1), SnapshotEntry("11", "other", 1),
         SnapshotEntry("12", "v1.0", 1), SnapshotEntry("13", "é", 1),
+        SnapshotEntry("14", "12-part1", 1), SnapshotEntry("15", "part1", 1),
     ]
     assert snapshot_file_names("disk", snapshots, {"disk@other"}) == [
         "disk@before upgrade", "disk@2", "disk@3", "disk@4", "disk@5", "disk@6", "disk@7",
-        "disk@8", "disk@9", "disk@10", "disk@11", "disk@v1.0", "disk@é",
+        "disk@8", "disk@9", "disk@10", "disk@11", "disk@v1.0", "disk@é", "disk@14",
+        "disk@part1",
     ]
 
 

@@ -24,6 +24,7 @@ so inode numbers and readdir cookies are simply indexes and stay stable.
 from __future__ import annotations
 
 import json
+import re
 import stat
 from collections import Counter
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -62,9 +63,10 @@ def snapshot_file_names(stem: str, snapshots: Sequence[SnapshotEntry],
 
     Snapshot names are any text the image holds (a hostile one: ``/``, NUL, control
     characters, ``..``, kilobytes). A name is used only when it is not empty, has none of
-    those, fits :data:`SNAPSHOT_NAME_MAX`, no other snapshot has it and it collides with no
-    export name in ``taken`` (the other images' stems) nor one chosen before it. The mapping is
-    deterministic, so ``vdiskfs info`` prints the same one.
+    those, does not end like a partition file (``-part<N>``), fits :data:`SNAPSHOT_NAME_MAX`,
+    no other snapshot has it, and it collides with no export name in ``taken`` (the other
+    images' stems) nor one chosen before it. The mapping is deterministic, so ``vdiskfs info``
+    prints the same one.
     """
     names = Counter(s.name for s in snapshots)
     ids = Counter(s.id for s in snapshots)
@@ -92,9 +94,15 @@ def snapshot_file_names(stem: str, snapshots: Sequence[SnapshotEntry],
     return chosen
 
 
+#: A name ending like a partition file's suffix could collide with a partition of another
+#: snapshot (``<stem>@1-part1``): such names go by their ID too.
+_PARTITION_SUFFIX = re.compile(r"-part[0-9]+\Z")
+
+
 def _safe_component(text: str) -> bool:
     return (
         bool(text)
+        and not _PARTITION_SUFFIX.search(text)
         and "/" not in text
         and ".." not in text
         and text != "."

@@ -289,3 +289,33 @@ async def test_unreachable_monitor_fails_within_the_timeout(tmp_path: Path,
     with pytest.raises(VdiskError, match="cannot reach the cluster's monitors") as info:
         await _open(f"rbd:rbd/x:conf={conf}:client_mount_timeout=2")
     assert info.value.errno == errno.ETIMEDOUT
+
+
+async def test_image_without_exclusive_lock_opens_with_a_warning(ceph_cluster: Cluster) -> None:
+    image = _unique("nolock")
+    ceph_cluster.rbd("create", "--size", "1M", "--image-feature", "layering", f"rbd/{image}")
+    warnings: list[str] = []
+    root = await open_image(ceph_cluster.qemu_name(f"rbd/{image}"),
+                            OpenOptions(format="raw", read_only=False, warn=warnings.append))
+    try:
+        await root.pwrite(0, b"x")
+    finally:
+        await root.aclose()
+    assert any("no exclusive-lock feature" in w for w in warnings)
+
+
+async def test_cancelled_request_is_abandoned(ceph_cluster: Cluster) -> None:
+    """A cancelled read returns at once (librbd cannot stop it); its late completion is
+    dropped, and the node goes on serving and closes."""
+    image = _unique("cancel")
+    ceph_cluster.rbd("create", "--size", "1M", f"rbd/{image}")
+    node = await _open(ceph_cluster.qemu_name(f"rbd/{image}"))
+    try:
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await node.pread(0, 4096)
+        assert scope.cancelled_caught
+        assert node.counters.abandoned == 1
+        assert bytes(await node.pread(0, 4096)) == bytes(4096)
+    finally:
+        await node.aclose()

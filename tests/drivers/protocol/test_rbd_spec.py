@@ -62,6 +62,13 @@ def test_registry_knows_rbd_names() -> None:
         assert url_scheme(local) is None
 
 
+def test_boot_disk_takes_an_rbd_name() -> None:
+    from emulator.cli import parse_disk
+
+    disk = parse_disk("rbd:vms/deb:conf=/etc/ceph/c.conf,format=qcow2")
+    assert (disk.path, disk.format) == ("rbd:vms/deb:conf=/etc/ceph/c.conf", "qcow2")
+
+
 def test_without_the_binding_a_clear_error() -> None:
     """No python3-rbd: vdiskfs imports and works, and an rbd: name says what is missing."""
     code = (

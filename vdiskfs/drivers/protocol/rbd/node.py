@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,6 +46,8 @@ from vdiskfs.drivers.protocol.rbd.spec import RbdSpec, parse_spec
 from vdiskfs.errors import HostIOError, LockedError, UnsupportedError, VdiskError
 
 __all__ = ["RbdNode", "open_rbd"]
+
+log = logging.getLogger(__name__)
 
 #: Seconds librados waits for the monitors at connect and for an OSD per request, unless the
 #: conf file or the name sets ``client_mount_timeout``/``rados_osd_op_timeout``: a cluster
@@ -403,4 +406,9 @@ async def open_rbd(name: str, options: OpenOptions) -> BlockNode:
     except BaseException:
         await node.aclose()
         raise
+    if node.lock_warning is not None:
+        # Said here rather than by the tree's context: the read cache sits between the two.
+        log.warning("%s", node.lock_warning)
+        if options.warn is not None:
+            options.warn(node.lock_warning)
     return node

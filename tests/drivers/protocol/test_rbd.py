@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import itertools
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -317,5 +318,29 @@ async def test_cancelled_request_is_abandoned(ceph_cluster: Cluster) -> None:
         assert scope.cancelled_caught
         assert node.counters.abandoned == 1
         assert bytes(await node.pread(0, 4096)) == bytes(4096)
+    finally:
+        await node.aclose()
+
+
+async def test_stopped_osd_gives_an_error_then_reads_resume(ceph_cluster: Cluster) -> None:
+    """The OSD stopped (SIGSTOP) under a reader: the read fails with ETIMEDOUT after
+    rados_osd_op_timeout, never a hang or wrong bytes; once it runs again, reads resume."""
+    image = _unique("stopped")
+    ceph_cluster.rbd("create", "--size", "4M", f"rbd/{image}")
+    data = random_bytes(13, 4 << 20)
+    name = f"{ceph_cluster.qemu_name(f'rbd/{image}')}:rados_osd_op_timeout=2:rbd_cache=false"
+    node = await _open(name, read_only=False)
+    osd = ceph_cluster.processes["osd.0"]
+    try:
+        await node.pwrite(0, data)
+        osd.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(VdiskError) as info:
+                await node.pread(1 << 20, 4096)
+            assert info.value.errno == errno.ETIMEDOUT
+            assert image in str(info.value)
+        finally:
+            osd.send_signal(signal.SIGCONT)
+        assert bytes(await node.pread(0, 4 << 20)) == data
     finally:
         await node.aclose()

@@ -28,7 +28,6 @@ import time
 import tty
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import trio
@@ -107,9 +106,13 @@ class _Disk:
 
 
 def _unique_names(paths: list[str]) -> list[str]:
+    from vdiskfs.fs.daemon import image_stem  # the FUSE side, loaded only when used
+
     names: list[str] = []
     for path in paths:
-        stem = Path(path).stem or "disk"
+        # The mount's rule: a URL or rbd: name by its image, not by its last path component
+        # (rbd:pool/vm:conf=/etc/ceph/ceph.conf is "vm", not "ceph").
+        stem = image_stem(path) or "disk"
         name, n = stem, 1
         while name in names:
             name = f"{stem}-{n}"

@@ -344,3 +344,41 @@ async def test_stopped_osd_gives_an_error_then_reads_resume(ceph_cluster: Cluste
         assert bytes(await node.pread(0, 4 << 20)) == data
     finally:
         await node.aclose()
+
+
+async def test_namespace(ceph_cluster: Cluster) -> None:
+    """``rbd:POOL/NAMESPACE/IMAGE``: the image of that name in the namespace, not the pool's."""
+    ceph_cluster.rbd("namespace", "create", "rbd/tenant")
+    ceph_cluster.rbd("create", "--size", "1M", "rbd/tenant/shared-name")
+    ceph_cluster.rbd("create", "--size", "2M", "rbd/shared-name")
+    node = await _open(ceph_cluster.qemu_name("rbd/tenant/shared-name"))
+    try:
+        assert node.size == 1 << 20
+        assert node.info()["namespace"] == "tenant"
+    finally:
+        await node.aclose()
+
+
+async def test_user_and_keyring(ceph_cluster: Cluster, tmp_path: Path) -> None:
+    """``id=`` and ``keyring=``: a read-only cephx user reads; its write is refused by the
+    cluster with the errno kept and the image named."""
+    image = _unique("reader")
+    ceph_cluster.rbd("create", "--size", "1M", f"rbd/{image}")
+    keyring = tmp_path / "reader.keyring"
+    run("ceph", "-c", ceph_cluster.conf, "auth", "get-or-create", "client.reader", "mon",
+        "profile rbd", "osd", "profile rbd-read-only pool=rbd", "-o", keyring)
+    name = f"{ceph_cluster.qemu_name(f'rbd/{image}')}:id=reader:keyring={keyring}"
+    node = await _open(name)
+    try:
+        assert bytes(await node.pread(0, 4096)) == bytes(4096)
+    finally:
+        await node.aclose()
+    with pytest.raises(VdiskError) as info:
+        writer = await _open(name, read_only=False)
+        try:
+            await writer.pwrite(0, b"x")
+            await writer.flush()
+        finally:
+            await writer.aclose()
+    assert info.value.errno in (errno.EPERM, errno.EACCES)
+    assert info.value.path == name

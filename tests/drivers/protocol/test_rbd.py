@@ -277,8 +277,24 @@ async def test_bad_conf_and_option(ceph_cluster: Cluster, tmp_path: Path) -> Non
     with pytest.raises(VdiskError, match="cannot read conf=") as info:
         await _open(f"rbd:rbd/x:conf={tmp_path / 'none.conf'}")
     assert info.value.field == "conf"
-    with pytest.raises(VdiskError, match="bad Ceph option"):
+    with pytest.raises(VdiskError, match="bad Ceph option no_such_option='1'") as info:
         await _open(f"{ceph_cluster.qemu_name('rbd/x')}:no_such_option=1")
+    assert info.value.field == "no_such_option"
+
+
+async def test_no_conf_and_no_monitor_address(ceph_cluster: Cluster,
+                                              monkeypatch: pytest.MonkeyPatch,
+                                              tmp_path: Path) -> None:
+    """No conf=, no ceph.conf where librados looks: the error says what to give. With the
+    monitor address and keyring in the name alone, the image opens."""
+    monkeypatch.setenv("CEPH_CONF", str(tmp_path / "absent.conf"))
+    with pytest.raises(VdiskError, match="no monitor address: give conf=FILE"):
+        await _open("rbd:rbd/x")
+    image = _unique("noconf")
+    ceph_cluster.rbd("create", "--size", "1M", f"rbd/{image}")
+    mon_host = ceph_cluster.mon_addr.replace(":", "\\:").replace(",", "\\,")
+    node = await _open(f"rbd:rbd/{image}:mon_host={mon_host}:keyring={ceph_cluster.keyring}")
+    await node.aclose()
 
 
 async def test_unreachable_monitor_fails_within_the_timeout(tmp_path: Path,

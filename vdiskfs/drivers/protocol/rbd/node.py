@@ -132,13 +132,14 @@ class RbdNode(BlockNode):
             "rados_osd_op_timeout": str(DEFAULT_TIMEOUT),
             "rados_mon_op_timeout": str(DEFAULT_TIMEOUT)})
         try:
-            # Without conf=, librados's search path (CEPH_CONF, /etc/ceph...), as QEMU.
+            # Without conf=, librados's search path (CEPH_CONF, /etc/ceph...), whose absence
+            # is no error: the name's options may say all (mon_host=...), as in QEMU.
             cluster.conf_read_file(spec.conf)
         except rados.Error as exc:
-            cluster.shutdown()
-            raise HostIOError(f"cannot read conf={spec.conf or '(the default search path)'}: "
-                              f"{exc}", path=self.label, field="conf",
-                              errno=_errno(exc)) from None
+            if spec.conf is not None:
+                cluster.shutdown()
+                raise HostIOError(f"cannot read conf={spec.conf}: {exc}", path=self.label,
+                                  field="conf", errno=_errno(exc)) from None
         options = list(spec.options)
         if spec.keyring is not None:
             options.append(("keyring", spec.keyring))
@@ -159,6 +160,10 @@ class RbdNode(BlockNode):
                                   f"{cluster.conf_get('client_mount_timeout')} s "
                                   f"(mon host {cluster.conf_get('mon_host')!r})",
                                   path=self.label, errno=errno.ETIMEDOUT) from None
+            if not cluster.conf_get("mon_host"):
+                raise HostIOError("no monitor address: give conf=FILE (a ceph.conf), set "
+                                  "CEPH_CONF, or give mon_host=ADDRESS", path=self.label,
+                                  errno=err) from None
             raise self._error(exc, "cannot connect to the cluster") from None
         try:
             self._ioctx = cluster.open_ioctx(spec.pool)

@@ -95,6 +95,8 @@ def parse_spec(name: str) -> RbdSpec:
     first, after = _split(path, "/")
     if after is not None:
         namespace, path = first, after
+        if _split(path, "/")[1] is not None:
+            raise bad("too many / (rbd:POOL/NAMESPACE/IMAGE at most)")
     image, snapshot = _split(path, "@")
     fields: dict[str, str] = {}
     options: list[tuple[str, str]] = []
@@ -120,8 +122,6 @@ def parse_spec(name: str) -> RbdSpec:
     for what in ("pool", "image"):
         if not parts[what]:
             raise bad(f"empty {what} name")
-    if "/" in parts["image"] and "\\/" not in image:
-        raise bad("too many / (rbd:POOL/NAMESPACE/IMAGE at most)")
     snap = None if snapshot is None else _unescape(snapshot)
     if snap == "":
         raise bad("empty snapshot name after @")

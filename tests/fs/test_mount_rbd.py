@@ -4,6 +4,7 @@ image and its snapshot side by side."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -55,3 +56,31 @@ def test_mount_image_and_its_snapshot(ceph_cluster: Cluster, tmp_path: Path) -> 
         assert sorted(os.listdir(mnt)) == ["mount-snap.raw", "mount-snap@old.raw", "stats"]
         assert (mnt / "mount-snap@old.raw").read_bytes() == b"\x01" * (4 << 20)
         assert (mnt / "mount-snap.raw").read_bytes()[: 1 << 20] == b"\x02" * (1 << 20)
+
+
+def test_create_and_overlay_over_an_rbd_base(ceph_cluster: Cluster, tmp_path: Path) -> None:
+    """``vdiskfs create -b rbd:...`` and ``mount --overlay NEW.qcow2 rbd:...``: the name
+    recorded as the backing file as given; writes go to the local overlay, the RBD image
+    stays as it was."""
+    ceph_cluster.rbd("create", "--size", "4M", "rbd/mount-base")
+    base = ceph_cluster.qemu_name("rbd/mount-base")
+    qemu_io(base, "write -P 0x33 0 4M", fmt="raw")
+    created = tmp_path / "created.qcow2"
+    vdiskfs("create", "-f", "qcow2", "-b", base, "-F", "raw", created)
+    assert json.loads(qemu_img("info", "--output=json", created))["backing-filename"] == base
+    overlay = tmp_path / "top.qcow2"
+    with mounted(base, mountpoint=tmp_path / "mnt",
+                 options=("--format", "raw", "--overlay", str(overlay))) as mnt:
+        fd = os.open(mnt / "mount-base.raw", os.O_RDWR)
+        try:
+            os.pwrite(fd, b"\x44" * 4096, 1 << 20)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    assert json.loads(qemu_img("info", "--output=json", overlay))["backing-filename"] == base
+    run("qemu-img", "check", overlay)
+    view = reference_raw(overlay, tmp_path / "view.raw", fmt="qcow2").read_bytes()
+    assert view[1 << 20 : (1 << 20) + 4096] == b"\x44" * 4096
+    assert view[:4096] == b"\x33" * 4096
+    assert reference_raw(base, tmp_path / "base.raw", fmt="raw").read_bytes() == (
+        b"\x33" * (4 << 20))

@@ -399,3 +399,29 @@ async def test_user_and_keyring(ceph_cluster: Cluster, tmp_path: Path) -> None:
             await writer.aclose()
     assert info.value.errno in (errno.EPERM, errno.EACCES)
     assert info.value.path == name
+
+
+async def test_backing_names_inside_an_rbd_image(ceph_cluster: Cluster, tmp_path: Path) -> None:
+    """A qcow2 stored in RBD follows a full rbd: backing name; a relative name has no
+    directory to resolve against and is refused, naming the field."""
+    base_data = random_bytes(17, 1 << 20)
+    raw = tmp_path / "base.raw"
+    raw.write_bytes(base_data)
+    base = _unique("chain-base")
+    ceph_cluster.rbd("import", raw, f"rbd/{base}")
+    good = create(tmp_path / "good.qcow2", "1M", backing=ceph_cluster.qemu_name(f"rbd/{base}"),
+                  backing_fmt="raw")
+    bad = create(tmp_path / "bad.qcow2", "1M", backing="base.raw", backing_fmt="raw")
+    for source in (good, bad):
+        ceph_cluster.rbd("import", source, f"rbd/{source.stem}-{base}")
+    root = await open_image(ceph_cluster.qemu_name(f"rbd/good-{base}"))
+    try:
+        assert bytes(await root.pread(0, 1 << 20)) == base_data
+    finally:
+        await root.aclose()
+    with pytest.raises(VdiskError, match="must be a full rbd: or nbd:// name") as info:
+        await open_image(ceph_cluster.qemu_name(f"rbd/bad-{base}"))
+    assert info.value.field is not None
+    with pytest.raises(VdiskError, match="no-follow-outside"):
+        await open_image(ceph_cluster.qemu_name(f"rbd/good-{base}"),
+                         OpenOptions(follow_outside=False))

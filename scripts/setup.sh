@@ -101,11 +101,13 @@ if [[ $changed == project* ]]; then
   .venv/bin/pip install -e '.[test]' > .venv/setup.log 2>&1 \
     || fail .venv/setup.log "pip install failed"
 fi
-# Debian's librados/librbd binding (python3-rados, python3-rbd) is built for /usr/bin/python3,
-# the interpreter the venv is made from. Only those two modules are shown to the venv -- a
-# directory of links on sys.path through a .pth file -- rather than every system package
-# (--system-site-packages would also need the venv made again). Checked on every run: cheap,
-# and it follows the packages being installed or removed.
+# Debian's librados/librbd binding (python3-rados, python3-rbd) is built for Debian's Python
+# 3.11; any 3.11 venv loads it (the same extension suffix, the stable C API of one minor
+# version). Only those two modules are shown to the venv -- a directory of links on sys.path
+# through a .pth file -- rather than every system package (--system-site-packages would also
+# need the venv made again). Checked on every run: cheap, and it follows the packages being
+# installed or removed; a venv of another Python version finds no module of its suffix and
+# gets none (the rbd node then says "rbd: needs python3-rbd").
 link_ceph_bindings() {
   local site suffix dir=vdiskfs-ceph-bindings module files=()
   read -r site suffix < <(.venv/bin/python -c \

@@ -118,6 +118,8 @@ def _unique_names(paths: list[str]) -> list[str]:
 
     names: list[str] = []
     for path in paths:
+        # The mount's rule: a URL or rbd: name by its image, not by its last path component
+        # (rbd:pool/vm:conf=/etc/ceph/ceph.conf is "vm", not "ceph").
         stem = image_stem(path) or "disk"
         name, n = stem, 1
         while name in names:

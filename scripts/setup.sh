@@ -15,6 +15,9 @@ APT_PACKAGES=(
   fio zstd util-linux
   nginx-light openssl                             # https tests: a local server, its CA
   nbdkit                                          # a second NBD server for the nbd tests
+  ceph-mon ceph-osd ceph-common radosgw           # the throwaway cluster of the ceph tests
+  python3-rados python3-rbd                       # librbd's binding, for the rbd node
+  qemu-block-extra                                # QEMU's rbd driver: the reference
 )
 
 missing=()
@@ -30,6 +33,12 @@ if ((${#missing[@]})); then
   # service that Debian enables and starts when the package is installed is not wanted.
   if [[ " ${missing[*]} " == *" nginx-light "* && -d /run/systemd/system ]]; then
     systemctl disable --now nginx >/dev/null 2>&1 || true
+  fi
+  # Likewise the ceph tests start their own cluster (tests/support/ceph.py); Debian's units
+  # start nothing without /etc/ceph, but none is left enabled either.
+  if [[ " ${missing[*]} " == *" ceph-"* && -d /run/systemd/system ]]; then
+    systemctl disable --now ceph.target ceph-mon.target ceph-osd.target \
+      ceph-radosgw.target >/dev/null 2>&1 || true
   fi
 fi
 
@@ -92,6 +101,31 @@ if [[ $changed == project* ]]; then
   .venv/bin/pip install -e '.[test]' > .venv/setup.log 2>&1 \
     || fail .venv/setup.log "pip install failed"
 fi
+# Debian's librados/librbd binding (python3-rados, python3-rbd) is built for Debian's Python
+# 3.11; any 3.11 venv loads it (the same extension suffix, the stable C API of one minor
+# version). Only those two modules are shown to the venv -- a directory of links on sys.path
+# through a .pth file -- rather than every system package (--system-site-packages would also
+# need the venv made again). Checked on every run: cheap, and it follows the packages being
+# installed or removed; a venv of another Python version finds no module of its suffix and
+# gets none (the rbd node then says "rbd: needs python3-rbd").
+link_ceph_bindings() {
+  local site suffix dir=vdiskfs-ceph-bindings module files=()
+  read -r site suffix < <(.venv/bin/python -c \
+    'import sysconfig as s; print(s.get_path("purelib"), s.get_config_var("EXT_SUFFIX"))')
+  for module in rados rbd; do
+    files+=("/usr/lib/python3/dist-packages/$module$suffix")
+  done
+  if [[ ! -f ${files[0]} || ! -f ${files[1]} ]]; then
+    rm -rf "${site:?}/$dir" "$site/$dir.pth"
+    return
+  fi
+  mkdir -p "$site/$dir"
+  ln -sfn "${files[0]}" "${files[1]}" "$site/$dir/"
+  # A relative line in a .pth file is taken from site-packages.
+  echo "$dir" > "$site/$dir.pth"
+}
+link_ceph_bindings
+
 if [[ -n $changed ]]; then
   # Fail loudly if a build failed or pip replaced the patched pyfuse3.
   .venv/bin/python -c 'import pyfuse3, trio, zstandard; pyfuse3.Operations.lseek'

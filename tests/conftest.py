@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.ceph import Cluster, start_cluster
+from tests.support.ceph import available as ceph_available
 from tests.support.concurrency import build_templates
 from tests.support.http_server import Nginx, start_nginx
 
@@ -40,3 +42,14 @@ def nginx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nginx]:
         pytest.skip("needs nginx (scripts/setup.sh installs nginx-light)")
     with start_nginx(tmp_path_factory.mktemp("nginx")) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def ceph_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A throwaway Ceph cluster (tests.support.ceph): one mon, one memstore OSD, the pool
+    ``rbd``; for tests marked ``ceph``. Started once per session (about 1-2 s)."""
+    reason = ceph_available()
+    if reason is not None:
+        pytest.skip(reason)
+    with start_cluster(tmp_path_factory.mktemp("ceph")) as cluster:
+        yield cluster

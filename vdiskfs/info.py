@@ -14,7 +14,7 @@ import datetime
 import math
 from typing import Any
 
-from vdiskfs.block.node import BlockNode
+from vdiskfs.block.node import BlockNode, NodeKind
 
 __all__ = ["format_text", "image_info", "size_to_str"]
 
@@ -33,6 +33,12 @@ def image_info(node: BlockNode, filename: str | None = None) -> dict[str, Any]:
             info["actual-size"] = actual
     info["dirty-flag"] = False
     info.update(node.info())
+    if "snapshots" not in info:
+        # A format without snapshots lists its protocol's (an RBD image's), as QEMU's
+        # bdrv_snapshot_list falls through to the file child.
+        protocol = _protocol_below(node)
+        if protocol is not None and protocol.info().get("snapshots"):
+            info["snapshots"] = protocol.info()["snapshots"]
     backing = node.child("backing")
     if backing is not None:
         info.setdefault("backing-filename", backing.label)
@@ -47,6 +53,14 @@ def image_info(node: BlockNode, filename: str | None = None) -> dict[str, Any]:
     if children:
         info["children"] = children
     return info
+
+
+def _protocol_below(node: BlockNode) -> BlockNode | None:
+    """The protocol node under ``node``'s ``file`` child, through filters (the read cache)."""
+    file = node.child("file")
+    while file is not None and file.kind != NodeKind.PROTOCOL:
+        file = file.child("file")
+    return file
 
 
 def size_to_str(value: int) -> str:

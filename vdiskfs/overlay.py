@@ -12,7 +12,14 @@ import os
 from dataclasses import replace
 
 from vdiskfs.block.node import BlockNode
-from vdiskfs.block.registry import OpenOptions, open_image, redact_url, run_blocking, url_scheme
+from vdiskfs.block.registry import (
+    OpenOptions,
+    is_network_name,
+    open_image,
+    redact_url,
+    run_blocking,
+    url_scheme,
+)
 from vdiskfs.errors import UnsupportedError, VdiskError
 
 __all__ = ["open_overlay"]
@@ -26,10 +33,10 @@ async def open_overlay(image: str, overlay: str, options: OpenOptions) -> BlockN
     """
     from vdiskfs.drivers.format.qcow2.create import create_qcow2
 
-    scheme = url_scheme(image)
-    if scheme is not None and not scheme.startswith("nbd"):
+    if url_scheme(image) is not None and not is_network_name(image):
         # The overlay would record the URL as its backing file, credentials and all. (An NBD
-        # URL carries none -- the nbd driver refuses user names -- so it is recorded.)
+        # URL or rbd: name carries none -- the nbd driver refuses user names, the rbd one
+        # key= -- so it is recorded.)
         raise UnsupportedError("an overlay (--overlay, overlay=) over an http(s) image is not "
                                "supported; download the image, or open it read-only",
                                path=redact_url(image))
@@ -42,7 +49,7 @@ async def open_overlay(image: str, overlay: str, options: OpenOptions) -> BlockN
         finally:
             await base.aclose()
         if url_scheme(image) is not None:
-            reference = image  # a URL (nbd://...) is recorded as given, as qemu-img does
+            reference = image  # a URL (nbd://..., rbd:...) is recorded as given, as qemu-img does
         else:
             reference = os.path.relpath(os.path.abspath(image),
                                         os.path.dirname(os.path.abspath(overlay)))

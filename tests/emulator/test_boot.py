@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.emulator.guest import BootResult, RootDisk, boot, is_pvm, stop_group
+from tests.support.ceph import Cluster
 from tests.support.http_server import PASSWORD, USER, Nginx
 from tests.support.nbd import qemu_nbd
 from vdiskfs.block.registry import driver_names, get_driver
@@ -158,6 +159,27 @@ def test_bzimage_with_a_read_only_qcow2_root(guest_kernel: Path, root_disk: Root
     assert result.stats is not None
     assert result.stats["root"]["0-qcow2"]["rd_operations"] > 0
     _assert_layers_counted(result.stats, "root", writes=False)
+
+
+@pytest.mark.ceph
+def test_boot_from_a_qcow2_stored_in_rbd(guest_kernel: Path, root_disk: RootDisk,
+                                         ceph_cluster: Cluster, tmp_path: Path) -> None:
+    """``--disk rbd:...``: the qcow2 kept in an RBD image of the test cluster, read by the
+    qcow2 driver over the rbd node; the guest boots read-only and md5s its data partition."""
+    image = tmp_path / "root.qcow2"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(root_disk.path),
+                    str(image)], check=True)
+    ceph_cluster.rbd("import", image, "rbd/boot-root")
+    result = boot(
+        "--kernel", str(guest_kernel), "--memory", MEMORY,
+        "--disk", f"{ceph_cluster.qemu_name('rbd/boot-root')},readonly=on",
+        "--append", f"root=/dev/vda1 ro vdiskfs.md5dev=/dev/vda2 vdiskfs.md5={root_disk.data_md5}",
+        stats=tmp_path / "stats.json",
+    )
+    _assert_kernel_ran_init_from_disk(result, writable=False)
+    assert result.stats is not None
+    assert any(k.endswith("-rbd") for k in result.stats["boot-root"]), result.stats.keys()
+    _assert_layers_counted(result.stats, "boot-root", writes=False)
 
 
 def _qcow2_writable() -> bool:

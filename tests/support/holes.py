@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.images import QEMU_IMG
+from vdiskfs.block.node import BlockNode, BlockStatus
 
 Ranges = list[tuple[int, int]]
 
@@ -22,6 +23,22 @@ def merge(ranges: Ranges) -> Ranges:
         else:
             out.append((start, end))
     return out
+
+
+async def status_runs(node: BlockNode) -> list[tuple[int, int, bool, bool]]:
+    """``(start, length, data, zero)`` of the whole node by block status, adjacent runs alike
+    merged: what ``qemu-img map --output=json`` lists for the same image."""
+    runs: list[tuple[int, int, bool, bool]] = []
+    offset = 0
+    while offset < node.size:
+        status, run = await node.block_status(offset, node.size - offset)
+        flags = (bool(status & BlockStatus.DATA), bool(status & BlockStatus.ZERO))
+        if runs and runs[-1][2:] == flags:
+            runs[-1] = (runs[-1][0], runs[-1][1] + run, *flags)
+        else:
+            runs.append((offset, run, *flags))
+        offset += run
+    return runs
 
 
 def qemu_map(image: Path, *, fmt: str | None = None) -> list[dict[str, Any]]:

@@ -36,6 +36,7 @@ __all__ = [
     "OpenOptions",
     "driver_names",
     "get_driver",
+    "is_network_name",
     "open_image",
     "probe",
     "read_only_protocol",
@@ -87,16 +88,19 @@ def register(cls: T) -> T:
 ProtocolOpener = Callable[[str, "OpenOptions"], "Awaitable[BlockNode]"]
 _PROTOCOLS: dict[str, ProtocolOpener] = {}
 _READ_ONLY_PROTOCOLS: set[str] = set()
+#: Schemes named as ``scheme:rest`` without ``//`` (QEMU's ``rbd:pool/image``).
+_BARE_SCHEMES: set[str] = set()
 #: ``scheme://userinfo@`` at the start of a URL (the authority ends at ``/``, ``?`` or ``#``).
 _USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)([^/?#]*)@")
 
 
 def register_protocol(
-    *schemes: str, read_only: bool = False
+    *schemes: str, read_only: bool = False, bare: bool = False
 ) -> Callable[[ProtocolOpener], ProtocolOpener]:
     """Decorator of a protocol driver's opener: URLs of these schemes (``nbd``, ``nbd+unix``)
     open with it, as QEMU's ``bdrv_find_protocol`` picks a driver by the URL's prefix.
-    ``read_only``: the driver cannot write at all (see :func:`read_only_protocol`)."""
+    ``read_only``: the driver cannot write at all (see :func:`read_only_protocol`).
+    ``bare``: names are ``scheme:rest``, without ``//`` (``rbd:pool/image``)."""
 
     def decorate(opener: ProtocolOpener) -> ProtocolOpener:
         for scheme in schemes:
@@ -105,19 +109,34 @@ def register_protocol(
             _PROTOCOLS[scheme] = opener
             if read_only:
                 _READ_ONLY_PROTOCOLS.add(scheme)
+            if bare:
+                _BARE_SCHEMES.add(scheme)
         return opener
 
     return decorate
 
 
 def url_scheme(name: str) -> str | None:
-    """The scheme of ``name`` if it is a URL of a registered protocol (``nbd://host/x``), else
-    None: a local path (which may contain a colon)."""
+    """The scheme of ``name`` if it is a URL of a registered protocol (``nbd://host/x``, or
+    ``rbd:pool/image`` for a bare scheme), else None: a local path (which may contain a colon;
+    ``./rbd:x`` is a file)."""
     scheme, sep, _ = name.partition("://")
     if not sep:
-        return None
+        scheme, sep, _ = name.partition(":")
+        if not sep or "/" in scheme:
+            return None
+        _load_drivers()
+        return scheme if scheme in _BARE_SCHEMES else None
     _load_drivers()
     return scheme.lower() if scheme.lower() in _PROTOCOLS else None
+
+
+def is_network_name(name: str) -> bool:
+    """Whether ``name`` is a URL that an image may record as its backing file and that is
+    recorded as given (no credentials in it, nothing to resolve it against): ``nbd``, ``rbd``.
+    (An https URL can carry credentials and stays refused.)"""
+    scheme = url_scheme(name) or ""
+    return scheme.startswith("nbd") or scheme in _BARE_SCHEMES
 
 
 def redact_url(name: str) -> str:
@@ -243,6 +262,15 @@ class OpenContext:
             raise FormatError("reference is an empty name", path=self.path, field=field_name)
         if "\0" in reference:
             raise FormatError("reference contains a NUL byte", path=self.path, field=field_name)
+        if self.url is not None and url_scheme(self.url) in _BARE_SCHEMES:
+            if is_network_name(reference):
+                return reference
+            # A relative name has no meaning inside an rbd: image (QEMU would paste it into
+            # the pool, options and all): only a full name (rbd:..., nbd://...) is followed.
+            raise UnsupportedError(
+                f"{reference!r}: a name inside an image opened as {self.url.partition(':')[0]}: "
+                "must be a full rbd: or nbd:// name",
+                path=self.path, field=field_name)
         if reference.startswith(("json:", "nbd:", "http:", "https:")):
             raise UnsupportedError(
                 f"{reference!r}: protocol references are not supported",
@@ -355,10 +383,10 @@ class OpenContext:
                 path=self.path,
                 field=field_name,
             )
-        if (url_scheme(reference) or "").startswith("nbd"):
-            # An NBD URL, as QEMU records one: no directory to resolve against, and always
-            # "outside" the image's directory. (Other URLs stay refused by resolve(): an
-            # https one could carry credentials.)
+        if is_network_name(reference):
+            # An NBD URL or rbd: name, as QEMU records one: no directory to resolve against,
+            # and always "outside" the image's directory. (Other URLs stay refused by
+            # resolve(): an https one could carry credentials.)
             if not self.options.follow_outside:
                 raise ChainError(
                     f"{reference!r} is a network URL (refused by --no-follow-outside)",

@@ -12,4 +12,5 @@ from vdiskfs.drivers.format import (
 from vdiskfs.drivers.protocol import (
     http,  # noqa: F401
     nbd,  # noqa: F401
+    rbd,  # noqa: F401
 )

@@ -76,8 +76,14 @@ class MountRequest:
 def image_stem(path: str) -> str:
     """``debian.qcow2`` -> ``debian``: the file name without its last extension; for a URL,
     its path's last component without the extension (``https://h/d/x.qcow2?s=1`` -> ``x``),
-    or the host when the path has none."""
-    if url_scheme(path) is not None:
+    or the host when the path has none; for an RBD image, its name and snapshot
+    (``rbd:pool/vm@s1:conf=F`` -> ``vm@s1``)."""
+    scheme = url_scheme(path)
+    if scheme == "rbd":
+        from vdiskfs.drivers.protocol.rbd.spec import parse_spec
+
+        return parse_spec(path).stem  # rbd:pool/img@snap -> img@snap
+    if scheme is not None:
         parts = urllib.parse.urlsplit(path)
         name = urllib.parse.unquote(parts.path.rstrip("/").rpartition("/")[2])
         name = name.replace("/", "_").replace("\0", "_")

@@ -16,6 +16,7 @@ import pytest
 import trio
 
 from tests.support.conformance import check_block_node
+from tests.support.holes import status_runs
 from tests.support.images import create, qemu_img, qemu_io, random_bytes, run
 from tests.support.nbd import NBDKIT, make_tls_certificates, nbdkit, qemu_nbd
 from vdiskfs.block.node import BlockStatus
@@ -150,17 +151,7 @@ async def test_block_status_matches_qemu_img_map(server: str, sparse_qcow2: Path
         node = await _open(srv.url)
         try:
             assert node.info()["block_status"]
-            ours: list[tuple[int, int, bool, bool]] = []
-            offset = 0
-            while offset < node.size:
-                status, run = await node.block_status(offset, node.size - offset)
-                flags = (bool(status & BlockStatus.DATA), bool(status & BlockStatus.ZERO))
-                if ours and ours[-1][2:] == flags:
-                    ours[-1] = (ours[-1][0], ours[-1][1] + run, *flags)
-                else:
-                    ours.append((offset, run, *flags))
-                offset += run
-            assert ours == theirs
+            assert await status_runs(node) == theirs
             assert len(theirs) > 3
             # The server describes several extents per reply: later runs came from those.
             assert node.counters.block_status_cached > 0

@@ -1,0 +1,419 @@
+"""Protocol driver ``rbd``: an image of a Ceph cluster (RADOS Block Device) through librbd.
+
+``rbd:POOL[/NAMESPACE]/IMAGE[@SNAP][:conf=FILE][:id=USER][:keyring=FILE]`` (:mod:`.spec`,
+QEMU's syntax) opens with :func:`open_rbd`; a format (probed, or ``--format``) then opens on
+top, as on a file: an image that ``rbd import`` filled with a qcow2 file is read by vdiskfs's
+qcow2 driver.
+
+librbd's own Python binding (Debian's ``python3-rbd``/``python3-rados``, which must match the
+cluster's release) is imported at the first open, so that vdiskfs works without it. Connecting
+and opening are blocking librados calls and run in a thread (:func:`run_blocking`). Requests use
+librbd's asynchronous API (``aio_read``, ``aio_write``...): librbd runs them and calls back on
+one of its own threads, which hands the result to the waiting trio task with
+``TrioToken.run_sync_soon`` and touches nothing else -- so any number of requests are in flight
+with no thread per request, as QEMU's ``block/rbd.c`` does with its AIO completions.
+
+A cancelled request is abandoned, not stopped (librbd cannot cancel one): the caller returns at
+once, librbd still owns the buffer (the binding keeps a reference) and the late completion is
+dropped. A cluster that does not answer gives ETIMEDOUT after ``rados_osd_op_timeout`` (30 s
+here unless the conf file or the name sets it), never a hang; the same bound applies to reaching
+the monitors at open (``client_mount_timeout``).
+
+Writers: an image opened for writing takes librbd's exclusive lock and keeps it (``lock_acquire``
+turns off the cooperative hand-over, so another client's write fails instead of stealing it);
+another client that has the image open for writing -- a watcher, since read-only opens do not
+watch -- or holds the lock makes the open fail with :class:`~vdiskfs.errors.LockedError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import outcome
+import trio
+
+from vdiskfs.block.node import BlockNode, BlockStatus, Buffer, NodeKind
+from vdiskfs.block.registry import OpenOptions, register_protocol, run_blocking
+from vdiskfs.block.stats import Counters
+from vdiskfs.drivers.protocol.rbd.spec import RbdSpec, parse_spec
+from vdiskfs.errors import HostIOError, LockedError, UnsupportedError, VdiskError
+
+__all__ = ["RbdNode", "open_rbd"]
+
+log = logging.getLogger(__name__)
+
+#: Seconds librados waits for the monitors at connect and for an OSD per request, unless the
+#: conf file or the name sets ``client_mount_timeout``/``rados_osd_op_timeout``: a cluster
+#: that is gone gives an error, never a hang (librados's defaults are 300 s and for ever).
+DEFAULT_TIMEOUT = 30
+
+#: Longest range one ``diff_iterate`` call looks at for block status. With fast-diff it reads
+#: the object map (a few bits per 4 MiB object), so this bounds only the work per call.
+_STATUS_WINDOW = 1 << 30
+
+
+@dataclass(slots=True)
+class RbdCounters(Counters):
+    """``requests``: librbd requests sent; ``max_requests_in_flight``: most of them waiting at
+    once; ``abandoned``: requests whose caller was cancelled before librbd completed them."""
+
+    requests: int = 0
+    max_requests_in_flight: int = 0
+    abandoned: int = 0
+
+
+@functools.cache
+def _bindings() -> tuple[Any, Any]:
+    try:
+        import rados
+        import rbd
+    except ImportError as exc:
+        raise UnsupportedError(
+            f"rbd: needs python3-rbd and python3-rados (librbd's binding; scripts/setup.sh "
+            f"installs them and shows them to the venv): {exc}", errno=errno.ENOTSUP) from None
+    return rados, rbd
+
+
+def _errno(exc: BaseException) -> int:
+    err = getattr(exc, "errno", None)
+    return abs(err) if isinstance(err, int) and err else errno.EIO
+
+
+class RbdNode(BlockNode):
+    """An RBD image (or one of its snapshots, read-only). ``label`` is the name as given: it
+    carries no secret (:func:`~.spec.parse_spec` refuses ``key=``)."""
+
+    driver = "rbd"
+    kind = NodeKind.PROTOCOL
+    counters_class = RbdCounters
+    counters: RbdCounters
+
+    def __init__(self, name: str, *, read_only: bool = True) -> None:
+        super().__init__(read_only=read_only, label=name)
+        self.spec: RbdSpec = parse_spec(name)
+        if self.spec.snapshot is not None and not read_only:
+            raise VdiskError(f"snapshot {self.spec.snapshot!r} is read-only; open the image "
+                             "without @SNAP to write", path=name, errno=errno.EROFS)
+        self._cluster: Any = None
+        self._ioctx: Any = None
+        self._image: Any = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._in_flight = 0
+        self._features = 0
+        self._facts: dict[str, Any] = {}
+
+    # -- life cycle ------------------------------------------------------------------------------
+
+    def _error(self, exc: BaseException, what: str) -> VdiskError:
+        """A librados/librbd error as a VdiskError naming the image, errno kept."""
+        return HostIOError(f"{what}: {exc}", path=self.label, errno=_errno(exc))
+
+    async def open(self) -> None:
+        rados, rbd = _bindings()
+        self._token = trio.lowlevel.current_trio_token()
+        # Blocking librados calls (the monitors, the image header): in a thread that a
+        # cancelled open abandons.
+        await run_blocking(lambda: self._connect(rados, rbd))
+        if not self.read_only:
+            await run_blocking(lambda: self._lock(rbd))
+
+    def _connect(self, rados: Any, rbd: Any) -> None:
+        spec = self.spec
+        # Defaults that the conf file, then the name's options, override.
+        cluster = rados.Rados(rados_id=spec.user, conf_defaults={
+            "client_mount_timeout": str(DEFAULT_TIMEOUT),
+            "rados_osd_op_timeout": str(DEFAULT_TIMEOUT),
+            "rados_mon_op_timeout": str(DEFAULT_TIMEOUT)})
+        try:
+            # Without conf=, librados's search path (CEPH_CONF, /etc/ceph...), whose absence
+            # is no error: the name's options may say all (mon_host=...), as in QEMU.
+            cluster.conf_read_file(spec.conf)
+        except rados.Error as exc:
+            if spec.conf is not None:
+                cluster.shutdown()
+                raise HostIOError(f"cannot read conf={spec.conf}: {exc}", path=self.label,
+                                  field="conf", errno=_errno(exc)) from None
+        options = list(spec.options)
+        if spec.keyring is not None:
+            options.append(("keyring", spec.keyring))
+        for key, value in options:
+            try:
+                cluster.conf_set(key, value)
+            except rados.Error as exc:
+                cluster.shutdown()
+                raise VdiskError(f"bad Ceph option {key}={value!r}: {exc}", path=self.label,
+                                 field=key, errno=errno.EINVAL) from None
+        self._cluster = cluster
+        try:
+            cluster.connect()
+        except rados.Error as exc:
+            err = _errno(exc)
+            if err in (errno.ETIMEDOUT, errno.EINTR):
+                raise HostIOError(f"cannot reach the cluster's monitors within "
+                                  f"{cluster.conf_get('client_mount_timeout')} s "
+                                  f"(mon host {cluster.conf_get('mon_host')!r})",
+                                  path=self.label, errno=errno.ETIMEDOUT) from None
+            if not cluster.conf_get("mon_host"):
+                raise HostIOError("no monitor address: give conf=FILE (a ceph.conf), set "
+                                  "CEPH_CONF, or give mon_host=ADDRESS", path=self.label,
+                                  errno=err) from None
+            raise self._error(exc, "cannot connect to the cluster") from None
+        try:
+            self._ioctx = cluster.open_ioctx(spec.pool)
+        except rados.Error as exc:
+            if _errno(exc) == errno.ENOENT:
+                raise HostIOError(f"no pool {spec.pool!r} in the cluster", path=self.label,
+                                  errno=errno.ENOENT) from None
+            raise self._error(exc, f"cannot open pool {spec.pool!r}") from None
+        if spec.namespace:
+            self._ioctx.set_namespace(spec.namespace)
+        try:
+            self._image = rbd.Image(self._ioctx, spec.image, snapshot=spec.snapshot,
+                                    read_only=self.read_only)
+        except rbd.Error as exc:
+            if _errno(exc) == errno.ENOENT:
+                raise HostIOError(self._missing(rbd), path=self.label,
+                                  errno=errno.ENOENT) from None
+            raise self._error(exc, f"cannot open image {spec.where}") from None
+        image = self._image
+        self.size = image.size()
+        self._features = image.features()
+        stat = image.stat()
+        self._facts = {
+            "pool": spec.pool,
+            "namespace": spec.namespace,
+            "image": spec.image,
+            "snapshot": spec.snapshot,
+            "object_size": stat["obj_size"],
+            "features": rbd.RBD().features_to_string(self._features).split(",")
+            if self._features else [],
+            "snapshots": self._snapshots(image),
+        }
+
+    def _missing(self, rbd: Any) -> str:
+        """Why opening the image gave ENOENT: the image or its snapshot is missing."""
+        spec = self.spec
+        if spec.snapshot is not None:
+            try:
+                with rbd.Image(self._ioctx, spec.image, read_only=True) as head:
+                    names = [snap["name"] for snap in head.list_snaps()]
+            except rbd.Error:
+                pass
+            else:
+                known = ", ".join(names) or "none"
+                return f"image {spec.image!r} has no snapshot {spec.snapshot!r} (it has: {known})"
+        ns = f" namespace {spec.namespace!r}" if spec.namespace else ""
+        return f"no image {spec.image!r} in pool {spec.pool!r}{ns}"
+
+    @staticmethod
+    def _snapshots(image: Any) -> list[dict[str, Any]]:
+        snaps = []
+        for snap in image.list_snaps():
+            when = image.get_snap_timestamp(snap["id"])
+            snaps.append({"id": str(snap["id"]), "name": snap["name"], "vm-state-size": 0,
+                          "size": snap["size"], "date-sec": int(when.timestamp()),
+                          "date-nsec": 0, "vm-clock-sec": 0, "vm-clock-nsec": 0})
+        return snaps
+
+    def _lock(self, rbd: Any) -> None:
+        """Keep out every other writer, or refuse to open (see the module's docstring)."""
+        image = self._image
+        if not self._features & rbd.RBD_FEATURE_EXCLUSIVE_LOCK:
+            self.lock_warning = (f"{self.label}: the image has no exclusive-lock feature, so "
+                                 "another writer is not kept out")
+            return
+        # Our own open is one of the watchers: the others are other clients' writers.
+        ours = self._cluster.get_instance_id()
+        others = [w["addr"] for w in image.watchers_list() if w["id"] != ours]
+        owners = [o["owner"] for o in image.lock_get_owners()]
+        if others or owners:
+            who = ", ".join(owners or others)
+            raise LockedError(f"image {self.spec.where} is open for writing by another client "
+                              f"({who}); refusing a second writer", path=self.label)
+        try:
+            image.lock_acquire(rbd.RBD_LOCK_MODE_EXCLUSIVE)
+        except rbd.Error as exc:
+            owners = [o["owner"] for o in image.lock_get_owners()]
+            raise LockedError(f"image {self.spec.where}: cannot take the exclusive lock "
+                              f"(held by {', '.join(owners) or 'another client'}): {exc}",
+                              path=self.label) from None
+
+    lock_warning: str | None = None
+
+    async def _close(self) -> None:
+        image, ioctx, cluster = self._image, self._ioctx, self._cluster
+        self._image = self._ioctx = self._cluster = None
+
+        def close() -> None:
+            # Image.close flushes librbd's cache, waits for requests still in flight and
+            # releases the exclusive lock.
+            try:
+                if image is not None:
+                    image.close()
+            finally:
+                if ioctx is not None:
+                    ioctx.close()
+                if cluster is not None:
+                    cluster.shutdown()
+
+        if image is None and cluster is None:
+            return
+        try:
+            await run_blocking(close)
+        except Exception as exc:
+            raise self._error(exc, "closing the image") from None
+
+    def info(self) -> dict[str, Any]:
+        return {"filename": self.label, **self._facts}
+
+    async def allocated_size(self) -> int:
+        """Unknown without reading every object's size (QEMU reports it unavailable): 0."""
+        return 0
+
+    # -- librbd's asynchronous requests ----------------------------------------------------------
+
+    async def _submit(self, what: str, offset: int, start: Callable[[Callable[..., None]], Any]
+                      ) -> Any:
+        """Start a librbd request (``start(oncomplete)``) and wait for its completion: the
+        ``(return value, data)`` it gave. A negative return value raises naming ``what``."""
+        token = self._token
+        assert token is not None and self._image is not None, "RbdNode used before open()"
+        task = trio.lowlevel.current_task()
+        abandoned = False
+
+        def deliver(result: tuple[int, Any]) -> None:  # on the trio thread
+            self._in_flight -= 1
+            if not abandoned:
+                trio.lowlevel.reschedule(task, outcome.Value(result))
+
+        def oncomplete(completion: Any, data: Any = None) -> None:
+            # On a librados thread, maybe before start() returned: hand over, touch nothing.
+            result = (completion.get_return_value(), data)
+            # RunFinishedError: the trio run is over, nobody waits for this any more.
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(deliver, result)
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            nonlocal abandoned
+            abandoned = True
+            self.counters.abandoned += 1
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        _, rbd = _bindings()
+        try:
+            start(oncomplete)
+        except rbd.Error as exc:
+            raise self._error(exc, f"{what} at {offset}") from None
+        self._in_flight += 1
+        counters = self.counters
+        counters.requests += 1
+        if self._in_flight > counters.max_requests_in_flight:
+            counters.max_requests_in_flight = self._in_flight
+        ret, data = await trio.lowlevel.wait_task_rescheduled(abort)
+        if ret < 0:
+            err = -ret
+            if err == errno.EROFS and not self.read_only:
+                raise LockedError(f"{what} at {offset}: another client took the image's "
+                                  "exclusive lock", path=self.label, errno=errno.EROFS)
+            raise HostIOError(f"{what} at {offset}: {errno.errorcode.get(err, err)} "
+                              f"({os.strerror(err)}) on image {self.spec.where}",
+                              path=self.label, offset=offset, errno=err)
+        return ret, data
+
+    async def _pread(self, offset: int, length: int) -> Buffer:
+        _, data = await self._submit(
+            "read", offset, lambda cb: self._image.aio_read(offset, length, cb))
+        if data is None or len(data) != length:
+            got = 0 if data is None else len(data)
+            raise HostIOError(f"read at {offset}: {got} of {length} bytes (the image shrank?)",
+                              path=self.label, offset=offset, errno=errno.EIO)
+        return data
+
+    async def _pwrite(self, offset: int, data: Buffer) -> None:
+        # The binding takes bytes only (not a memoryview): one copy, which it keeps alive
+        # until librbd is done with it.
+        payload = data if isinstance(data, bytes) else bytes(data)
+        await self._submit("write", offset,
+                           lambda cb: self._image.aio_write(payload, offset, cb))
+
+    async def _flush(self) -> None:
+        await self._submit("flush", 0, lambda cb: self._image.aio_flush(cb))
+
+    async def _discard(self, offset: int, length: int) -> None:
+        await self._submit("discard", offset,
+                           lambda cb: self._image.aio_discard(offset, length, cb))
+
+    async def _zero(self, offset: int, length: int, may_unmap: bool) -> None:
+        _, rbd = _bindings()
+        # As QEMU: without may_unmap the range stays allocated (thick-provisioned zeros).
+        flags = 0 if may_unmap else rbd.RBD_WRITE_ZEROES_FLAG_THICK_PROVISION
+        await self._submit("write-zeroes", offset, lambda cb: self._image.aio_write_zeroes(
+            offset, length, cb, zero_flags=flags))
+
+    async def _block_status(self, offset: int, length: int) -> tuple[BlockStatus, int]:
+        """From librbd's diff iteration over the object map, as QEMU's
+        ``qemu_rbd_co_block_status``: whole objects, the parent image included; an object
+        never written reads as zeros. Without a valid fast-diff map everything is data."""
+        _, rbd = _bindings()
+        data = BlockStatus.DATA | BlockStatus.ALLOCATED
+        if not self._features & rbd.RBD_FEATURE_FAST_DIFF:
+            return data, length
+        image = self._image
+        window = min(length, _STATUS_WINDOW)
+
+        def extents() -> list[tuple[int, int]] | None:
+            if image.flags() & rbd.RBD_FLAG_FAST_DIFF_INVALID:
+                return None
+            found: list[tuple[int, int]] = []
+
+            def seen(start: int, size: int, exists: bool) -> None:
+                if exists:
+                    found.append((start, size))
+
+            image.diff_iterate(offset, window, None, seen, include_parent=True,
+                               whole_object=True)
+            return found
+
+        try:
+            found = await run_blocking(extents)
+        except rbd.Error as exc:
+            raise self._error(exc, f"block status at {offset}") from None
+        if found is None:
+            return data, length
+        end = offset + window
+        runs = sorted((max(start, offset), min(start + size, end)) for start, size in found
+                      if start + size > offset and start < end)
+        if not runs:
+            return BlockStatus.ZERO | BlockStatus.ALLOCATED, window
+        if runs[0][0] > offset:
+            return BlockStatus.ZERO | BlockStatus.ALLOCATED, runs[0][0] - offset
+        run_end = runs[0][1]
+        for start, stop in runs[1:]:  # adjacent extents make one run of data
+            if start > run_end:
+                break
+            run_end = max(run_end, stop)
+        return data, run_end - offset
+
+
+@register_protocol("rbd", bare=True)
+async def open_rbd(name: str, options: OpenOptions) -> BlockNode:
+    """Open the RBD image that ``name`` (``rbd:POOL/IMAGE...``) names."""
+    node = RbdNode(name, read_only=options.read_only)
+    try:
+        await node.open()
+    except BaseException:
+        await node.aclose()
+        raise
+    if node.lock_warning is not None:
+        # Said here rather than by the tree's context: the read cache sits between the two.
+        log.warning("%s", node.lock_warning)
+        if options.warn is not None:
+            options.warn(node.lock_warning)
+    return node

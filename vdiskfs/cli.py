@@ -391,6 +391,10 @@ def _add_snapshot_files(info: dict[str, object], node: BlockNode, image: str) ->
     if not isinstance(node, FormatNode) or not isinstance(listed, list):
         return
     snapshots = node.internal_snapshots()
+    if not snapshots:
+        # The list is the protocol's (an RBD image's snapshots): those open by name
+        # (rbd:pool/image@snap), not as files of this mount.
+        return
     names = snapshot_file_names(image_stem(image), snapshots)
     for entry, snapshot, name in zip(listed, snapshots, names, strict=True):
         entry["virtual-size"] = snapshot.size

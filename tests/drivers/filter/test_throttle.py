@@ -203,7 +203,7 @@ def test_bad_options_name_the_option(text: str, option: str, message: str) -> No
 
 
 def test_disk_options_keep_their_prefix() -> None:
-    with pytest.raises(VdiskError, match="field throttle.iops-total"):
+    with pytest.raises(VdiskError, match=r"field throttle\.iops-total"):
         parse_throttle("iops-total=-1", source="--disk", prefix="throttle.")
 
 

@@ -8,6 +8,7 @@ keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -175,7 +176,10 @@ def _cmd_mount(args: argparse.Namespace) -> int:
         *images, mountpoint = args.paths
     if args.throttle is not None:
         # Checked here, so that a bad option is an error on the terminal, not in a daemon.
-        parse_throttle(args.throttle)
+        spec = parse_throttle(args.throttle)
+        if spec.limits is None and spec.group is None:
+            raise VdiskError("--throttle: give limits (e.g. bps-read=50M,iops-total=2000) "
+                             "or group=NAME", errno=errno.EINVAL)
     if not args.foreground:
         argv, stdin = daemon_arguments(args)
         return spawn_daemon(argv, args.log_file, args.timeout or None,  # 0: no limit

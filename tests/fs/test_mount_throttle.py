@@ -97,6 +97,7 @@ def test_bad_throttle_options_fail_before_mounting(tmp_path: Path) -> None:
     for option, message in (
         ("bps-read=-50M", "--throttle: field bps-read: '-50M' is negative"),
         ("bps-total=1,bps-write=2", "cannot be used at the same time"),
+        (" ", "--throttle: give limits"),
         ("colour=red", "field colour: unknown throttle option"),
     ):
         proc = vdiskfs("mount", "--throttle", option, image, mnt, check=False)

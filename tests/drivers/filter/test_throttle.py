@@ -333,6 +333,7 @@ async def test_new_limits_wake_the_waiting_requests(
         control.write("bps-read=1G\n")
         await trio.testing.wait_all_tasks_blocked()
         assert done == [0, 1, 2, 3]  # without the clock moving
+        assert node.counters.throttled_reads == 3 and node.counters.throttled_ns == 0
         assert control.read() == "bps-read=1073741824,group=g\n"
         control.write("")
         assert not node.group.limits.enabled

@@ -114,14 +114,15 @@ class ThrottleGroup:
     def queue_length(self, direction: Direction) -> int:
         return len(self._queues[direction])
 
-    async def admit(self, direction: Direction, size: int) -> int:
+    async def admit(self, direction: Direction, size: int) -> int | None:
         """Wait until a request of ``size`` bytes may start, charge it; the nanoseconds it
-        waited (0: it started at once)."""
+        waited in the queue, or None when it started at once (new limits can let a queued
+        request go without the clock moving: it was throttled all the same)."""
         queue = self._queues[direction]
         state = self._buckets()
         if not queue and state.wait_ns(direction, self._clock()) == 0:
             state.account(direction, size)
-            return 0
+            return None
         turn = _Turn()
         queue.append(turn)
         start = self._clock()
@@ -206,7 +207,7 @@ class ThrottleNode(FilterNode):
                 counters.queued_reads -= 1
             else:
                 counters.queued_writes -= 1
-        if waited:
+        if waited is not None:
             counters.throttled_ns += waited
             if reading:
                 counters.throttled_reads += 1

@@ -35,6 +35,7 @@ def test_throttled_mount_counts_waits_and_takes_new_limits(tmp_path: Path) -> No
     b = tmp_path / "b.qcow2"
     create(b, "4M")
     qemu_io(b, "write -P 0x11 0 1M")
+    subprocess.run(["qemu-img", "snapshot", "-c", "s1", str(b)], check=True)
     options = ("--throttle", "iops-read=50,group=shared", "--log-file", str(tmp_path / "log"))
     with mounted(a, b, mountpoint=tmp_path / "mnt", options=options) as mnt:
         for stem in ("a", "b"):
@@ -43,6 +44,10 @@ def test_throttled_mount_counts_waits_and_takes_new_limits(tmp_path: Path) -> No
             top = _stats(mnt, stem)
             assert top["driver"] == "throttle" and top["children"] == ["1-raw" if stem == "a"
                                                                        else "1-qcow2"]
+        # A snapshot reads the image's files: the image's budget.
+        assert _stats(mnt, "b@s1")["driver"] == "throttle"
+        assert (mnt / "stats" / "b@s1" / "throttle").read_text() == \
+            "iops-read=50,group=shared\n"
         # The bucket holds 5 requests (a tenth of a second); 12 must wait for the others.
         _direct_reads(mnt / "a.raw", 6)
         _direct_reads(mnt / "b.raw", 6)

@@ -16,6 +16,7 @@ from emulator.kvm.vm import KvmError
 from emulator.loader.cmdline import CmdlineError
 from emulator.vmm import DiskConfig, VmConfig, Vmm
 from vdiskfs.block.registry import read_only_protocol, redact_url, url_scheme
+from vdiskfs.drivers.filter.throttle_buckets import parse_throttle
 from vdiskfs.errors import VdiskError
 from vdiskfs.units import parse_size
 from vdiskfs.urlargs import RemoteOptions, add_remote_arguments
@@ -25,6 +26,8 @@ __all__ = ["add_boot_arguments", "parse_disk", "parse_memory", "run_boot"]
 log = logging.getLogger("vdiskfs.boot")
 
 _DISK_OPTIONS = ("format", "readonly", "overlay", "snapshot")
+#: ``throttle.bps-read=50M``...: the throttle options, QEMU's ``-drive throttling.*`` names.
+_THROTTLE_PREFIX = "throttle."
 
 
 def parse_memory(text: str) -> int:
@@ -41,8 +44,8 @@ def parse_memory(text: str) -> int:
 
 
 def parse_disk(text: str) -> DiskConfig:
-    """``IMAGE[,format=F][,readonly=on|off][,overlay=NEW.qcow2][,snapshot=NAME]`` (``,,`` is a
-    literal comma).
+    """``IMAGE[,format=F][,readonly=on|off][,overlay=NEW.qcow2][,snapshot=NAME]`` and
+    ``[,throttle.KEY=VALUE]...`` (the keys of ``mount --throttle``); ``,,`` is a literal comma.
 
     A local IMAGE ends at the first comma: every item after it must be an option. A URL may
     contain commas and ``=`` of its own (``https://h/x.qcow2?sig=a,b``,
@@ -65,12 +68,16 @@ def parse_disk(text: str) -> DiskConfig:
         raise argparse.ArgumentTypeError("--disk needs an image path or URL")
     disk = DiskConfig(path)
     read_only: bool | None = None
+    throttle: list[str] = []
     for option in options:
         if not _is_disk_option(option):
             raise argparse.ArgumentTypeError(
                 f"--disk option {option!r}: expected one of "
-                + ", ".join(f"{k}=..." for k in _DISK_OPTIONS))
+                + ", ".join(f"{k}=..." for k in (*_DISK_OPTIONS, f"{_THROTTLE_PREFIX}KEY")))
         key, _, value = option.partition("=")
+        if key.startswith(_THROTTLE_PREFIX):
+            throttle.append(option[len(_THROTTLE_PREFIX):])
+            continue
         if key == "format":
             disk.format = value
         elif key == "readonly":
@@ -103,12 +110,19 @@ def parse_disk(text: str) -> DiskConfig:
         # An overlay takes the writes; open_overlay says whether it can sit over this URL.
         read_only = read_only if disk.overlay is not None else True
     disk.read_only = bool(read_only)
+    if throttle:
+        try:
+            disk.throttle = parse_throttle(",".join(throttle), source="--disk",
+                                           prefix=_THROTTLE_PREFIX)
+        except VdiskError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
     return disk
 
 
 def _is_disk_option(item: str) -> bool:
     key, sep, _ = item.partition("=")
-    return bool(sep) and key in _DISK_OPTIONS
+    # A throttle key without a value is still one: parse_throttle says what it lacks.
+    return key.startswith(_THROTTLE_PREFIX) or (bool(sep) and key in _DISK_OPTIONS)
 
 
 def add_boot_arguments(parser: argparse.ArgumentParser) -> None:
@@ -124,11 +138,12 @@ def add_boot_arguments(parser: argparse.ArgumentParser) -> None:
                         help="guest RAM (default 256M)")
     parser.add_argument("--disk", type=parse_disk, action="append", default=[],
                         metavar="IMAGE|URL[,format=F][,readonly=on][,overlay=NEW.qcow2]"
-                        "[,snapshot=NAME]",
+                        "[,snapshot=NAME][,throttle.KEY=VALUE]...",
                         help="a virtio-blk disk served by the vdiskfs stack (/dev/vda, "
                         "/dev/vdb... in order): a file, or an http(s) (read-only) or nbd URL; "
                         "snapshot= boots an internal snapshot (ID or name) read-only; "
-                        "repeatable")
+                        "throttle.bps-read=50M, throttle.iops-total=2000, throttle.group=G...: "
+                        "keep its I/O within limits, as mount --throttle; repeatable")
     add_remote_arguments(parser)
     parser.add_argument("--mount", metavar="MOUNTPOINT",
                         help="while the guest runs, show the disks (read-only) and live "

@@ -54,6 +54,8 @@ from emulator.memory import GuestMemory
 from emulator.outcome import Outcome, OutcomeKind, StopSignal
 from vdiskfs.block.node import BlockNode
 from vdiskfs.block.registry import OpenOptions, open_image, redact_url
+from vdiskfs.drivers.filter.throttle import ThrottleGroups, throttled
+from vdiskfs.drivers.filter.throttle_buckets import ThrottleSpec
 from vdiskfs.errors import ReadOnlyError, UnsupportedError, VdiskError
 from vdiskfs.overlay import open_overlay
 from vdiskfs.urlargs import RemoteOptions
@@ -69,8 +71,8 @@ ESCAPE_QUIT = ord("x")
 
 @dataclass
 class DiskConfig:
-    """One ``--disk IMAGE[,format=F][,readonly=on][,overlay=NEW.qcow2][,snapshot=NAME]``; IMAGE
-    may be a URL (``https://...``, ``nbd://...``)."""
+    """One ``--disk IMAGE[,format=F][,readonly=on][,overlay=NEW.qcow2][,snapshot=NAME]``
+    ``[,throttle.KEY=V]...``; IMAGE may be a URL (``https://...``, ``nbd://...``)."""
 
     path: str
     format: str | None = None
@@ -78,6 +80,8 @@ class DiskConfig:
     overlay: str | None = None
     #: Boot the image's internal snapshot of this ID or name (read-only).
     snapshot: str | None = None
+    #: ``throttle.*``: limits over the disk, in its own budget or a ``throttle.group``.
+    throttle: ThrottleSpec | None = None
 
 
 @dataclass
@@ -147,6 +151,8 @@ class Vmm:
         self.config = config
         self.stop = StopSignal()
         self.disks: list[_Disk] = []
+        #: The VM's throttle groups: disks share a budget only when they name one.
+        self.throttle_groups = ThrottleGroups()
         self.memory: GuestMemory | None = None
         self.kvm: Kvm | None = None
         self.vm: Vm | None = None
@@ -232,6 +238,9 @@ class Vmm:
                     raise type(exc)(f"{exc.message} (add readonly=on to boot it read-only, "
                                     "or overlay=NEW.qcow2)", path=exc.path, field=exc.field,
                                     offset=exc.offset, errno=exc.errno) from exc
+            if disk.throttle is not None:
+                # At the top of the disk's tree, as QEMU's throttle filter.
+                node = await throttled(node, self.throttle_groups, disk.throttle, name)
             self.disks.append(_Disk(name, disk, node))
             for warning in node.warnings:
                 log.warning("%s", warning)
@@ -414,8 +423,12 @@ class Vmm:
                    for d in self.disks]
         operations = VdiskOperations(exports, extra_stats=self.extra_stats())
         assert self.config.mountpoint is not None
+        # A throttled disk's limits change through its control file: not a "ro" mount then
+        # (the disks are read-only files all the same).
+        throttled_disks = any(d.config.throttle is not None for d in self.disks)
         await nursery.start(lambda task_status: serve(
-            operations, self.config.mountpoint, read_only=True, task_status=task_status))
+            operations, self.config.mountpoint, read_only=not throttled_disks,
+            task_status=task_status))
 
     async def _watch_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:

@@ -8,6 +8,7 @@ keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from vdiskfs.block.registry import (
     redact_url,
     url_scheme,
 )
+from vdiskfs.drivers.filter.throttle_buckets import parse_throttle
 from vdiskfs.errors import VdiskError
 from vdiskfs.units import parse_size
 from vdiskfs.urlargs import RemoteOptions, add_remote_arguments, has_credentials, hide_credentials
@@ -78,6 +80,12 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="give up (and stop the daemon) when the images are not mounted "
                        f"after SECONDS (default {READY_TIMEOUT:g}; 0: wait for ever)")
     mount.add_argument("--debug", action="store_true", help="log every FUSE request")
+    mount.add_argument("--throttle", metavar="LIMITS",
+                       help="keep each IMAGE's I/O within QEMU-style limits, e.g. "
+                       "bps-read=50M,iops-total=2000 (bps-{total,read,write}, "
+                       "iops-{total,read,write}, their -max and -max-length, iops-size); "
+                       "group=NAME: all the IMAGEs share one budget; changeable while mounted "
+                       "through stats/<stem>/throttle")
     add_remote_arguments(mount)
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     mount.add_argument("--paths-from-stdin", action="store_true", help=argparse.SUPPRESS)
@@ -166,6 +174,12 @@ def _cmd_mount(args: argparse.Namespace) -> int:
         raise VdiskError("mount needs at least one IMAGE and a MOUNTPOINT")
     else:
         *images, mountpoint = args.paths
+    if args.throttle is not None:
+        # Checked here, so that a bad option is an error on the terminal, not in a daemon.
+        spec = parse_throttle(args.throttle)
+        if spec.limits is None and spec.group is None:
+            raise VdiskError("--throttle: give limits (e.g. bps-read=50M,iops-total=2000) "
+                             "or group=NAME", errno=errno.EINVAL)
     if not args.foreground:
         argv, stdin = daemon_arguments(args)
         return spawn_daemon(argv, args.log_file, args.timeout or None,  # 0: no limit
@@ -183,6 +197,7 @@ def _cmd_mount(args: argparse.Namespace) -> int:
         follow_outside=args.follow_outside,
         debug=args.debug,
         remote=RemoteOptions.from_args(args),
+        throttle=args.throttle,
     )
     _setup_logging(args.debug)
     report = os.fdopen(args.ready_fd, "w", buffering=1) if args.ready_fd is not None else None
@@ -254,6 +269,8 @@ def argv_of(args: argparse.Namespace) -> list[str]:
     if args.debug:
         argv.append("--debug")
     argv += RemoteOptions.from_args(args).argv()
+    if args.throttle is not None:
+        argv += ["--throttle", args.throttle]
     argv.append("--")
     argv += [_daemon_path(p) for p in args.paths]
     return argv

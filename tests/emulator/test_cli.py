@@ -104,6 +104,47 @@ def test_parse_disk_refuses_writes_over_http() -> None:
         parse_disk("nbd.img,cache=none")
 
 
+def test_parse_disk_throttle() -> None:
+    disk = parse_disk("a.qcow2,throttle.iops-total=2000,readonly=on,throttle.bps-read=50M,"
+                      "throttle.group=G")
+    assert disk.read_only and disk.throttle is not None
+    assert disk.throttle.group == "G"
+    assert disk.throttle.limits is not None
+    assert disk.throttle.limits.options() == "bps-read=52428800,iops-total=2000"
+    joined = parse_disk("b.img,throttle.group=G").throttle
+    assert joined is not None and joined.limits is None and joined.group == "G"
+    assert parse_disk("c.img").throttle is None
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("a.img,throttle.iops-total=-1", "--disk: field throttle.iops-total: '-1' is negative"),
+    ("a.img,throttle.bps-total=1G,throttle.bps-read=1M",
+     "field throttle.bps-total: bps/iops/max total values and read/write values cannot"),
+    ("a.img,throttle.speed=9", "field throttle.speed: unknown throttle option"),
+    ("a.img,throttle.iops-read", "field throttle.iops-read: needs a value"),
+    ("a.img,throttle.iops-read=5,throttle.iops-read-max=1",
+     "field throttle.iops-read-max: bps_max/iops_max cannot be lower than bps/iops"),
+    ("a.img,throttle.iops-read=5,throttle.iops-read-max=10,throttle.iops-read-max-length=0",
+     "field throttle.iops-read-max-length: the burst length cannot be 0"),
+    ("a.img,throttle.bps-write=99999999999999999",
+     "field throttle.bps-write: bps/iops/max values must be within [0, 1000000000000000]"),
+])
+def test_parse_disk_refuses_bad_throttle_options(text: str, message: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError) as info:
+        parse_disk(text)
+    assert message in str(info.value)
+
+
+def test_disks_of_one_throttle_group_must_agree(tmp_path: Path) -> None:
+    disk = tmp_path / "d.raw"
+    disk.write_bytes(bytes(1 << 20))
+    line = _one_line_error(_boot(
+        "--kernel", "nonexistent",
+        "--disk", f"{disk},format=raw,readonly=on,throttle.iops-total=10,throttle.group=g",
+        "--disk", f"{disk},format=raw,readonly=on,throttle.iops-total=20,throttle.group=g"))
+    assert "throttle group 'g' has the limits 'iops-total=10'" in line
+
+
 def test_arguments() -> None:
     parser = argparse.ArgumentParser()
     add_boot_arguments(parser)

@@ -19,14 +19,14 @@ different ranges run concurrently.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from vdiskfs.block.stats import Counters, NodeStats, Op, StatsSnapshot
 from vdiskfs.errors import FormatError, NoSpaceError, RangeError, ReadOnlyError, UnsupportedError
 
-__all__ = ["BlockNode", "BlockStatus", "Child", "FilterNode", "NodeKind"]
+__all__ = ["BlockNode", "BlockStatus", "Child", "Control", "FilterNode", "NodeKind"]
 
 # Plain ints for the per-request accounting (an IntEnum lookup costs more than the rest).
 _READ = int(Op.READ)
@@ -60,6 +60,21 @@ class Child:
     role: str
     node: BlockNode
     owned: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Control:
+    """A setting of a node that the user may read and change while the node is open (a
+    throttle's limits): a writable file beside the node's statistics in a mount.
+
+    ``read`` renders the current setting as one line of text; ``write`` takes a whole new
+    setting in the same syntax and raises a :class:`~vdiskfs.errors.VdiskError` (EINVAL) that
+    names what is wrong, leaving the setting as it was.
+    """
+
+    name: str
+    read: Callable[[], str]
+    write: Callable[[str], None]
 
 
 class BlockNode:
@@ -162,6 +177,10 @@ class BlockNode:
         already local, an NBD export can change unseen). It may be secret (a URL's query):
         show only a hash of it."""
         return None
+
+    def controls(self) -> list[Control]:
+        """The settings of this node that can change while it is open; most have none."""
+        return []
 
     def stats_snapshot(self) -> StatsSnapshot:
         return self.stats.snapshot(self.counters.snapshot())

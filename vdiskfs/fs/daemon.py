@@ -28,6 +28,8 @@ import trio
 from vdiskfs.block.format import FormatNode
 from vdiskfs.block.node import BlockNode
 from vdiskfs.block.registry import open_image, redact_url, url_scheme
+from vdiskfs.drivers.filter.throttle import ThrottleGroups, throttled
+from vdiskfs.drivers.filter.throttle_buckets import parse_throttle
 from vdiskfs.drivers.format.raw import RawNode
 from vdiskfs.errors import VdiskError
 from vdiskfs.fs.mount import serve, terminate
@@ -65,6 +67,8 @@ class MountRequest:
     #: Show every internal snapshot as ``<stem>@<name>.raw`` (``--snapshots``/
     #: ``--no-snapshots``); None: on read-only mounts only (:attr:`show_snapshots`).
     snapshots: bool | None = None
+    #: ``--throttle``: limits over each image (its own budget, or a shared ``group=``).
+    throttle: str | None = None
 
     @property
     def show_snapshots(self) -> bool:
@@ -117,21 +121,35 @@ async def open_exports(
     )
     if request.overlay is not None and len(request.images) != 1:
         raise VdiskError("--overlay takes exactly one IMAGE")
+    throttle = None if request.throttle is None else parse_throttle(request.throttle)
+    # The mount's own groups: its images share a budget only when they name one.
+    groups = ThrottleGroups()
     roots: list[BlockNode] = []
     exports: list[Export] = []
     try:
         for path in request.images:
             if request.overlay is not None:
-                node = await open_overlay(path, request.overlay, options)
+                top = await open_overlay(path, request.overlay, options)
             else:
-                node = await open_image(path, options)
+                top = await open_image(path, options)
+            node = top
+            if throttle is not None:
+                # At the top of the image's tree, as QEMU puts its throttle filter: the
+                # partition windows above it share the disk's budget.
+                node = await throttled(top, groups, throttle, image_stem(path))
             roots.append(node)
             writable = request.writable or request.overlay is not None
             exports.append(Export(image_stem(path), node, writable=writable))
             if request.show_snapshots:
                 # The snapshots of IMAGE: under --overlay, the overlay's backing node.
-                image = node.child("backing") if request.overlay is not None else node
+                image = top.child("backing") if request.overlay is not None else top
                 views = await _snapshot_exports(image_stem(path), image, set(stems))
+                if throttle is not None:
+                    # They read the image's files: the image's budget (the same group,
+                    # the same limits: joining it cannot fail).
+                    for view in views:
+                        view.node = await throttled(view.node, groups, throttle,
+                                                    image_stem(path))
                 exports += views
                 # Views read through their image's nodes: closed before it.
                 roots[-1:-1] = [view.node for view in views]
@@ -228,7 +246,10 @@ async def run_foreground(
                         await serve(
                             operations,
                             mountpoint,
-                            read_only=not (request.writable or request.overlay),
+                            # A throttle's control file is written while mounted, so the
+                            # mount is not "ro" then; every image file stays read-only.
+                            read_only=not (request.writable or request.overlay
+                                           or request.throttle),
                             allow_other=request.allow_other,
                             debug=request.debug,
                             task_status=task_status,

@@ -9,7 +9,9 @@ Caching: a read-only image may keep the kernel's page cache across opens (``keep
 writable one drops it at open (all writes pass through this process, so the cache stays coherent
 while it is open); a file whose node something else writes (a running guest) uses ``direct_io``
 so no reader ever sees a stale page. Stats files use ``direct_io``: their content changes between
-reads and their size is not known in advance.
+reads and their size is not known in advance. A stats file with a ``write`` is a node's setting
+(the throttle's limits): a write from offset 0 replaces the setting; bad input is EINVAL, and the
+reason goes to the log.
 
 Holes: ``lseek(SEEK_DATA/SEEK_HOLE)`` comes from the block status of the whole chain
 (:mod:`vdiskfs.block.holes`), ``st_blocks`` from the host allocation of the image's files;
@@ -204,7 +206,11 @@ class VdiskOperations(pyfuse3.Operations):
         entry = self._entry(inode)
         if fields.update_mode or fields.update_uid or fields.update_gid:
             raise FUSEError(errno.EPERM)
-        if fields.update_size:
+        if fields.update_size and isinstance(entry, StatsEntry) and entry.write is not None:
+            # `echo ... > control` truncates first: the write that follows replaces it all.
+            if attr.st_size != 0:
+                raise FUSEError(errno.EINVAL)
+        elif fields.update_size:
             if not isinstance(entry, ImageEntry) or not entry.export.writable:
                 raise FUSEError(errno.EROFS if isinstance(entry, ImageEntry) else errno.EPERM)
             if attr.st_size != entry.export.node.size:
@@ -257,7 +263,7 @@ class VdiskOperations(pyfuse3.Operations):
             raise FUSEError(errno.EISDIR)
         wants_write = flags & os.O_ACCMODE != os.O_RDONLY
         if isinstance(entry, StatsEntry):
-            if wants_write:
+            if wants_write and entry.write is None:
                 raise FUSEError(errno.EACCES)
             info = pyfuse3.FileInfo(direct_io=True, keep_cache=False)
         else:
@@ -316,6 +322,8 @@ class VdiskOperations(pyfuse3.Operations):
         if handle is None:
             raise FUSEError(errno.EBADF)
         entry = handle.entry
+        if isinstance(entry, StatsEntry) and entry.write is not None:
+            return self._write_control(entry, off, buf)
         if not isinstance(entry, ImageEntry) or not entry.export.writable:
             raise FUSEError(errno.EROFS if isinstance(entry, ImageEntry) else errno.EACCES)
         export = entry.export
@@ -336,6 +344,24 @@ class VdiskOperations(pyfuse3.Operations):
             log.exception("write %s at %d+%d failed unexpectedly", entry.name, off, length)
             raise FUSEError(errno.EIO) from None
         return length
+
+    def _write_control(self, entry: StatsEntry, off: int, buf: bytes) -> int:
+        """A new setting: the whole text in one write from the start (a setting is a line;
+        applying a piece of one could set something nobody asked for)."""
+        assert entry.write is not None
+        if off != 0:
+            log.warning("%s: write the whole setting at once, from offset 0 (not %d)",
+                        entry.name, off)
+            raise FUSEError(errno.EINVAL)
+        try:
+            entry.write(buf.decode())
+        except UnicodeDecodeError:
+            log.warning("%s: the setting is not UTF-8 text", entry.name)
+            raise FUSEError(errno.EINVAL) from None
+        except VdiskError as exc:
+            log.warning("%s: %s", entry.name, exc)
+            raise FUSEError(exc.errno) from None
+        return len(buf)
 
     # -- holes, discard and write-zeroes (pyfuse3 with the project's patch) -------------------
 

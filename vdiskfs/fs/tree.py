@@ -14,6 +14,7 @@
           1-file
           2-qcow2                ...so a backing file follows its parent's own children
           3-file
+          throttle               a setting of a node (the throttle's limits): read and write it
         <stem>-part<N>/0-raw     the partition window's own node
         <extra>                  sources added by the embedder (the emulator's vm, virtio-blk)
 
@@ -152,12 +153,17 @@ class ImageEntry:
 
 @dataclass
 class StatsEntry:
-    """A read-only file whose content is rendered when it is read (live statistics)."""
+    """A file whose content is rendered when it is read (live statistics); with ``write``, a
+    node's setting (:class:`~vdiskfs.block.node.Control`) that writing changes."""
 
     inode: int
     name: str
     render: Callable[[], bytes]
-    mode: int = stat.S_IFREG | 0o444
+    write: Callable[[str], None] | None = None
+
+    @property
+    def mode(self) -> int:
+        return stat.S_IFREG | (0o444 if self.write is None else 0o644)
 
 
 Entry = DirEntry | ImageEntry | StatsEntry
@@ -249,6 +255,11 @@ class FileSystemTree:
             directory = self._add_dir(export.name, parent=stats_dir)
             for name, render in node_stats_entries(export.node):
                 self._link(directory, StatsEntry(self._alloc(), name, render))
+            for _, _, node in _walk_owned(export.node):
+                for control in node.controls():
+                    self._link(directory, StatsEntry(self._alloc(), control.name,
+                                                     _control_renderer(control.read),
+                                                     control.write))
         for path, source in (extra_stats or {}).items():
             *dirs, name = path.split("/")
             parent = stats_dir
@@ -279,6 +290,10 @@ class FileSystemTree:
 
     def images(self) -> list[ImageEntry]:
         return [e for e in self.entries.values() if isinstance(e, ImageEntry)]
+
+
+def _control_renderer(read: Callable[[], str]) -> Callable[[], bytes]:
+    return lambda: read().encode()
 
 
 def _source_renderer(source: StatsSource) -> Callable[[], bytes]:

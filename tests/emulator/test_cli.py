@@ -125,7 +125,7 @@ def test_parse_disk_throttle() -> None:
     ("a.img,throttle.iops-read=5,throttle.iops-read-max=1",
      "field throttle.iops-read-max: bps_max/iops_max cannot be lower than bps/iops"),
     ("a.img,throttle.iops-read=5,throttle.iops-read-max=10,throttle.iops-read-max-length=0",
-     "field throttle.iops-read-max-length: the burst length cannot be 0"),
+     "field throttle.iops-read-max-length: '0' is zero"),
     ("a.img,throttle.bps-write=99999999999999999",
      "field throttle.bps-write: bps/iops/max values must be within [0, 1000000000000000]"),
 ])

@@ -119,8 +119,8 @@ def _number(source: str, option: str, value: str, *, size: bool) -> int:
     """A non-negative integer option; ``size``: with the suffixes of sizes (``50M``)."""
     text = value.strip()
     if text.startswith("-"):
-        raise _option_error(source, option, f"{value!r} is negative; limits are >= 0 "
-                            "(0: no limit)")
+        raise _option_error(source, option, f"{value!r} is negative; a limit is a positive "
+                            "number (leave the option out for no limit)")
     if size:
         try:
             number = parse_size(text, what=option)
@@ -130,6 +130,12 @@ def _number(source: str, option: str, value: str, *, size: bool) -> int:
         number = int(text)
     else:
         raise _option_error(source, option, f"{value!r} is not a whole number")
+    if number == 0:
+        # QEMU reads 0 as "no limit"; written out, it is more likely a mistake (a rate meant
+        # in other units, a variable left empty) than a wish for no limit, which leaving the
+        # option out says.
+        raise _option_error(source, option, f"{value!r} is zero; a limit is a positive number "
+                            "(leave the option out for no limit)")
     return number
 
 

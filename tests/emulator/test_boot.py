@@ -9,6 +9,7 @@ accept a guest that stops at its first system call instead.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -297,7 +298,10 @@ def test_live_stats_under_mount(guest_kernel: Path, root_disk: RootDisk, tmp_pat
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
     cmd = [sys.executable, "-m", "emulator", "--kernel", str(guest_kernel), "--memory", MEMORY,
-           "--disk", f"{root_disk.path},format=raw", "--mount", str(mountpoint),
+           # Throttled (generously): the throttle filter sits on top and its control file
+           # takes new limits while the guest runs.
+           "--disk", f"{root_disk.path},format=raw,throttle.iops-total=100000,"
+           "throttle.bps-total=1G", "--mount", str(mountpoint),
            "--append", "root=/dev/vda1 rw"]
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, start_new_session=True,
@@ -322,13 +326,20 @@ def test_live_stats_under_mount(guest_kernel: Path, root_disk: RootDisk, tmp_pat
             assert time.monotonic() < deadline, (vm, blk)
             time.sleep(0.5)
         assert vm["outcome"] is None  # still running
-        layer = json.loads((mountpoint / "stats" / "root" / "0-raw").read_text())
+        layer = json.loads((mountpoint / "stats" / "root" / "1-raw").read_text())
         assert layer["rd_operations"] > 0
-        assert sorted(os.listdir(mountpoint / "stats" / "root"))[:3] == ["0-raw", "1-file",
-                                                                          "tree"]
+        assert sorted(os.listdir(mountpoint / "stats" / "root"))[:3] == ["0-throttle", "1-raw",
+                                                                          "2-file"]
+        throttle = mountpoint / "stats" / "root" / "throttle"
+        assert "iops-total=100000" in throttle.read_text()
+        throttle.write_text("iops-total=50000\n")
+        assert throttle.read_text().startswith("iops-total=50000,")
         # The disk itself, read-only while the guest owns it.
         view = mountpoint / "root.raw"
-        assert not os.access(view, os.W_OK)
+        # (The mount is not "ro", for the throttle control file; the disk's file refuses.)
+        with pytest.raises(OSError) as refused:
+            open(view, "r+b")  # noqa: SIM115
+        assert refused.value.errno == errno.EROFS
         with open(view, "rb") as f:
             f.seek(root_disk.data_offset)
             assert hashlib.md5(f.read(root_disk.data_size)).hexdigest() == root_disk.data_md5

@@ -25,11 +25,17 @@ import netrc
 import os
 import ssl
 import urllib.parse
-from typing import Any
+from typing import Any, ClassVar
 
 from vdiskfs.block.node import BlockNode, Buffer, NodeKind
 from vdiskfs.block.registry import OpenOptions, redact_url, register_protocol
-from vdiskfs.drivers.protocol.http.pool import ConnectionPool, HttpCounters, HttpError, Response
+from vdiskfs.drivers.protocol.http.pool import (
+    ConnectionPool,
+    HttpCounters,
+    HttpError,
+    Response,
+    Signer,
+)
 from vdiskfs.errors import UnsupportedError
 
 __all__ = ["HttpNode", "open_http", "redact_url"]
@@ -41,9 +47,10 @@ _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
 class _Origin:
-    """Where requests go: the pool of ``scheme://host:port``, the target and credentials."""
+    """Where requests go: the pool of ``scheme://host:port``, the target and credentials
+    (the node's: a ``Basic`` header, or a signer that authenticates each request)."""
 
-    def __init__(self, url: str, node: HttpNode, authorization: str | None) -> None:
+    def __init__(self, url: str, node: HttpNode) -> None:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise HttpError(f"not an http(s) URL with a host: {redact_url(url)}",
@@ -57,14 +64,7 @@ class _Origin:
             raise HttpError("invalid port in the URL", path=node.label,
                             errno=errno.EINVAL) from None
         self.target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
-        user = parts.username
-        if user is not None:
-            user = urllib.parse.unquote(user)
-            password = urllib.parse.unquote(parts.password or "")
-            authorization = _basic(user, password)
-        elif authorization is None:
-            authorization = _netrc_authorization(self.host)
-        self.authorization = authorization
+        self.authorization = node.authorization(parts)
         self.pool = ConnectionPool(
             self.host,
             self.port,
@@ -74,6 +74,7 @@ class _Origin:
             max_connections=node.max_connections,
             timeout=node.timeout,
             retries=node.retries,
+            sign=node.signer(),
         )
 
     def headers(self, *extra: tuple[str, str]) -> list[tuple[str, str]]:
@@ -108,12 +109,20 @@ def _netrc_authorization(host: str) -> str | None:
 
 
 class HttpNode(BlockNode):
-    """An image served over HTTP(S), read-only."""
+    """An image served over HTTP(S), read-only.
+
+    A protocol that is HTTP underneath (S3) subclasses it and changes only how requests are
+    authenticated (:meth:`authorization`, :meth:`signer`), whether redirects are followed and
+    how a refusal reads (:meth:`refusal`): the pool, retries, TLS, validators and range checks
+    stay these.
+    """
 
     driver = "http"
     kind = NodeKind.PROTOCOL
     counters_class = HttpCounters
     counters: HttpCounters
+    #: Follow redirects at open (a signed request cannot be: its signature names the host).
+    follow_redirects: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -124,8 +133,9 @@ class HttpNode(BlockNode):
         max_connections: int = 8,
         timeout: float = 30.0,
         retries: int = 3,
+        label: str | None = None,
     ) -> None:
-        super().__init__(read_only=True, label=redact_url(url))
+        super().__init__(read_only=True, label=label or redact_url(url))
         self.max_connections = max_connections
         self.timeout = timeout
         self.retries = retries
@@ -151,13 +161,38 @@ class HttpNode(BlockNode):
         assert self._origin is not None, "HttpNode used before open()"
         return self._origin
 
+    def authorization(self, parts: urllib.parse.SplitResult) -> str | None:
+        """The ``Authorization`` header of every request to the URL of ``parts``: ``Basic``
+        with the URL's credentials, else a netrc file's for its host, else none."""
+        user = parts.username
+        if user is not None:
+            password = urllib.parse.unquote(parts.password or "")
+            return _basic(urllib.parse.unquote(user), password)
+        return _netrc_authorization(parts.hostname or "")
+
+    def signer(self) -> Signer | None:
+        """What signs each request (:data:`~.pool.Signer`); none for plain HTTP."""
+        return None
+
+    async def refusal(self, response: Response, method: str,
+                      offset: int | None = None) -> HttpError:
+        """The error for an answer of ``response.status`` (not 2xx) to ``method``."""
+        status = response.status
+        if method == "HEAD" and status in (401, 403):
+            return HttpError(f"HEAD answered {status}: access denied (credentials go in the URL "
+                             "or a netrc file)", path=self.label, errno=errno.EACCES)
+        if method == "HEAD" and status == 404:
+            return HttpError("HEAD answered 404: no such file on the server", path=self.label,
+                             errno=errno.ENOENT)
+        return HttpError(f"{method} answered {status}", path=self.label, offset=offset)
+
     async def open(self) -> None:
         """``HEAD`` the URL, following redirects; take the size and pin the validators."""
-        origin = _Origin(self._url, self, None)
+        origin = _Origin(self._url, self)
         try:
             for _ in range(MAX_REDIRECTS + 1):
                 response = await origin.pool.request("HEAD", origin.target, origin.headers())
-                if response.status not in _REDIRECTS:
+                if response.status not in _REDIRECTS or not self.follow_redirects:
                     break
                 location = response.headers.get("location")
                 if not location:
@@ -166,6 +201,8 @@ class HttpNode(BlockNode):
                 origin = await self._redirected(origin, location)
             else:
                 raise HttpError(f"more than {MAX_REDIRECTS} redirects", path=self.label)
+            if response.status != 200:
+                raise await self.refusal(response, "HEAD")
         except BaseException:
             await origin.pool.aclose()
             raise
@@ -187,18 +224,9 @@ class HttpNode(BlockNode):
         await origin.pool.aclose()
         if new.scheme == "http" and origin.scheme == "https":
             raise HttpError("refusing a redirect from https to plain http", path=self.label)
-        return _Origin(url, self, None)
+        return _Origin(url, self)
 
     def _check_head(self, response: Response) -> None:
-        status = response.status
-        if status in (401, 403):
-            raise HttpError(f"HEAD answered {status}: access denied (credentials go in the URL "
-                            "or a netrc file)", path=self.label, errno=errno.EACCES)
-        if status == 404:
-            raise HttpError("HEAD answered 404: no such file on the server", path=self.label,
-                            errno=errno.ENOENT)
-        if status != 200:
-            raise HttpError(f"HEAD answered {status}", path=self.label)
         headers = response.headers
         length = headers.get("content-length", "")
         if not length.isdigit():
@@ -256,8 +284,7 @@ class HttpNode(BlockNode):
                             "ranged request)", path=self.label, offset=offset,
                             errno=errno.ENOTSUP)
         if status != 206:
-            raise HttpError(f"GET of bytes {offset}-{end} answered {status}", path=self.label,
-                            offset=offset)
+            raise await self.refusal(response, f"GET of bytes {offset}-{end}", offset)
         self._check_partial(response, offset, end)
         return response.body
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import errno
 import ssl
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,10 +29,15 @@ import trio
 from vdiskfs.block.stats import Counters
 from vdiskfs.errors import VdiskError
 
-__all__ = ["ConnectionPool", "HttpCounters", "HttpError", "Response"]
+__all__ = ["ConnectionPool", "HttpCounters", "HttpError", "Response", "Signer"]
 
 #: Bytes read from the socket at a time.
 RECEIVE_SIZE = 256 * 1024
+
+
+#: A hook that authenticates each request by its content (S3's Signature V4): given the method,
+#: the target and every header (``Host`` included), the headers to send.
+Signer = Callable[[str, str, list[tuple[str, str]]], list[tuple[str, str]]]
 
 
 class HttpError(VdiskError):
@@ -90,7 +95,9 @@ class ConnectionPool:
     """Keep-alive connections to ``host:port`` (TLS when ``ssl_context`` is given).
 
     ``name`` (the redacted URL) is what errors name; the pool never sees credentials except in
-    the headers its caller passes, which it neither logs nor puts in a message.
+    the headers its caller passes and those ``sign`` adds, which it neither logs nor puts in a
+    message. ``sign`` runs at every attempt, so a request retried after a backoff carries a
+    fresh date.
     """
 
     def __init__(
@@ -105,6 +112,7 @@ class ConnectionPool:
         timeout: float = 30.0,
         retries: int = 3,
         backoff: float = 0.1,
+        sign: Signer | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -114,6 +122,7 @@ class ConnectionPool:
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
+        self.sign = sign
         self._idle: list[_Connection] = []
         # Bounds the connections open at once, idle ones included: a request holds a token
         # from before it takes a connection until it gives it back.
@@ -139,9 +148,10 @@ class ConnectionPool:
         if self.port != default_port:
             host_header += f":{self.port}"
         all_headers = [("Host", host_header), ("User-Agent", "vdiskfs"), *headers]
-        request = h11.Request(method=method, target=target, headers=all_headers)
         attempt = 0
         while True:
+            sent = all_headers if self.sign is None else self.sign(method, target, all_headers)
+            request = h11.Request(method=method, target=target, headers=sent)
             try:
                 return await self._once(request, method, body_limit)
             except trio.TooSlowError:

@@ -20,16 +20,17 @@ __all__ = ["RemoteOptions", "add_remote_arguments", "has_credentials", "hide_cre
 def add_remote_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of images opened by URL: TLS verification, the read cache."""
     parser.add_argument("--ca-file", metavar="FILE",
-                        help="https: verify the server with the CA certificates in FILE (PEM) "
-                        "instead of the system's")
+                        help="https (and s3 over https): verify the server with the CA "
+                        "certificates in FILE (PEM) instead of the system's")
     parser.add_argument("--no-verify-tls", dest="verify_tls", action="store_false",
-                        help="https: do not verify the server's certificate")
+                        help="https (and s3 over https): do not verify the server's "
+                        "certificate")
     parser.add_argument("--no-cache", dest="cache", action="store_false",
                         help="URLs: no read cache over the remote image (every read goes to "
                         "the server)")
     parser.add_argument("--cache-dir", metavar="DIR",
-                        help="URLs: keep the blocks read from http(s) images in DIR too, for "
-                        "the next open of the same URL")
+                        help="URLs: keep the blocks read from http(s) and s3 images in DIR "
+                        "too, for the next open of the same URL")
 
 
 @dataclass(frozen=True)

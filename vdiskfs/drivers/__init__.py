@@ -13,4 +13,5 @@ from vdiskfs.drivers.protocol import (
     http,  # noqa: F401
     nbd,  # noqa: F401
     rbd,  # noqa: F401
+    s3,  # noqa: F401
 )

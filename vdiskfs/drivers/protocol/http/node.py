@@ -38,7 +38,7 @@ from vdiskfs.drivers.protocol.http.pool import (
 )
 from vdiskfs.errors import UnsupportedError
 
-__all__ = ["HttpNode", "open_http", "redact_url"]
+__all__ = ["HttpNode", "open_http", "opened", "redact_url"]
 
 log = logging.getLogger(__name__)
 
@@ -201,12 +201,12 @@ class HttpNode(BlockNode):
                 origin = await self._redirected(origin, location)
             else:
                 raise HttpError(f"more than {MAX_REDIRECTS} redirects", path=self.label)
+            self._origin = origin
             if response.status != 200:
                 raise await self.refusal(response, "HEAD")
         except BaseException:
             await origin.pool.aclose()
             raise
-        self._origin = origin
         self._check_head(response)
 
     async def _redirected(self, origin: _Origin, location: str) -> _Origin:
@@ -315,7 +315,12 @@ async def open_http(url: str, options: OpenOptions) -> BlockNode:
     if not options.read_only:
         raise UnsupportedError("http(s) images are read-only (mount without --rw)",
                                path=redact_url(url), errno=errno.EROFS)
-    node = HttpNode(url, ca_file=options.ca_file, verify_tls=options.verify_tls)
+    return await opened(HttpNode(url, ca_file=options.ca_file, verify_tls=options.verify_tls),
+                        options)
+
+
+async def opened(node: HttpNode, options: OpenOptions) -> HttpNode:
+    """``node`` open, its warnings given to the user; closed if the open fails."""
     try:
         await node.open()
     except BaseException:

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.ceph import Cluster, start_cluster
+from tests.support.ceph import RGW_ACCESS_KEY, RGW_SECRET_KEY, Cluster, start_cluster, start_radosgw
 from tests.support.ceph import available as ceph_available
 from tests.support.concurrency import build_templates
 from tests.support.http_server import Nginx, start_nginx
+from tests.support.s3 import S3Store
 
 
 def _can_mount() -> bool:
@@ -53,3 +54,12 @@ def ceph_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         pytest.skip(reason)
     with start_cluster(tmp_path_factory.mktemp("ceph")) as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="session")
+def s3_store(ceph_cluster: Cluster) -> S3Store:
+    """A radosgw on the test cluster (started by the first test that asks, about 1.5 s more),
+    its user ``test`` and the bucket ``vdiskfs``; for the s3 tests, marked ``ceph``."""
+    store = S3Store(start_radosgw(ceph_cluster), RGW_ACCESS_KEY, RGW_SECRET_KEY, "vdiskfs")
+    store.create_bucket(store.bucket)
+    return store

@@ -287,9 +287,8 @@ def start_radosgw(cluster: Cluster, *, timeout: float = 30) -> str:
                 raise RuntimeError(f"radosgw did not start (logs in {cluster.directory}/log)"
                                    ) from None
             time.sleep(0.05)
-    subprocess.run(["radosgw-admin", "-c", str(cluster.conf), "user", "create", "--uid=test",
-                    "--display-name=test", f"--access-key={RGW_ACCESS_KEY}",
-                    f"--secret={RGW_SECRET_KEY}"], check=True, capture_output=True,
-                   timeout=timeout)
+    _run(["radosgw-admin", "-c", str(cluster.conf), "user", "create", "--uid=test",
+          "--display-name=test", f"--access-key={RGW_ACCESS_KEY}", f"--secret={RGW_SECRET_KEY}"],
+         cluster.directory)
     cluster.rgw_endpoint = f"http://127.0.0.1:{port}"
     return cluster.rgw_endpoint

@@ -19,6 +19,7 @@ from tests.support.images import create, qemu_img, qemu_io, random_bytes, refere
 from tests.support.qcow2_images import RECIPES, Qcow2Images
 from tests.support.s3 import S3Store
 from vdiskfs.block.registry import OpenOptions, open_image
+from vdiskfs.drivers.protocol.http.node import HttpNode, opened
 from vdiskfs.drivers.protocol.s3 import S3Config, S3Error, S3Node
 from vdiskfs.errors import VdiskError
 
@@ -52,14 +53,8 @@ def qcow2_images(tmp_path_factory: pytest.TempPathFactory) -> Qcow2Images:
     return Qcow2Images(tmp_path_factory.mktemp("qcow2-s3"))
 
 
-async def _open(url: str) -> S3Node:
-    node = S3Node(url, S3Config.from_environment())
-    try:
-        await node.open()
-    except BaseException:
-        await node.aclose()
-        raise
-    return node
+async def _open(url: str) -> HttpNode:
+    return await opened(S3Node(url, S3Config.from_environment()), OpenOptions())
 
 
 async def test_conformance_over_s3(s3: S3Store, raw_disk: bytes) -> None:

@@ -19,7 +19,7 @@ from vdiskfs.block.registry import read_only_protocol, redact_url, url_scheme
 from vdiskfs.drivers.filter.throttle_buckets import parse_throttle
 from vdiskfs.errors import VdiskError
 from vdiskfs.units import parse_size
-from vdiskfs.urlargs import RemoteOptions, add_remote_arguments
+from vdiskfs.urlargs import RemoteOptions, add_remote_arguments, protocol_kind
 
 __all__ = ["add_boot_arguments", "parse_disk", "parse_memory", "run_boot"]
 
@@ -106,7 +106,7 @@ def parse_disk(text: str) -> DiskConfig:
     if read_only_protocol(path):
         if read_only is False:
             raise argparse.ArgumentTypeError(
-                f"{redact_url(path)}: readonly=off: http(s) images are read-only")
+                f"{redact_url(path)}: readonly=off: {protocol_kind(path)} images are read-only")
         # An overlay takes the writes; open_overlay says whether it can sit over this URL.
         read_only = read_only if disk.overlay is not None else True
     disk.read_only = bool(read_only)
@@ -140,7 +140,8 @@ def add_boot_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="IMAGE|URL[,format=F][,readonly=on][,overlay=NEW.qcow2]"
                         "[,snapshot=NAME][,throttle.KEY=VALUE]...",
                         help="a virtio-blk disk served by the vdiskfs stack (/dev/vda, "
-                        "/dev/vdb... in order): a file, or an http(s) (read-only) or nbd URL; "
+                        "/dev/vdb... in order): a file, or an http(s) or s3 (read-only), nbd or "
+                        "rbd URL; "
                         "snapshot= boots an internal snapshot (ID or name) read-only; "
                         "throttle.bps-read=50M, throttle.iops-total=2000, throttle.group=G...: "
                         "keep its I/O within limits, as mount --throttle; repeatable")

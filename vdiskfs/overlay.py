@@ -21,6 +21,7 @@ from vdiskfs.block.registry import (
     url_scheme,
 )
 from vdiskfs.errors import UnsupportedError, VdiskError
+from vdiskfs.urlargs import protocol_kind
 
 __all__ = ["open_overlay"]
 
@@ -34,12 +35,12 @@ async def open_overlay(image: str, overlay: str, options: OpenOptions) -> BlockN
     from vdiskfs.drivers.format.qcow2.create import create_qcow2
 
     if url_scheme(image) is not None and not is_network_name(image):
-        # The overlay would record the URL as its backing file, credentials and all. (An NBD
-        # URL or rbd: name carries none -- the nbd driver refuses user names, the rbd one
-        # key= -- so it is recorded.)
-        raise UnsupportedError("an overlay (--overlay, overlay=) over an http(s) image is not "
-                               "supported; download the image, or open it read-only",
-                               path=redact_url(image))
+        # The overlay would record the URL as its backing file: an https one with its
+        # credentials, an s3:// one that QEMU cannot open. (An NBD URL or rbd: name carries
+        # none -- the nbd driver refuses user names, the rbd one key= -- so it is recorded.)
+        raise UnsupportedError(f"an overlay (--overlay, overlay=) over an {protocol_kind(image)} "
+                               "image is not supported; download the image, or open it "
+                               "read-only", path=redact_url(image))
     created = False
     # Off the event loop: a hung file system must not keep SIGTERM from ending the daemon.
     if not await run_blocking(lambda: os.path.exists(overlay)):

@@ -14,7 +14,8 @@ from typing import Any
 
 from vdiskfs.block.registry import OpenOptions, redact_url, url_scheme
 
-__all__ = ["RemoteOptions", "add_remote_arguments", "has_credentials", "hide_credentials"]
+__all__ = ["RemoteOptions", "add_remote_arguments", "has_credentials", "hide_credentials",
+           "protocol_kind"]
 
 
 def add_remote_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,6 +67,13 @@ class RemoteOptions:
         """:class:`OpenOptions` with these and the other ``options`` (read_only, format...)."""
         return OpenOptions(ca_file=self.ca_file, verify_tls=self.verify_tls, cache=self.cache,
                            cache_dir=self.cache_dir, **options)
+
+
+def protocol_kind(path: str) -> str:
+    """What messages call the protocol of the URL ``path``: ``http(s)`` for both of those,
+    else its scheme (``s3``, ``nbd``)."""
+    scheme = url_scheme(path) or "file"
+    return "http(s)" if scheme in ("http", "https") else scheme
 
 
 def has_credentials(path: str) -> bool:

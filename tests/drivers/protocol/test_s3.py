@@ -5,6 +5,7 @@ a missing object and a missing bucket as clear errors; the secret key shown nowh
 
 from __future__ import annotations
 
+import argparse
 import errno
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from tests.support.s3 import S3Store
 from vdiskfs.block.registry import OpenOptions, open_image
 from vdiskfs.drivers.protocol.http.node import HttpNode, opened
 from vdiskfs.drivers.protocol.s3 import S3Config, S3Error, S3Node
-from vdiskfs.errors import VdiskError
+from vdiskfs.errors import UnsupportedError, VdiskError
 
 pytestmark = pytest.mark.ceph
 
@@ -217,3 +218,17 @@ async def test_secret_shown_nowhere(s3: S3Store, raw_disk: bytes) -> None:
     assert "s3://vdiskfs/disk.raw" in proc.stdout
     output = proc.stdout + proc.stderr
     assert s3.secret_key not in output and s3.access_key not in output
+
+
+async def test_refused_uses(s3: S3Store, raw_disk: bytes, tmp_path: Path) -> None:
+    """No overlay over an s3 object (QEMU could not open the URL it would record), no
+    writable boot disk."""
+    from emulator.cli import parse_disk
+    from vdiskfs.overlay import open_overlay
+
+    with pytest.raises(UnsupportedError, match=r"overlay=\) over an s3 image is not supported"):
+        await open_overlay(s3.url("disk.raw"), str(tmp_path / "new.qcow2"), OpenOptions())
+    assert not (tmp_path / "new.qcow2").exists()
+    assert parse_disk(s3.url("disk.raw")).read_only
+    with pytest.raises(argparse.ArgumentTypeError, match="readonly=off: s3 images are read-only"):
+        parse_disk(f"{s3.url('disk.raw')},readonly=off")

@@ -5,6 +5,7 @@ and bad input refused naming the file, variable or field -- without a cluster.""
 from __future__ import annotations
 
 import errno
+import re
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,33 @@ def test_addressing_style() -> None:
     fips = S3Config("https://s3-fips.us-east-2.amazonaws.com", "us-east-2", None)
     assert fips.request_url(location) == \
         "https://my-bucket.s3-fips.us-east-2.amazonaws.com/dir/a%20b~.qcow2"
+
+
+@pytest.mark.parametrize(("status", "code", "headers", "expected", "err"), [
+    (301, "PermanentRedirect", {"x-amz-bucket-region": "eu-west-1"},
+     r"bucket 'b' is not served at AWS \(us-east-1\) \(it is in eu-west-1: set "
+     r"AWS_REGION=eu-west-1\) \[S3 error PermanentRedirect, HTTP 301\]", errno.EIO),
+    (403, "RequestTimeTooSkewed", {}, "clock differs from the server's", errno.EACCES),
+    (400, "ExpiredToken", {}, r"session token .* is expired or invalid \(access key id "
+     r"\*\*\*\*1234 from the environment\)", errno.EACCES),
+    (404, None, {}, r"no object 'k\.qcow2' in bucket 'b' \[HTTP 404\]", errno.ENOENT),
+    (500, "InternalError", {}, r"GET refused: We encountered an internal error\. \[S3 error "
+     r"InternalError, HTTP 500\]", errno.EIO),
+])
+def test_s3_errors_named(status: int, code: str | None, headers: dict[str, str],
+                         expected: str, err: int) -> None:
+    """S3's error documents become messages naming the object and the code (the answers that
+    radosgw does not give: another region, a skewed clock, an expired token, no document)."""
+    from vdiskfs.drivers.protocol.http.pool import Response
+    from vdiskfs.drivers.protocol.s3 import Credentials, S3Node
+
+    node = S3Node("s3://b/k.qcow2", S3Config(None, "us-east-1",
+                                             Credentials("AKIAEXAMPLE1234", SECRET)))
+    body = b"" if code is None else (
+        f"<?xml version='1.0'?><Error><Code>{code}</Code><Message>We encountered an internal "
+        "error.</Message></Error>").encode()
+    error = node._s3_error(Response(status, headers, body), "GET", body, 0)
+    assert str(error).startswith("s3://b/k.qcow2: ")
+    assert error.errno == err
+    assert SECRET not in str(error)
+    assert re.search(expected, str(error)), str(error)

@@ -115,7 +115,7 @@ class S3Node(HttpNode):
                 "AWS_PROFILE")
         said = f"S3 error {code}, HTTP {status}" if code else f"HTTP {status}"
         number = errno.EIO
-        if code == "NoSuchBucket" or (code is None and status == 404 and method != "HEAD"):
+        if code == "NoSuchBucket":
             text, number = f"no bucket {bucket!r} on {where}", errno.ENOENT
         elif code == "NoSuchKey" or status == 404:
             text, number = f"no object {key!r} in bucket {bucket!r}", errno.ENOENT
@@ -124,6 +124,12 @@ class S3Node(HttpNode):
         elif code == "SignatureDoesNotMatch":
             text, number = (f"the secret key does not match the access key ({keys})",
                             errno.EACCES)
+        elif code in ("ExpiredToken", "InvalidToken", "TokenRefreshRequired"):
+            text, number = (f"the session token (AWS_SESSION_TOKEN, aws_session_token) is "
+                            f"expired or invalid ({keys})", errno.EACCES)
+        elif code == "RequestTimeTooSkewed":
+            text, number = ("this machine's clock differs from the server's by more than 15 "
+                            "minutes: signatures carry the time", errno.EACCES)
         elif code in ("PermanentRedirect", "AuthorizationHeaderMalformed") or status == 301:
             region = response.headers.get("x-amz-bucket-region")
             hint = f" (it is in {region}: set AWS_REGION={region})" if region else \

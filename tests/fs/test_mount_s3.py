@@ -61,6 +61,7 @@ def test_mount_s3_url_with_partitions(s3_store: S3Store, tmp_path: Path,
     assert secret not in text and access not in text
 
 
+@pytest.mark.slow  # two daemons started: about 7 s
 def test_mount_s3_errors(s3_store: S3Store, tmp_path: Path,
                          monkeypatch: pytest.MonkeyPatch) -> None:
     """A missing object and wrong keys: the mount fails with S3's reason, nothing mounted."""

@@ -232,3 +232,33 @@ async def test_refused_uses(s3: S3Store, raw_disk: bytes, tmp_path: Path) -> Non
     assert parse_disk(s3.url("disk.raw")).read_only
     with pytest.raises(argparse.ArgumentTypeError, match="readonly=off: s3 images are read-only"):
         parse_disk(f"{s3.url('disk.raw')},readonly=off")
+
+
+async def test_chain_in_the_bucket(s3: S3Store, tmp_path: Path) -> None:
+    """Backing names resolve against the image's key, an absolute one from the bucket's root
+    (never a local file); --no-follow-outside keeps them under the image's prefix."""
+    chain = tmp_path / "chain"
+    chain.mkdir()
+    create(chain / "base.qcow2", "2M")
+    qemu_io(chain / "base.qcow2", "write -P 0x11 0 1M")
+    create(chain / "top.qcow2", "2M", backing="base.qcow2", backing_fmt="qcow2")
+    reference = reference_raw(chain / "top.qcow2", tmp_path / "ref.raw").read_bytes()
+    s3.put_tree("chain", chain)
+    for name, backing in (("outside", "../chain/base.qcow2"), ("absolute", "/chain/base.qcow2")):
+        # -u: the names are meant for the bucket, not for this machine.
+        qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", backing, "-F", "qcow2",
+                 tmp_path / f"{name}.qcow2", "2M")
+        s3.put(f"elsewhere/{name}.qcow2", tmp_path / f"{name}.qcow2")
+
+    node = await open_image(s3.url("chain/top.qcow2"))
+    async with node:
+        assert await _read_all(node) == reference
+        backing = node.child("backing")
+        assert backing is not None and backing.label == "s3://vdiskfs/chain/base.qcow2"
+    for name in ("outside", "absolute"):
+        node = await open_image(s3.url(f"elsewhere/{name}.qcow2"))
+        async with node:
+            assert node.child("backing").label == "s3://vdiskfs/chain/base.qcow2"  # type: ignore[union-attr]
+        with pytest.raises(VdiskError, match="outside the image's directory"):
+            await open_image(s3.url(f"elsewhere/{name}.qcow2"),
+                             OpenOptions(follow_outside=False))

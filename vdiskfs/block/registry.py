@@ -465,11 +465,13 @@ class OpenContext:
     def _stated_format(self, stated: str, format: str | None, role: str, shown: str,
                        field_name: str) -> str | None:
         """The format of a child whose ``json:`` reference states ``stated``, where the image
-        asks for ``format``. A backing file's reference wins over its recorded format, as in
-        QEMU; a data file or extent keeps the format its role requires (raw)."""
-        if role == "backing" or format is None:
+        asks for ``format``. A backing format recorded in the image wins, as in QEMU (whose
+        ``bdrv_open_backing_file`` puts it into the options that the json: ones are merged
+        under); a data file or extent that its reference calls another format is refused,
+        as it is always read as it is."""
+        if format is None:
             return stated
-        if stated != "raw" and stated != format:
+        if role != "backing" and stated not in ("raw", format):
             raise UnsupportedError(f"{role} file {shown!r} names format {stated!r}; a "
                                    f"{role} file is read as it is", path=self.path,
                                    field=field_name)

@@ -315,3 +315,10 @@ async def test_protocols_we_lack_are_refused_by_name(tmp_path: Path, reference: 
             as info:
         await open_image(str(top))
     assert info.value.path == str(top) and info.value.field == "backing_file"
+
+
+async def test_an_image_may_not_switch_off_nbd_tls_verification(tmp_path: Path) -> None:
+    top = overlay(tmp_path, "nbds://127.0.0.1:1/x?tls-verify-peer=0", "raw")
+    with pytest.raises(UnsupportedError, match="may not switch off TLS verification") as info:
+        await open_image(str(top))
+    assert info.value.field == "backing_file"

@@ -124,7 +124,7 @@ def test_file_replaced_under_the_mount_gives_eio(nginx: Nginx, tmp_path: Path) -
 def test_mount_local_overlay_over_a_url_backing_file(nginx: Nginx, tmp_path: Path) -> None:
     """A local qcow2 whose backing file is on the server, with credentials in its URL: the
     mount reads as QEMU reads the overlay over the local base, says on stderr that the backing
-    file is remote, and shows the password in no stats file."""
+    file is remote, and shows the password in no stats file or log."""
     base = create(tmp_path / "base.qcow2", "4M")
     qemu_io(base, "write -P 0x71 0 2M")
     served = nginx.root / "private" / "mnt-base.qcow2"
@@ -136,7 +136,8 @@ def test_mount_local_overlay_over_a_url_backing_file(nginx: Nginx, tmp_path: Pat
     qemu_img("rebase", "-q", "-u", "-b", url, "-F", "qcow2", top)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    proc = vdiskfs("mount", "--no-partitions", top, mnt)
+    log = tmp_path / "daemon.log"
+    proc = vdiskfs("mount", "--no-partitions", "--debug", "--log-file", log, top, mnt)
     try:
         shown = url.replace(PASSWORD, "***")
         assert f"backing file {shown} is remote: reads go over the network" in proc.stderr
@@ -149,3 +150,4 @@ def test_mount_local_overlay_over_a_url_backing_file(nginx: Nginx, tmp_path: Pat
         assert PASSWORD not in proc.stdout + proc.stderr
     finally:
         vdiskfs("unmount", mnt)
+    assert "is remote" in log.read_text() and PASSWORD not in log.read_text()

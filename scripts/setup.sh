@@ -17,7 +17,7 @@ APT_PACKAGES=(
   nbdkit                                          # a second NBD server for the nbd tests
   ceph-mon ceph-osd ceph-common radosgw           # the throwaway cluster of the ceph tests
   python3-rados python3-rbd                       # librbd's binding, for the rbd node
-  qemu-block-extra                                # QEMU's rbd driver: the reference
+  qemu-block-extra                                # QEMU's rbd and curl drivers: the reference
 )
 
 missing=()

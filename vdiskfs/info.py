@@ -15,6 +15,7 @@ import math
 from typing import Any
 
 from vdiskfs.block.node import BlockNode, NodeKind
+from vdiskfs.block.registry import redact_reference
 
 __all__ = ["format_text", "image_info", "size_to_str"]
 
@@ -39,6 +40,14 @@ def image_info(node: BlockNode, filename: str | None = None) -> dict[str, Any]:
         protocol = _protocol_below(node)
         if protocol is not None and protocol.info().get("snapshots"):
             info["snapshots"] = protocol.info()["snapshots"]
+    # Names recorded in the image may be URLs with credentials (``json:`` ones too): shown
+    # redacted, as every label is.
+    for key in ("backing-filename", "full-backing-filename"):
+        if key in info:
+            info[key] = redact_reference(info[key])
+    specific = info.get("format-specific", {}).get("data", {})
+    if "data-file" in specific:
+        specific["data-file"] = redact_reference(specific["data-file"])
     backing = node.child("backing")
     if backing is not None:
         info.setdefault("backing-filename", backing.label)

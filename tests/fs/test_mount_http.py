@@ -119,3 +119,35 @@ def test_file_replaced_under_the_mount_gives_eio(nginx: Nginx, tmp_path: Path) -
         with pytest.raises(OSError) as info:
             os.pread(f.fileno(), 4096, 3 << 20)
         assert info.value.errno == errno.EIO
+
+
+def test_mount_local_overlay_over_a_url_backing_file(nginx: Nginx, tmp_path: Path) -> None:
+    """A local qcow2 whose backing file is on the server, with credentials in its URL: the
+    mount reads as QEMU reads the overlay over the local base, says on stderr that the backing
+    file is remote, and shows the password in no stats file or log."""
+    base = create(tmp_path / "base.qcow2", "4M")
+    qemu_io(base, "write -P 0x71 0 2M")
+    served = nginx.root / "private" / "mnt-base.qcow2"
+    shutil.copyfile(base, served)
+    top = create(tmp_path / "top.qcow2", "4M", backing=base, backing_fmt="qcow2")
+    qemu_io(top, "write -P 0x72 1M 64k")
+    reference = reference_raw(top, tmp_path / "ref.raw")
+    url = f"http://{USER}:{PASSWORD}@127.0.0.1:{nginx.http_port}/private/mnt-base.qcow2"
+    qemu_img("rebase", "-q", "-u", "-b", url, "-F", "qcow2", top)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    log = tmp_path / "daemon.log"
+    proc = vdiskfs("mount", "--no-partitions", "--debug", "--log-file", log, top, mnt)
+    try:
+        shown = url.replace(PASSWORD, "***")
+        assert f"backing file {shown} is remote: reads go over the network" in proc.stderr
+        assert sha256_file(mnt / "top.raw") == sha256_file(reference)
+        tree = (mnt / "stats" / "top" / "tree").read_text()
+        assert "backing" in tree and f"4-http  (file) {shown}" in tree
+        for path in (mnt / "stats").rglob("*"):
+            if path.is_file():
+                assert PASSWORD not in path.read_text(), path
+        assert PASSWORD not in proc.stdout + proc.stderr
+    finally:
+        vdiskfs("unmount", mnt)
+    assert "is remote" in log.read_text() and PASSWORD not in log.read_text()

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import trio
 
+from vdiskfs.block.jsonref import parse_json_reference, redact_json_reference
 from vdiskfs.errors import ChainError, FormatError, HostIOError, UnsupportedError, VdiskError
 
 if TYPE_CHECKING:
@@ -40,6 +41,7 @@ __all__ = [
     "open_image",
     "probe",
     "read_only_protocol",
+    "redact_reference",
     "redact_url",
     "register",
     "register_protocol",
@@ -132,9 +134,10 @@ def url_scheme(name: str) -> str | None:
 
 
 def is_network_name(name: str) -> bool:
-    """Whether ``name`` is a URL that an image may record as its backing file and that is
-    recorded as given (no credentials in it, nothing to resolve it against): ``nbd``, ``rbd``.
-    (An https URL can carry credentials and stays refused.)"""
+    """Whether ``name`` is a URL with no credentials in it and nothing to resolve it against
+    (``nbd``, ``rbd``): what an overlay may record as given, and all that an rbd: image may
+    name. (An https URL can carry credentials: an image may name one, which is followed, but
+    vdiskfs never writes one into an overlay.)"""
     scheme = url_scheme(name) or ""
     return scheme.startswith("nbd") or scheme in _BARE_SCHEMES
 
@@ -157,6 +160,22 @@ def read_only_protocol(name: str) -> bool:
     writable it is refused, so a caller with no explicit mode opens it read-only, as QEMU's
     ``auto-read-only`` does for ``-drive``."""
     return url_scheme(name) in _READ_ONLY_PROTOCOLS
+
+
+def redact_reference(reference: str) -> str:
+    """A name recorded in an image (a path, a URL, a ``json:{...}`` reference), safe to show:
+    the credentials of every URL in it hidden."""
+    if reference.startswith("json:"):
+        return redact_json_reference(reference, redact_url)
+    return redact_url(reference)
+
+
+#: Prefixes of QEMU protocol references that are not a URL we open (``nbd:host:port``,
+#: ``https:x``): refused by name rather than read as a local file called ``nbd:host``.
+_PROTOCOL_PREFIXES = ("json:", "nbd:", "nbds:", "nbd+unix:", "http:", "https:")
+#: Any other ``scheme://``: a protocol we lack (``ssh://``, ``gluster://``), as QEMU's
+#: ``path_has_protocol`` tells one, never a local directory called ``ssh:``.
+_URL_PREFIX = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def _load_drivers() -> None:
@@ -253,34 +272,53 @@ class OpenContext:
             self.options.warn(message)
 
     def resolve(self, reference: str, *, field_name: str) -> str:
-        """Turn a name recorded in the image into a path, relative to the image's directory.
+        """Turn a name recorded in the image into a path, relative to the image's directory,
+        or a URL.
 
         Touches the file system (``realpath``) only under ``--no-follow-outside``; a coroutine
         uses :meth:`exists` or :meth:`realpath`, which run it in a thread.
         """
+        return self.locate(reference, field_name=field_name)[0]
+
+    def locate(self, reference: str, *, field_name: str) -> tuple[str, str | None]:
+        """:meth:`resolve`, and the format that a ``json:`` reference states (else None).
+
+        A URL (``https://``, ``nbd://``..., or one that a ``json:`` reference spells out) is
+        followed as QEMU follows it, unless ``--no-follow-outside``: it always leads outside
+        the image's directory. A ``file:`` name is always a path.
+        """
+        shown = redact_reference(reference)
+        fmt: str | None = None
+        if reference.startswith("json:"):
+            parsed = parse_json_reference(reference, formats=driver_names(), path=self.path,
+                                          field=field_name)
+            reference, fmt = parsed.name, parsed.format
         if not reference:
             raise FormatError("reference is an empty name", path=self.path, field=field_name)
         if "\0" in reference:
             raise FormatError("reference contains a NUL byte", path=self.path, field=field_name)
         if self.url is not None and url_scheme(self.url) in _BARE_SCHEMES:
             if is_network_name(reference):
-                return reference
+                return self._remote(reference, shown, field_name), fmt
             # A relative name has no meaning inside an rbd: image (QEMU would paste it into
             # the pool, options and all): only a full name (rbd:..., nbd://...) is followed.
             raise UnsupportedError(
-                f"{reference!r}: a name inside an image opened as {self.url.partition(':')[0]}: "
+                f"{shown!r}: a name inside an image opened as {self.url.partition(':')[0]}: "
                 "must be a full rbd: or nbd:// name",
                 path=self.path, field=field_name)
-        if reference.startswith(("json:", "nbd:", "http:", "https:")):
+        if reference.startswith("file:"):
+            reference = reference[len("file:") :]
+        elif url_scheme(reference) is not None:
+            return self._remote(reference, shown, field_name), fmt
+        elif reference.startswith(_PROTOCOL_PREFIXES) or _URL_PREFIX.match(reference):
             raise UnsupportedError(
-                f"{reference!r}: protocol references are not supported",
+                f"{shown!r}: this protocol reference is not supported (URLs: "
+                f"{', '.join(f'{s}://' for s in sorted(_PROTOCOLS))}, and json:)",
                 path=self.path,
                 field=field_name,
             )
-        if reference.startswith("file:"):
-            reference = reference[len("file:") :]
         if self.url is not None:
-            return self._resolve_url(self.url, reference, field_name)
+            return self._resolve_url(self.url, reference, field_name), fmt
         base = os.path.dirname(os.path.abspath(self.path))
         resolved = os.path.normpath(os.path.join(base, reference))
         if not self.options.follow_outside:
@@ -288,13 +326,25 @@ class OpenContext:
             real = os.path.realpath(resolved)
             if os.path.commonpath([real_base, real]) != real_base:
                 raise ChainError(
-                    f"{reference!r} leads outside the image's directory {real_base} "
+                    f"{shown!r} leads outside the image's directory {real_base} "
                     "(refused by --no-follow-outside)",
                     path=self.path,
                     field=field_name,
                     errno=errno.EPERM,
                 )
-        return resolved
+        return resolved, fmt
+
+    def _remote(self, url: str, shown: str, field_name: str) -> str:
+        """A URL that the image names, checked against the policy."""
+        if not self.options.follow_outside:
+            raise ChainError(f"{shown!r} is a network URL (refused by --no-follow-outside)",
+                             path=self.path, field=field_name, errno=errno.EPERM)
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
+        if "0" in query.get("tls-verify-peer", ()):
+            # Only the user may switch verification off, never an image.
+            raise UnsupportedError(f"{shown!r}: an image may not switch off TLS verification",
+                                   path=self.path, field=field_name)
+        return url
 
     def _resolve_url(self, url: str, reference: str, field_name: str) -> str:
         """A name recorded in an image opened by URL, resolved against that URL (credentials
@@ -319,37 +369,34 @@ class OpenContext:
         component that is no directory) is an error naming the chain, as :meth:`open_child`
         would raise it, rather than a silent "not found".
         """
-        if self.url is not None:
-            url = self.resolve(reference, field_name=field_name)
+        target = await run_blocking(lambda: self.resolve(reference, field_name=field_name))
+        if url_scheme(target) is not None:
             try:
-                await (await _open_file(url, read_only=True, locking=False,
+                await (await _open_file(target, read_only=True, locking=False,
                                         options=replace(self.options, cache=False))).aclose()
             except VdiskError as exc:
                 if exc.errno == errno.ENOENT:
                     return False
-                raise self._child_error(exc, reference, redact_url(url), role,
+                raise self._child_error(exc, reference, redact_url(target), role,
                                         field_name) from exc
             return True
 
         def check() -> bool:
-            path = self.resolve(reference, field_name=field_name)
             try:
-                os.stat(path)
+                os.stat(target)
             except FileNotFoundError:
                 return False
             except OSError as exc:
-                raise self._child_error(HostIOError.wrap(exc, path, "cannot open"), reference,
-                                        path, role, field_name) from exc
+                raise self._child_error(HostIOError.wrap(exc, target, "cannot open"), reference,
+                                        target, role, field_name) from exc
             return True
 
         return await run_blocking(check)
 
     async def realpath(self, reference: str, *, field_name: str) -> str:
-        """The real path that ``reference`` resolves to (to tell two names of one file)."""
-        if self.url is not None:
-            return self.resolve(reference, field_name=field_name)
-        return await run_blocking(lambda: os.path.realpath(self.resolve(reference,
-                                                                     field_name=field_name)))
+        """The real path (or URL) that ``reference`` resolves to (to tell two names of one
+        file)."""
+        return (await run_blocking(lambda: _resolve_real(self, reference, field_name)))[1]
 
     async def open_child(
         self,
@@ -375,7 +422,8 @@ class OpenContext:
             try:
                 get_driver(format)
             except UnsupportedError as exc:
-                raise UnsupportedError(f"{role} file {reference!r}: {exc.message}",
+                raise UnsupportedError(f"{role} file {redact_reference(reference)!r}: "
+                                       f"{exc.message}",
                                        path=self.path, field=format_field or field_name) from None
         if role == "backing" and len(self.chain) >= self.options.max_chain_depth:
             raise ChainError(
@@ -383,24 +431,22 @@ class OpenContext:
                 path=self.path,
                 field=field_name,
             )
-        if is_network_name(reference):
-            # An NBD URL or rbd: name, as QEMU records one: no directory to resolve against,
-            # and always "outside" the image's directory. (Other URLs stay refused by
-            # resolve(): an https one could carry credentials.)
-            if not self.options.follow_outside:
-                raise ChainError(
-                    f"{reference!r} is a network URL (refused by --no-follow-outside)",
-                    path=self.path, field=field_name, errno=errno.EPERM)
-            path = real = reference
-        else:
-            # realpath stats every component of the path: on a hung file system that waits
-            # for ever, so it runs in a thread that a cancellation (SIGTERM) abandons.
-            path, real = await run_blocking(lambda: _resolve_real(self, reference, field_name))
+        # realpath stats every component of the path: on a hung file system that waits for
+        # ever, so it runs in a thread that a cancellation (SIGTERM) abandons.
+        path, real, stated = await run_blocking(lambda: _resolve_real(self, reference,
+                                                                      field_name))
+        shown = redact_reference(reference)
+        if stated is not None:
+            format = self._stated_format(stated, format, role, shown, field_name)
         if real in self.chain:
             raise ChainError(
-                f"backing chain loops: {reference!r} is already in the chain", path=self.path,
+                f"backing chain loops: {shown!r} is already in the chain", path=self.path,
                 field=field_name,
             )
+        if self.url is None and url_scheme(path) is not None:
+            # A local image that pulls a remote file: the user may not expect the network.
+            self.warn(f"{self.path}: {role} file {redact_url(path)} is remote: reads go over "
+                      "the network")
         try:
             file = await _open_file(path, read_only=read_only, locking=self.options.locking,
                                     options=self.options)
@@ -416,9 +462,25 @@ class OpenContext:
             warnings=self.warnings,
         )
 
+    def _stated_format(self, stated: str, format: str | None, role: str, shown: str,
+                       field_name: str) -> str | None:
+        """The format of a child whose ``json:`` reference states ``stated``, where the image
+        asks for ``format``. A backing format recorded in the image wins, as in QEMU (whose
+        ``bdrv_open_backing_file`` puts it into the options that the json: ones are merged
+        under); a data file or extent that its reference calls another format is refused,
+        as it is always read as it is."""
+        if format is None:
+            return stated
+        if role != "backing" and stated not in ("raw", format):
+            raise UnsupportedError(f"{role} file {shown!r} names format {stated!r}; a "
+                                   f"{role} file is read as it is", path=self.path,
+                                   field=field_name)
+        return format
+
     def _child_error(self, exc: VdiskError, reference: str, path: str, role: str,
                      field_name: str) -> VdiskError:
         """``exc`` from opening the child's file, told from the referring image's side."""
+        reference = redact_reference(reference)
         if exc.errno == errno.ENOENT:
             return FormatError(
                 f"{role} file {reference!r} not found (looked for {path})",
@@ -431,9 +493,12 @@ class OpenContext:
                          field=field_name, errno=exc.errno)
 
 
-def _resolve_real(ctx: OpenContext, reference: str, field_name: str) -> tuple[str, str]:
-    path = ctx.resolve(reference, field_name=field_name)
-    return path, path if url_scheme(path) is not None else os.path.realpath(path)
+def _resolve_real(ctx: OpenContext, reference: str,
+                  field_name: str) -> tuple[str, str, str | None]:
+    """Where ``reference`` leads, its real path (a URL is its own), and the format that a
+    ``json:`` reference states."""
+    path, fmt = ctx.locate(reference, field_name=field_name)
+    return path, path if url_scheme(path) is not None else os.path.realpath(path), fmt
 
 
 async def run_blocking(fn: Callable[[], T]) -> T:

@@ -58,7 +58,7 @@ import trio
 
 from vdiskfs.block.format import FormatNode
 from vdiskfs.block.node import BlockNode, BlockStatus, Buffer, Child
-from vdiskfs.block.registry import OpenContext, register
+from vdiskfs.block.registry import OpenContext, redact_reference, register
 from vdiskfs.drivers.format.runs import (
     LruCache,
     Run,
@@ -341,7 +341,7 @@ class VhdxNode(FormatNode):
         for key, path in locator.paths():
             field = f"parent_locator.{key}"
             if not await self.ctx.exists(path, field_name=field):
-                tried.append(f"{key} {path!r}")
+                tried.append(f"{key} {redact_reference(path)!r}")
                 continue
             parent = await self.open_backing(path, field=field)
             assert parent is not None  # opened only when backing files are wanted

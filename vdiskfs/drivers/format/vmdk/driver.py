@@ -50,7 +50,7 @@ import trio
 
 from vdiskfs.block.format import FormatNode
 from vdiskfs.block.node import BlockNode, BlockStatus, Buffer
-from vdiskfs.block.registry import PROTOCOL_ONLY, OpenContext, register
+from vdiskfs.block.registry import PROTOCOL_ONLY, OpenContext, redact_reference, register
 from vdiskfs.drivers.format.runs import (
     LruCache,
     Run,
@@ -446,7 +446,8 @@ class VmdkNode(FormatNode):
             # made (vmdk_is_cid_valid); refuse at open, where the message can say why.
             raise self.format_error(
                 f"parentCID {self.parent_cid:08x} does not match CID {parent_cid:08x} of the "
-                f"backing file {hint!r}: the parent changed after this delta was made",
+                f"backing file {redact_reference(hint)!r}: the parent changed after this delta "
+                "was made",
                 field="parentCID",
             )
 

@@ -43,7 +43,7 @@ import trio
 
 from vdiskfs.block.format import FormatNode
 from vdiskfs.block.node import BlockNode, BlockStatus, Buffer
-from vdiskfs.block.registry import OpenContext, register
+from vdiskfs.block.registry import OpenContext, redact_reference, register
 from vdiskfs.drivers.format.runs import (
     LruCache,
     Run,
@@ -272,7 +272,8 @@ class VpcNode(FormatNode):
         if refused is not None:
             raise refused
         raise self.format_error(
-            "parent of differencing disk not found; tried " + ", ".join(map(repr, candidates)),
+            "parent of differencing disk not found; tried "
+            + ", ".join(repr(redact_reference(c)) for c in candidates),
             field="parent_locator",
         )
 
@@ -282,7 +283,8 @@ class VpcNode(FormatNode):
         assert header is not None
         if isinstance(parent_footer, Footer) and parent_footer.uuid != header.parent_uuid:
             raise self.format_error(
-                f"parent {reference!r} has UUID {parent_footer.uuid}, but this differencing "
+                f"parent {redact_reference(reference)!r} has UUID {parent_footer.uuid}, but "
+                "this differencing "
                 f"disk was made from {header.parent_uuid}",
                 field="dynamic_header.parent_uuid",
             )

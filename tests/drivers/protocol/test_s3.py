@@ -262,3 +262,26 @@ async def test_chain_in_the_bucket(s3: S3Store, tmp_path: Path) -> None:
         with pytest.raises(VdiskError, match="outside the image's directory"):
             await open_image(s3.url(f"elsewhere/{name}.qcow2"),
                              OpenOptions(follow_outside=False))
+
+
+async def test_local_overlay_over_an_s3_object(s3: S3Store, raw_disk: bytes,
+                                               tmp_path: Path) -> None:
+    """A local image may name an s3:// object as its backing file: followed (with a warning
+    that reads go over the network), refused by --no-follow-outside."""
+    top = tmp_path / "top.qcow2"
+    create(top, len(raw_disk))
+    qemu_io(top, "write -P 0x33 64k 64k")  # one whole cluster
+    # Written first: QEMU cannot open an s3:// backing file.
+    qemu_img("rebase", "-u", "-b", s3.url("disk.raw"), "-F", "raw", top)
+    expected = bytearray(raw_disk)
+    expected[64 * 1024:128 * 1024] = b"\x33" * (64 * 1024)
+    warnings: list[str] = []
+    node = await open_image(str(top), OpenOptions(warn=warnings.append))
+    async with node:
+        # The overlay's size is rounded up to sectors: past the backing file it reads zeros.
+        expected += bytes(node.size - len(raw_disk))
+        assert await _read_all(node) == expected
+        assert node.child("backing").label == s3.url("disk.raw")  # type: ignore[union-attr]
+    assert any("s3://vdiskfs/disk.raw is remote" in w for w in warnings), warnings
+    with pytest.raises(VdiskError, match="network URL"):
+        await open_image(str(top), OpenOptions(follow_outside=False))

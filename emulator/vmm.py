@@ -241,9 +241,8 @@ class Vmm:
             if disk.throttle is not None:
                 # At the top of the disk's tree, as QEMU's throttle filter.
                 node = await throttled(node, self.throttle_groups, disk.throttle, name)
+            # (Its warnings were logged as they arose: OpenOptions.tell.)
             self.disks.append(_Disk(name, disk, node))
-            for warning in node.warnings:
-                log.warning("%s", warning)
 
     def _build_cmdline(self, kernel: LoadedKernel) -> Cmdline:
         cmdline = Cmdline(kernel.cmdline_capacity)

@@ -164,10 +164,13 @@ def _boot(*args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
 
 
-def _one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
+def _one_line_error(proc: subprocess.CompletedProcess[str], *, warnings: int = 0) -> str:
+    """The error line; ``warnings``: the number of warning lines (each said once) before it."""
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
+    told, lines = lines[:warnings], lines[warnings:]
+    assert len(set(told)) == warnings and not any(": error: " in line for line in told), told
     assert len(lines) == 1 and lines[0].startswith("vdiskfs boot: error: "), proc.stderr
     return lines[0]
 
@@ -254,9 +257,12 @@ def test_nbd_disks_writable_unless_said_and_overlay_over_nbd(tmp_path: Path) -> 
     with qemu_nbd(base, "raw", export="base") as server:
         line = _one_line_error(_boot("--kernel", "nonexistent", "--disk", server.url))
         assert server.url in line and "readonly=on" in line
-        line = _one_line_error(_boot("--kernel", str(tmp_path / "nonexistent"), "--disk",
-                                     f"{server.url},format=raw,overlay={overlay}"))
+        proc = _boot("--kernel", str(tmp_path / "nonexistent"), "--disk",
+                     f"{server.url},format=raw,overlay={overlay}")
+        line = _one_line_error(proc, warnings=1)
         assert "nonexistent" in line
+        # A local overlay pulling a remote backing file says so, once.
+        assert f"backing file {server.url} is remote" in proc.stderr
     info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(overlay)],
                                      capture_output=True, text=True, check=True).stdout)
     assert info["backing-filename"] == server.url

@@ -243,6 +243,14 @@ class OpenOptions:
     #: as QEMU's ``bdrv_snapshot_load_tmp_by_id_or_name``); backing files open as they are.
     snapshot: str | None = None
 
+    def tell(self, message: str) -> None:
+        """A warning for the user, as it arises: logged (the mount's log, boot's stderr) and
+        given to :attr:`warn` (the terminal of ``vdiskfs mount``). Callers that show a node's
+        ``warnings`` afterwards (``info``) silence the log instead."""
+        log.warning("%s", message)
+        if self.warn is not None:
+            self.warn(message)
+
 
 @dataclass
 class OpenContext:
@@ -267,9 +275,7 @@ class OpenContext:
 
     def warn(self, message: str) -> None:
         self.warnings.append(message)
-        log.warning("%s", message)
-        if self.options.warn is not None:
-            self.options.warn(message)
+        self.options.tell(message)
 
     def resolve(self, reference: str, *, field_name: str) -> str:
         """Turn a name recorded in the image into a path, relative to the image's directory,
@@ -542,9 +548,7 @@ async def _open_file(path: str, *, read_only: bool, locking: bool,
             await cache.aclose()
             raise
         for message in cache.warnings:
-            log.warning("%s", message)
-            if options.warn is not None:
-                options.warn(message)
+            options.tell(message)
         return cache
     from vdiskfs.drivers.protocol.file import FileNode
 

@@ -327,7 +327,5 @@ async def opened(node: HttpNode, options: OpenOptions) -> HttpNode:
         await node.aclose()
         raise
     for message in node.warnings:
-        log.warning("%s", message)
-        if options.warn is not None:
-            options.warn(message)
+        options.tell(message)
     return node

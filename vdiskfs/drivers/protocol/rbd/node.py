@@ -413,7 +413,5 @@ async def open_rbd(name: str, options: OpenOptions) -> BlockNode:
         raise
     if node.lock_warning is not None:
         # Said here rather than by the tree's context: the read cache sits between the two.
-        log.warning("%s", node.lock_warning)
-        if options.warn is not None:
-            options.warn(node.lock_warning)
+        options.tell(node.lock_warning)
     return node

@@ -348,17 +348,19 @@ class FilterNode(BlockNode):
     """A node with one child, ``file``, that passes through every verb it does not override.
 
     As nbdkit's ``filter_pread`` falls back to the next layer, the defaults call the child's
-    *public* verbs, so the child keeps its own statistics.
+    *public* verbs, so the child keeps its own statistics. ``owns_child`` False: the child
+    belongs to another tree (a partition window onto its disk) and stays open when this closes.
     """
 
     kind = NodeKind.FILTER
 
-    def __init__(self, child: BlockNode, *, read_only: bool | None = None, label: str = "") -> None:
+    def __init__(self, child: BlockNode, *, read_only: bool | None = None, label: str = "",
+                 owns_child: bool = True) -> None:
         super().__init__(
             read_only=child.read_only if read_only is None else read_only,
             label=label or child.label,
         )
-        self.add_child("file", child)
+        self.add_child("file", child, owned=owns_child)
 
     @property
     def file(self) -> BlockNode:

@@ -25,7 +25,7 @@ from tests.support.qcow2_images import RECIPES, Qcow2Images
 from vdiskfs.block.holes import read_status, seek_data, seek_hole
 from vdiskfs.block.node import BlockNode
 from vdiskfs.block.registry import OpenOptions, open_image
-from vdiskfs.drivers.format.raw import RawNode
+from vdiskfs.drivers.filter.offset import OffsetNode
 
 MiB = 1 << 20
 
@@ -126,7 +126,7 @@ async def test_partition_window_translates_and_follows_the_chain(tmp_path: Path)
     qemu_io(top, "write -P 2 2M 64k")
     disk = await open_image(str(top))
     try:
-        window = RawNode(disk, offset=512 * 1024, size=3 * MiB, owned=False)
+        window = OffsetNode(disk, offset=512 * 1024, length=3 * MiB, owns_child=False)
         await window.open()
         assert await seek_ranges(window) == [(512 * 1024, 576 * 1024),
                                              (1536 * 1024, 1600 * 1024)]

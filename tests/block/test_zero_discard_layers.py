@@ -15,7 +15,7 @@ from pathlib import Path
 from tests.support.images import create, qemu_img, qemu_io, reference_raw
 from vdiskfs.block.node import BlockNode
 from vdiskfs.block.registry import OpenOptions, open_image
-from vdiskfs.drivers.format.raw import RawNode
+from vdiskfs.drivers.filter.offset import OffsetNode
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -147,18 +147,18 @@ async def test_overlay_with_a_backing_file(tmp_path: Path) -> None:
 
 
 async def test_partition_window_over_qcow2(tmp_path: Path) -> None:
-    """A partition file's node, as ``fs/daemon.py`` builds it: a raw window onto the disk."""
+    """A partition file's node, as ``fs/daemon.py`` builds it: an offset filter onto the disk."""
     image = _qcow2_with_data(tmp_path / "disk.qcow2")
     disk = await _open_rw(image)
     start = 1 * MiB
-    window = RawNode(disk, offset=start, size=2 * MiB, owned=False)
+    window = OffsetNode(disk, offset=start, length=2 * MiB, owns_child=False)
     await window.open()
     try:
-        assert list(_names(window)) == ["0-raw", "1-qcow2", "2-file"]
+        assert list(_names(window)) == ["0-offset", "1-qcow2", "2-file"]
         assert await _zero(window, CLUSTER, 2 * CLUSTER, may_unmap=True) == {
-            "0-raw": (2 * CLUSTER, 0), "1-qcow2": (2 * CLUSTER, 0), "2-file": (0, 2 * CLUSTER)}
+            "0-offset": (2 * CLUSTER, 0), "1-qcow2": (2 * CLUSTER, 0), "2-file": (0, 2 * CLUSTER)}
         assert await _discard(window, 8 * CLUSTER, 4 * CLUSTER) == {
-            "0-raw": (0, 4 * CLUSTER), "1-qcow2": (0, 4 * CLUSTER), "2-file": (0, 4 * CLUSTER)}
+            "0-offset": (0, 4 * CLUSTER), "1-qcow2": (0, 4 * CLUSTER), "2-file": (0, 4 * CLUSTER)}
         # The window's offsets were translated: the disk changed at start + offset only.
         assert await disk.pread(start, CLUSTER) == b"\xab" * CLUSTER
         assert await disk.pread(start + CLUSTER, 2 * CLUSTER) == bytes(2 * CLUSTER)
@@ -190,13 +190,13 @@ async def test_raw_over_file_and_its_window(tmp_path: Path) -> None:
         # extent tree of the now fragmented file).
         assert before - _allocated(image) >= 8 * CLUSTER - 2 * 4096
 
-        window = RawNode(top, offset=2 * MiB, size=MiB, owned=False)
+        window = OffsetNode(top, offset=2 * MiB, length=MiB, owns_child=False)
         await window.open()
         try:
             assert await _discard(window, 0, 4 * CLUSTER) == {
-                "0-raw": (0, 4 * CLUSTER), "1-raw": (0, 4 * CLUSTER), "2-file": (0, 4 * CLUSTER)}
+                "0-offset": (0, 4 * CLUSTER), "1-raw": (0, 4 * CLUSTER), "2-file": (0, 4 * CLUSTER)}
             assert await _zero(window, 4 * CLUSTER, CLUSTER, may_unmap=True) == {
-                "0-raw": (CLUSTER, 0), "1-raw": (CLUSTER, 0), "2-file": (CLUSTER, 0)}
+                "0-offset": (CLUSTER, 0), "1-raw": (CLUSTER, 0), "2-file": (CLUSTER, 0)}
         finally:
             await window.aclose()
     finally:

@@ -75,7 +75,7 @@ def test_partition_files_match_reference(disks: dict[str, PartitionedDisk], sche
             data = (mnt / f"{stem}-part{number}.raw").read_bytes()
             assert len(data) == size
             assert data == reference[start : start + size], f"partition {number}"
-            stats = json.loads((mnt / "stats" / f"{stem}-part{number}" / "0-raw").read_text())
+            stats = json.loads((mnt / "stats" / f"{stem}-part{number}" / "0-offset").read_text())
             assert stats["rd_bytes"] >= size
 
 

@@ -47,14 +47,14 @@ async def test_stats_names_show_the_chain(tmp_path: Path) -> None:
 
 
 async def test_a_node_setting_is_a_writable_file_beside_its_stats(tmp_path: Path) -> None:
+    from vdiskfs.drivers.filter.offset import OffsetNode
     from vdiskfs.drivers.filter.throttle import ThrottleGroups, throttled
     from vdiskfs.drivers.filter.throttle_buckets import parse_throttle
-    from vdiskfs.drivers.format.raw import RawNode
 
     create(tmp_path / "d.qcow2", "1M")
     node = await throttled(await open_image(str(tmp_path / "d.qcow2")), ThrottleGroups(),
                            parse_throttle("iops-total=100"), "d")
-    window = RawNode(node, offset=4096, size=8192, owned=False)
+    window = OffsetNode(node, offset=4096, length=8192, owns_child=False)
     await window.open()
     try:
         tree = FileSystemTree([Export("d", node), Export("d-part1", window)])
@@ -66,7 +66,7 @@ async def test_a_node_setting_is_a_writable_file_beside_its_stats(tmp_path: Path
         part = tree.entries[stats.children["d-part1"]]
         assert isinstance(disk, DirEntry) and isinstance(part, DirEntry)
         assert list(disk.children) == ["tree", "0-throttle", "1-qcow2", "2-file", "throttle"]
-        assert list(part.children) == ["tree", "0-raw"]  # the disk's setting is not repeated
+        assert list(part.children) == ["tree", "0-offset"]  # the disk's setting is not repeated
         control = tree.entries[disk.children["throttle"]]
         assert isinstance(control, StatsEntry) and control.write is not None
         assert control.mode & 0o777 == 0o644

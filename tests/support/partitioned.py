@@ -32,8 +32,7 @@ from typing import Any
 from tests.support.images import random_bytes, run
 from vdiskfs.block.node import BlockNode, Buffer, NodeKind
 from vdiskfs.block.registry import OpenOptions, open_image
-from vdiskfs.drivers.format.raw import RawNode
-from vdiskfs.partitions import Partition, PartitionTable, read_partition_table
+from vdiskfs.partitions import Partition, PartitionTable, open_window, read_partition_table
 
 MiB = 1 << 20
 SFDISK = shutil.which("sfdisk") or "sfdisk"
@@ -486,11 +485,10 @@ def layout(table: PartitionTable, unit: int = 512) -> list[tuple[int, int, int]]
 async def read_window(path: str | os.PathLike[str], part: Partition, offset: int,
                       length: int) -> bytes:
     """Bytes of a partition of a raw disk file, read through the window the FUSE layer builds
-    for it (``RawNode(disk, offset=part.start, size=part.size, owned=False)``)."""
+    for it (:func:`vdiskfs.partitions.open_window`)."""
     disk = await open_image(str(path), OpenOptions(format="raw"))
     try:
-        window = RawNode(disk, offset=part.start, size=part.size, owned=False)
-        await window.open()
+        window = await open_window(disk, part)
         try:
             return bytes(await window.pread(offset, length))
         finally:

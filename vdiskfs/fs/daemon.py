@@ -30,7 +30,6 @@ from vdiskfs.block.node import BlockNode
 from vdiskfs.block.registry import open_image, redact_url, url_scheme
 from vdiskfs.drivers.filter.throttle import ThrottleGroups, throttled
 from vdiskfs.drivers.filter.throttle_buckets import parse_throttle
-from vdiskfs.drivers.format.raw import RawNode
 from vdiskfs.errors import VdiskError
 from vdiskfs.fs.mount import serve, terminate
 from vdiskfs.fs.operations import VdiskOperations
@@ -192,18 +191,17 @@ async def _with_partitions(
 ) -> list[Export]:
     """Add a ``<stem>-part<N>`` export after each disk that has a partition table.
 
-    Each partition is a raw window onto the disk's node (not owned: closing the disk closes
-    what it needs), in the disk's mode.
+    Each partition is an offset filter onto the disk's node (not owned: closing the disk
+    closes what it needs), in the disk's mode.
     """
-    from vdiskfs.partitions import scan_disk
+    from vdiskfs.partitions import open_window, scan_disk
 
     out: list[Export] = []
     for export in exports:
         out.append(export)
         table = await scan_disk(export.node, warn)
         for part in table.partitions:
-            window = RawNode(export.node, offset=part.start, size=part.size, owned=False)
-            await window.open()
+            window = await open_window(export.node, part)
             out.append(
                 Export(f"{export.name}-part{part.number}", window, writable=export.writable)
             )

@@ -15,7 +15,7 @@
           2-qcow2                ...so a backing file follows its parent's own children
           3-file
           throttle               a setting of a node (the throttle's limits): read and write it
-        <stem>-part<N>/0-raw     the partition window's own node
+        <stem>-part<N>/0-offset  the partition window's own node (an offset filter)
         <extra>                  sources added by the embedder (the emulator's vm, virtio-blk)
 
 The tree is fixed when the file system is built: images are not added or removed while mounted,

@@ -5,7 +5,7 @@ numbered as Linux numbers them (``/dev/sdaN``), in bytes, ready to become window
 
     table = await read_partition_table(disk)
     for part in table.partitions:
-        window = RawNode(disk, offset=part.start, size=part.size, owned=False)
+        window = await open_window(disk, part)
 
 Numbering: MBR primaries 1-4 by slot (empty slots leave gaps), the extended partition as a 1 KiB
 window at its slot number, logical partitions from 5 in EBR chain order; GPT entries by index + 1
@@ -17,6 +17,7 @@ suspicious is in :attr:`PartitionTable.warnings` and logged. See :mod:`.mbr`, :m
 from collections.abc import Callable
 
 from vdiskfs.block.node import BlockNode
+from vdiskfs.drivers.filter.offset import OffsetNode
 from vdiskfs.partitions.model import MAX_PARTITION_NUMBER, Partition, PartitionTable
 from vdiskfs.partitions.scan import SECTOR_SIZES, read_partition_table
 
@@ -25,6 +26,7 @@ __all__ = [
     "SECTOR_SIZES",
     "Partition",
     "PartitionTable",
+    "open_window",
     "read_partition_table",
     "scan_disk",
 ]
@@ -40,3 +42,11 @@ async def scan_disk(disk: BlockNode, warn: Callable[[str], None] | None = None
         for warning in table.warnings:
             warn(warning)
     return table
+
+
+async def open_window(disk: BlockNode, part: Partition) -> OffsetNode:
+    """The partition's bytes: an offset filter over ``disk``, in the disk's mode, open. The
+    disk owns its tree: closing the window leaves the disk open, and the disk must outlive it."""
+    window = OffsetNode(disk, offset=part.start, length=part.size, owns_child=False)
+    await window.open()
+    return window

@@ -1,7 +1,7 @@
 """What a partition table scan returns, and the limits every scan obeys.
 
 The values are plain frozen dataclasses, in bytes, so that the FUSE layer can turn a
-:class:`Partition` into a window (``RawNode(disk, offset=p.start, size=p.size, owned=False)``)
+:class:`Partition` into a window (:func:`vdiskfs.partitions.open_window`, an offset filter)
 and ``vdiskfs info`` can print it without knowing MBR from GPT.
 """
 

@@ -7,8 +7,6 @@ import pytest
 from tests.support.conformance import check_block_node
 from tests.support.images import random_bytes
 from vdiskfs.block.registry import OpenOptions, open_image
-from vdiskfs.drivers.format.raw import RawNode
-from vdiskfs.errors import RangeError
 
 
 @pytest.fixture
@@ -47,23 +45,3 @@ async def test_probed_raw_warns(raw_image: tuple[Path, bytes]) -> None:
     finally:
         await node.aclose()
 
-
-async def test_window(raw_image: tuple[Path, bytes]) -> None:
-    path, data = raw_image
-    disk = await open_image(str(path), OpenOptions(format="raw"))
-    try:
-        offset, size = 4096 * 3 + 512, 1024 * 1024
-
-        async def open_window() -> RawNode:
-            window = RawNode(disk, offset=offset, size=size, owned=False)
-            await window.open()
-            return window
-
-        await check_block_node(open_window, data[offset : offset + size])
-        # Closing a window leaves the disk open.
-        assert len(await disk.pread(0, 10)) == 10
-        bad = RawNode(disk, offset=len(data) - 10, size=20, owned=False)
-        with pytest.raises(RangeError, match="exceeds"):
-            await bad.open()
-    finally:
-        await disk.aclose()

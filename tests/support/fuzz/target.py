@@ -36,10 +36,9 @@ from emulator.devices.virtio.block import device as _virtio_device  # noqa: F401
 from tests.support.fuzz.mutate import CaseSpec
 from vdiskfs.block.node import BlockNode
 from vdiskfs.block.registry import OpenOptions, open_image
-from vdiskfs.drivers.format.raw import RawNode
 from vdiskfs.errors import VdiskError
 from vdiskfs.info import format_text, image_info
-from vdiskfs.partitions import scan_disk
+from vdiskfs.partitions import open_window, scan_disk
 
 __all__ = ["READ_CAP", "REPO", "ShortReadError", "child_main", "innermost_frame", "run_case"]
 
@@ -185,8 +184,7 @@ async def _image_case(case_dir: Path, spec: CaseSpec) -> None:
         await _read_disk(node, rng)
         await _block_status(node, rng)
         for part in table.partitions[:8]:
-            window = RawNode(node, offset=part.start, size=part.size, owned=False)
-            await window.open()
+            window = await open_window(node, part)
             try:
                 await _read_exact(window, 0, min(4096, window.size))
                 await _read_exact(window, max(0, window.size - 4096), min(4096, window.size))

@@ -1,18 +1,19 @@
-"""Format driver ``raw``: the guest bytes are the child's bytes, optionally a window of them.
+"""Format driver ``raw``: the guest bytes are the child's bytes.
 
-The window (``offset``/``size``) is what partition files are: a raw node over the whole-disk
-node, as nbdkit's offset and partition filters are.
+A window of them (a partition file) is the ``offset`` filter's work
+(:mod:`vdiskfs.drivers.filter.offset`), as nbdkit keeps it apart from its plugins. QEMU's raw
+driver takes ``offset``/``size`` options too; nothing here names them (no ``json:`` filename,
+no vmdk extent opens a raw node), so raw has none.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from vdiskfs.block.format import FormatNode
 from vdiskfs.block.node import BlockNode, BlockStatus, Buffer
-from vdiskfs.block.registry import OpenContext, OpenOptions, register
-from vdiskfs.errors import HostIOError, RangeError, UnsupportedError
+from vdiskfs.block.registry import register
+from vdiskfs.errors import HostIOError, UnsupportedError
 
 __all__ = ["RawNode", "create_raw"]
 
@@ -22,73 +23,38 @@ class RawNode(FormatNode):
     driver = "raw"
     supports_write = True
 
-    def __init__(
-        self,
-        file: BlockNode,
-        ctx: OpenContext | None = None,
-        *,
-        offset: int = 0,
-        size: int | None = None,
-        owned: bool = True,
-    ) -> None:
-        if ctx is None:
-            ctx = OpenContext(OpenOptions(read_only=file.read_only), path=file.label)
-        super().__init__(file, ctx)
-        if not owned:
-            self.children[0] = type(self.children[0])("file", file, owned=False)
-        self.window_offset = offset
-        self.window_size = size
-
     @classmethod
     def probe(cls, head: bytes, tail: bytes, filename: str) -> int:
         # Anything is raw; every other driver must outscore this.
         return 1
 
     async def open(self) -> None:
-        child_size = self.file.size
-        if self.window_size is None:
-            self.window_size = max(0, child_size - self.window_offset)
-        if self.window_offset < 0 or self.window_offset + self.window_size > child_size:
-            raise RangeError(
-                f"window of {self.window_size} bytes at {self.window_offset} exceeds the "
-                f"underlying {child_size} bytes",
-                path=self.label,
-            )
-        self.size = self.window_size
-
-    def info(self) -> dict[str, Any]:
-        if self.window_offset or self.window_size != self.file.size:
-            return {"offset": self.window_offset, "size": self.window_size}
-        return {}
+        self.size = self.file.size
 
     async def _pread(self, offset: int, length: int) -> Buffer:
-        return await self.file.pread(self.window_offset + offset, length)
+        return await self.file.pread(offset, length)
 
     async def _pwrite(self, offset: int, data: Buffer) -> None:
-        await self.file.pwrite(self.window_offset + offset, data)
+        await self.file.pwrite(offset, data)
 
     async def _zero(self, offset: int, length: int, may_unmap: bool) -> None:
-        await self.file.zero(self.window_offset + offset, length, may_unmap=may_unmap)
+        await self.file.zero(offset, length, may_unmap=may_unmap)
 
     async def _discard(self, offset: int, length: int) -> None:
-        await self.file.discard(self.window_offset + offset, length)
+        await self.file.discard(offset, length)
 
     async def _block_status(self, offset: int, length: int) -> tuple[BlockStatus, int]:
-        status, run = await self.file.block_status(self.window_offset + offset, length)
+        status, run = await self.file.block_status(offset, length)
         if not status & (BlockStatus.DATA | BlockStatus.ZERO):
-            # A window onto an image (a partition file) whose range reads from that image's
-            # backing file: say so, and unallocated_source() leads there.
+            # A child that leaves the range to a node below it: say so, and
+            # unallocated_source() leads there (as QEMU's raw driver recurses into its file).
             return status, run
         # Raw has no backing file: everything else is allocated here.
         kind = BlockStatus.ZERO if status & BlockStatus.ZERO else BlockStatus.DATA
         return kind | BlockStatus.ALLOCATED, run
 
     def unallocated_source(self) -> tuple[BlockNode, int] | None:
-        source = self.file.unallocated_source()
-        if source is None:
-            return None
-        node, shift = source
-        return node, shift + self.window_offset
+        return self.file.unallocated_source()
 
 
 async def create_raw(path: str, size: int, *, preallocation: str = "off") -> None:

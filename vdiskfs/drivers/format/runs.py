@@ -106,7 +106,7 @@ class Run:
     #: a qcow2 external data file). None: the ``file`` argument of :func:`read_runs`.
     child: BlockNode | None = None
     #: COMPRESSED: the driver's descriptor of the compressed payload (the qcow2 L2 entry; the
-    #: vmdk extent index). Compressed runs never merge.
+    #: vmdk extent's number). Compressed runs never merge.
     payload: int = 0
 
     @property

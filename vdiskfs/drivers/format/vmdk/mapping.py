@@ -68,7 +68,7 @@ def map_grain_table(
     """Runs for extent bytes ``[offset, offset + length)``, all mapped by one grain ``table``.
 
     ``table`` is None when the grain directory has no table there (all unallocated).
-    ``extent`` (the extent's index, the payload of COMPRESSED runs) and ``child`` (its file,
+    ``extent`` (the extent's number, the payload of COMPRESSED runs) and ``child`` (its file,
     where DATA and COMPRESSED bytes are) tag the runs. ``guest_base`` is the extent's first
     guest byte; ``file_size`` and ``table_offset`` (the table's place in the file) serve the
     error for an entry pointing outside the file.

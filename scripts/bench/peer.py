@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import os
 import random
@@ -55,7 +56,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -220,7 +221,8 @@ def rows(runtime: int) -> list[Row]:
 
 def select(all_rows: list[Row], filters: list[str]) -> list[tuple[Row, str]]:
     """(row, image) pairs that match any filter; a filter's '-'-joined terms must all match."""
-    vocabulary = set(IMAGES) | {t for row in all_rows for t in row.terms} | {"cold", "hot"}
+    images = {image for row in all_rows for image in row.images}
+    vocabulary = images | {t for row in all_rows for t in row.terms} | {"cold", "hot"}
     wanted = [set(f.split("-")) for f in filters]
     for terms in wanted:
         if unknown := terms - vocabulary:
@@ -283,7 +285,8 @@ def show_caps(caps: dict[str, int]) -> str:
 
 
 @contextlib.contextmanager
-def mount(peer: str, image: Path, writable: bool, opts: tuple[str, ...]) -> Iterator[Mounted]:
+def mount(peer: str, image: Path | str, writable: bool,
+          opts: tuple[str, ...]) -> Iterator[Mounted]:
     if peer == "vdiskfs":
         with vdiskfs_mount(image, (("--rw",) if writable else ()) + opts) as m:
             yield m
@@ -326,7 +329,8 @@ class Measured:
     @property
     def ratio(self) -> float:
         unit = self.row.unit
-        return self.median("vdiskfs").rate(unit) / self.median("qsd").rate(unit)
+        theirs = self.median("qsd").rate(unit)
+        return self.median("vdiskfs").rate(unit) / theirs if theirs else float("inf")
 
     def peak_rss(self, peer: str) -> int:
         return max(r.probe.peak_rss for r in self.runs[peer])
@@ -358,13 +362,13 @@ class Measured:
         }
 
 
-def measure(row: Row, image: Image, repeat: int, opts: tuple[str, ...],
-            scratch: Path) -> Measured:
-    measured = Measured(row, image.name)
+def measure(row: Row, image: str, repeat: int, one: Callable[[str], Run]) -> Measured:
+    """`repeat` runs of `one(peer)` per peer, alternating; prints the medians and probes."""
+    measured = Measured(row, image)
     for _ in range(repeat):  # alternate the peers so that drifts hit both alike
         for peer in ("vdiskfs", "qsd"):
-            measured.runs[peer].append(one_run(peer, row, image, opts, scratch))
-    report(f"{image.name} {row.key}", measured.median("vdiskfs"), measured.median("qsd"),
+            measured.runs[peer].append(one(peer))
+    report(f"{image} {row.key}", measured.median("vdiskfs"), measured.median("qsd"),
            row.unit)
     print(f"{'':<34} peak RSS vdiskfs {measured.peak_rss('vdiskfs') / MiB:6.1f} MiB"
           f" qsd {measured.peak_rss('qsd') / MiB:6.1f} MiB"
@@ -461,7 +465,9 @@ def main() -> None:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="peer-", dir=CACHE) as tmp:
         for row, name in selected:
-            measured.append(measure(row, images[name], repeat, opts, Path(tmp)))
+            one = functools.partial(one_run, row=row, image=images[name], opts=opts,
+                                    scratch=Path(tmp))
+            measured.append(measure(row, name, repeat, one))
     table = summary(measured, all_rows)
     print(f"\n{table}\n\n{len(measured)} rows in {(time.monotonic() - started) / 60:.1f} min")
     if args.json:

@@ -90,7 +90,7 @@ class _Load:
     def __init__(self, index: int, readahead: bool) -> None:
         self.index = index
         self.done = trio.Event()
-        self.data: bytes | None = None
+        self.data: Buffer | None = None
         self.error: BaseException | None = None
         #: A write covered the block while it was fetched: its bytes must not be cached.
         self.stale = False
@@ -123,7 +123,7 @@ class CacheNode(FilterNode):
         self.max_bytes = max_bytes
         # Never prefetch more than a quarter of the cache: it would evict what it fetched.
         self.readahead_blocks = min(readahead_blocks, max_bytes // block_size // 4)
-        self._blocks: OrderedDict[int, bytes] = OrderedDict()
+        self._blocks: OrderedDict[int, Buffer] = OrderedDict()
         self._loading: dict[int, _Load] = {}
         #: Blocks prefetched and not read yet (evicted so: wasted readahead).
         self._prefetched: set[int] = set()
@@ -206,7 +206,7 @@ class CacheNode(FilterNode):
         first = offset // bs
         last = (offset + length - 1) // bs
         counters = self.counters
-        parts: list[bytes | _Load] = []
+        parts: list[Buffer | _Load] = []
         run: list[_Load] = []
         for index in range(first, last + 1):
             data = self._blocks.get(index)
@@ -250,7 +250,7 @@ class CacheNode(FilterNode):
             pos += hi - lo
         return out
 
-    def _piece(self, part: bytes | _Load, index: int) -> bytes:
+    def _piece(self, part: Buffer | _Load, index: int) -> Buffer:
         if not isinstance(part, _Load):
             return part
         if part.error is not None:
@@ -302,7 +302,7 @@ class CacheNode(FilterNode):
         self.counters.disk_hits += 1
         self._finish(load, data=data)
 
-    async def _write_disk(self, disk: BlockFile, index: int, data: bytes) -> None:
+    async def _write_disk(self, disk: BlockFile, index: int, data: Buffer) -> None:
         try:
             # Shielded: a block fetched before the node closes is still kept (closing waits).
             with trio.CancelScope(shield=True):
@@ -355,7 +355,10 @@ class CacheNode(FilterNode):
                 view = memoryview(data)
                 disk, nursery = self._disk, self._nursery
                 for i, load in enumerate(run):
-                    block = bytes(view[i * bs : (i + 1) * bs])
+                    # A run of one block is cached as the child returned it (no 256 KiB
+                    # copy per random miss); the blocks of a longer run are copied out, so
+                    # that one cached block never keeps its whole run alive past the bound.
+                    block = data if len(run) == 1 else bytes(view[i * bs : (i + 1) * bs])
                     self._finish(load, data=block)
                     if disk is not None and nursery is not None and not disk.has(load.index):
                         nursery.start_soon(self._write_disk, disk, load.index, block)
@@ -363,7 +366,7 @@ class CacheNode(FilterNode):
                 for load in run:
                     self._finish(load, error=error)
 
-    def _finish(self, load: _Load, *, data: bytes | None = None,
+    def _finish(self, load: _Load, *, data: Buffer | None = None,
                 error: BaseException | None = None) -> None:
         """Hand the block to its waiters, and cache it unless a write overlapped its fetch."""
         load.data, load.error = data, error
@@ -378,7 +381,7 @@ class CacheNode(FilterNode):
             self._insert(index, data, prefetched=not load.used)
         load.done.set()
 
-    def _insert(self, index: int, data: bytes, *, prefetched: bool) -> None:
+    def _insert(self, index: int, data: Buffer, *, prefetched: bool) -> None:
         counters = self.counters
         old = self._blocks.pop(index, None)
         if old is not None:

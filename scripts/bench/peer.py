@@ -429,27 +429,48 @@ def environment() -> dict[str, str]:
     }
 
 
-def main() -> None:
-    require_root()
+@dataclass
+class Options:
+    """The command line shared by the peer benchmarks (this one and remote.py)."""
+
+    repeat: int
+    runtime: int
+    only: list[str]  # filters, each of '-'-joined terms (see select)
+    json: Path | None
+    mount_opts: tuple[str, ...]  # extra `vdiskfs mount` options
+
+
+def parse_options(doc: str, only_example: str) -> Options:
+    """Parse the command line of a benchmark whose usage is `doc` (its module docstring)."""
     parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n".join(__doc__.splitlines()[1:]))
+        description=doc.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(doc.splitlines()[1:]))
     parser.add_argument("--repeat", type=int,
                         help="runs per row and peer, alternating; the median is printed (3)")
     parser.add_argument("--runtime", type=int, help="seconds per random job (10)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: --repeat 1 --runtime 3 unless given")
     parser.add_argument("--only", action="append", default=[], metavar="TERMS",
-                        help="rows and images to run, e.g. single, read-qd64, chain-hot")
+                        help=f"rows to run, e.g. {only_example}")
     parser.add_argument("--json", type=Path, metavar="FILE", help="save every number here")
     parser.add_argument("--vdiskfs-mount-opts", default="", metavar="OPTS",
                         help='extra `vdiskfs mount` options, e.g. --vdiskfs-mount-opts="--debug"')
     args = parser.parse_args()
-    repeat = args.repeat or (1 if args.quick else 3)
-    runtime = args.runtime or (3 if args.quick else 10)
-    opts = tuple(shlex.split(args.vdiskfs_mount_opts))
+    return Options(
+        repeat=args.repeat or (1 if args.quick else 3),
+        runtime=args.runtime or (3 if args.quick else 10),
+        only=[f for only in args.only for f in only.split(",") if f],
+        json=args.json,
+        mount_opts=tuple(shlex.split(args.vdiskfs_mount_opts)),
+    )
+
+
+def main() -> None:
+    require_root()
+    options = parse_options(__doc__, "single, read-qd64, chain-hot")
+    repeat, runtime, opts = options.repeat, options.runtime, options.mount_opts
     all_rows = rows(runtime)
-    selected = select(all_rows, [f for only in args.only for f in only.split(",") if f])
+    selected = select(all_rows, options.only)
     if not selected:
         sys.exit("--only selects no row")
 
@@ -470,8 +491,8 @@ def main() -> None:
             measured.append(measure(row, name, repeat, one))
     table = summary(measured, all_rows)
     print(f"\n{table}\n\n{len(measured)} rows in {(time.monotonic() - started) / 60:.1f} min")
-    if args.json:
-        args.json.write_text(json.dumps({
+    if options.json:
+        options.json.write_text(json.dumps({
             "environment": env, "repeat": repeat, "runtime": runtime,
             "vdiskfs_mount_opts": list(opts),
             "images": {i.name: {"path": str(i.path), "info": i.info} for i in images.values()},

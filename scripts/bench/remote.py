@@ -25,12 +25,10 @@ Usage: .venv/bin/python scripts/bench/remote.py [--repeat N] [--runtime S] [--qu
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import json
 import os
-import shlex
 import sys
 import tempfile
 import time
@@ -51,7 +49,16 @@ from common import (
     probe,
     require_root,
 )
-from peer import Measured, Row, Run, environment, measure, mount, select
+from peer import (
+    Measured,
+    Row,
+    Run,
+    environment,
+    measure,
+    mount,
+    parse_options,
+    select,
+)
 
 from tests.support.http_server import start_nginx
 from tests.support.nbd import qemu_nbd
@@ -135,24 +142,9 @@ def summary(measured: list[Measured], hangs: list[dict[str, int]]) -> str:
 
 def main() -> None:
     require_root()
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n".join(__doc__.splitlines()[1:]))
-    parser.add_argument("--repeat", type=int,
-                        help="runs per row and peer, alternating; the median is printed (3)")
-    parser.add_argument("--runtime", type=int, help="seconds per random job (10)")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: --repeat 1 --runtime 3 unless given")
-    parser.add_argument("--only", action="append", default=[], metavar="TERMS",
-                        help="rows and protocols to run, e.g. nbd, read-qd16, http-seq")
-    parser.add_argument("--json", type=Path, metavar="FILE", help="save every number here")
-    parser.add_argument("--vdiskfs-mount-opts", default="", metavar="OPTS",
-                        help='extra `vdiskfs mount` options, e.g. --vdiskfs-mount-opts="--debug"')
-    args = parser.parse_args()
-    repeat = args.repeat or (1 if args.quick else 3)
-    runtime = args.runtime or (3 if args.quick else 10)
-    opts = tuple(shlex.split(args.vdiskfs_mount_opts))
-    selected = select(rows(runtime), [f for only in args.only for f in only.split(",") if f])
+    options = parse_options(__doc__, "nbd, read-qd16, http-seq")
+    repeat, runtime, opts = options.repeat, options.runtime, options.mount_opts
+    selected = select(rows(runtime), options.only)
     if not selected:
         sys.exit("--only selects no row")
 
@@ -173,8 +165,8 @@ def main() -> None:
             print(f"{'':<34} {cache_line(measured[-1])}", flush=True)
     table = summary(measured, hangs)
     print(f"\n{table}\n\n{len(measured)} rows in {(time.monotonic() - started) / 60:.1f} min")
-    if args.json:
-        args.json.write_text(json.dumps({
+    if options.json:
+        options.json.write_text(json.dumps({
             "environment": env, "repeat": repeat, "runtime": runtime,
             "vdiskfs_mount_opts": list(opts), "image": str(image), "urls": urls,
             "rows": [{**m.as_dict(), "hangs": h} for m, h in zip(measured, hangs, strict=True)],

@@ -15,11 +15,15 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from vdiskfs.fs.daemon import image_stem
 
 REPO = Path(__file__).resolve().parents[2]
 VDISKFS = [str(REPO / ".venv/bin/python"), "-m", "vdiskfs"]
@@ -58,17 +62,23 @@ def random_file(path: Path, size: int, seed: int = 1) -> Path:
     return path
 
 
-def build_single() -> Path:
-    """single.qcow2: 2 GiB, 64 KiB clusters, fully allocated with pseudo-random data."""
-    image = CACHE / "single.qcow2"
+def build_random_qcow2(name: str, size: int) -> Path:
+    """CACHE/`name`.qcow2: `size` bytes, 64 KiB clusters, fully allocated with pseudo-random
+    data (built once; under a temporary name, so an interrupted build is redone)."""
+    image = CACHE / f"{name}.qcow2"
     if not image.exists():
         CACHE.mkdir(parents=True, exist_ok=True)
-        raw = random_file(CACHE / "single.tmp", 2 * GiB)
+        raw = random_file(CACHE / f"{name}.tmp", size)
         run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-o",
             f"cluster_size={CLUSTER}", raw, image.with_suffix(".part"))
         raw.unlink()
         image.with_suffix(".part").rename(image)
     return image
+
+
+def build_single() -> Path:
+    """single.qcow2: 2 GiB, 64 KiB clusters, fully allocated with pseudo-random data."""
+    return build_random_qcow2("single", 2 * GiB)
 
 
 def build_chain_base() -> Path:
@@ -141,7 +151,8 @@ class Mounted:
 
 
 @contextlib.contextmanager
-def vdiskfs_mount(image: Path, extra: tuple[str, ...] = ()) -> Iterator[Mounted]:
+def vdiskfs_mount(image: Path | str, extra: tuple[str, ...] = ()) -> Iterator[Mounted]:
+    """`vdiskfs mount` of a file or a URL; the mounted file is named as the daemon names it."""
     mnt = Path(tempfile.mkdtemp(prefix="vdiskfs-bench-"))
     run(*VDISKFS, "mount", "--no-partitions", *extra, image, mnt)
     try:
@@ -149,15 +160,34 @@ def vdiskfs_mount(image: Path, extra: tuple[str, ...] = ()) -> Iterator[Mounted]
             line.split()[0] for line in Path("/proc/mounts").read_text().splitlines()
             if line.split()[1] == str(mnt)
         )
-        yield Mounted("vdiskfs", mnt / f"{image.stem}.raw", int(source.split(":")[1]))
+        yield Mounted("vdiskfs", mnt / f"{image_stem(str(image))}.raw",
+                      int(source.split(":")[1]))
     finally:
         subprocess.run([*VDISKFS, "unmount", str(mnt)], capture_output=True)
         os.rmdir(mnt)
 
 
+def qsd_protocol(source: Path | str) -> str:
+    """QSD's `--blockdev` options (without node-name and read-only) of the protocol node that
+    reads `source`: a local file, an http(s) URL (the curl driver, from qemu-block-extra, with
+    its defaults) or `nbd://host:port/export`."""
+    text = str(source)
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme in ("http", "https"):
+        return f"driver={parts.scheme},url={text}"
+    if parts.scheme == "nbd":
+        return (f"driver=nbd,server.type=inet,server.host={parts.hostname},"
+                f"server.port={parts.port or 10809},export={parts.path.lstrip('/')}")
+    if parts.scheme:
+        raise ValueError(f"qsd_mount: no QSD protocol node for {text}")
+    return f"driver=file,filename={text}"
+
+
 @contextlib.contextmanager
-def qsd_mount(image: Path, fmt: str = "qcow2", writable: bool = False) -> Iterator[Mounted]:
-    """qemu-storage-daemon --export type=fuse: the peer (its mount point is a regular file)."""
+def qsd_mount(image: Path | str, fmt: str = "qcow2", writable: bool = False
+              ) -> Iterator[Mounted]:
+    """qemu-storage-daemon --export type=fuse of a file or URL (`qsd_protocol`): the peer (its
+    mount point is a regular file)."""
     directory = Path(tempfile.mkdtemp(prefix="qsd-bench-"))
     target = directory / "disk.raw"
     target.touch()
@@ -165,7 +195,7 @@ def qsd_mount(image: Path, fmt: str = "qcow2", writable: bool = False) -> Iterat
     proc = subprocess.Popen(
         [
             "qemu-storage-daemon",
-            "--blockdev", f"driver=file,node-name=proto,filename={image},read-only={ro}",
+            "--blockdev", f"{qsd_protocol(image)},node-name=proto,read-only={ro}",
             "--blockdev", f"driver={fmt},node-name=fmt,file=proto,read-only={ro}",
             "--export", f"type=fuse,id=exp,node-name=fmt,mountpoint={target},"
                         f"writable={'on' if writable else 'off'}",
@@ -218,10 +248,18 @@ class FioResult:
         return self.cpu / max(self.ios, 1)
 
 
+class FioHung(Exception):
+    """A fio job made no progress within its limit: its FUSE connection was aborted."""
+
+
 def fio(target: Mounted, *, rw: str, bs: str, iodepth: int = 1, size: str | None = None,
         runtime: int = 10, direct: bool = True, hot: bool = False,
-        extra: tuple[str, ...] = ()) -> FioResult:
+        extra: tuple[str, ...] = (), limit: float | None = None) -> FioResult:
     """One fio job on a mounted raw file; the page cache is dropped first unless `hot`.
+
+    With `limit` (seconds), a job still running then is ended by aborting the mount's FUSE
+    connection and raises `FioHung`: a daemon that lost a request leaves fio in an
+    uninterruptible wait that no signal to fio ends.
 
     With `hot`, whatever the caller put into the page cache stays there (see
     `warm_page_cache`); pair it with `direct` so that each request still reaches the daemon.
@@ -237,7 +275,25 @@ def fio(target: Mounted, *, rw: str, bs: str, iodepth: int = 1, size: str | None
     ]
     args += [f"--size={size}"] if size else [f"--runtime={runtime}", "--time_based"]
     before = cpu_seconds(target.pid)
-    out = json.loads(run(*args).stdout)
+    abort = fuse_connection(target) / "abort"
+    hung = threading.Event()
+
+    def give_up() -> None:
+        hung.set()
+        abort.write_text("1\n")
+
+    watchdog = threading.Timer(limit, give_up) if limit is not None else None
+    if watchdog is not None:
+        watchdog.start()
+    try:
+        out = json.loads(run(*args).stdout)
+    except subprocess.CalledProcessError:
+        if hung.is_set():
+            raise FioHung(f"{target.name}: fio made no progress in {limit:g} s") from None
+        raise
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()
     cpu = cpu_seconds(target.pid) - before
     job = out["jobs"][0]
     side = job["write"] if "write" in rw else job["read"]
@@ -266,11 +322,15 @@ def peak_rss(pid: int) -> int:
     raise RuntimeError(f"no VmHWM in /proc/{pid}/status")
 
 
+def fuse_connection(target: Mounted) -> Path:
+    """The fusectl directory of the mount's FUSE connection."""
+    return Path("/sys/fs/fuse/connections") / str(os.minor(os.stat(target.path).st_dev))
+
+
 def fuse_max_background(target: Mounted) -> int | None:
     """max_background of the mount's FUSE connection (fusectl), None if it cannot be read."""
-    connection = Path("/sys/fs/fuse/connections") / str(os.minor(os.stat(target.path).st_dev))
     try:
-        return int((connection / "max_background").read_text())
+        return int((fuse_connection(target) / "max_background").read_text())
     except (OSError, ValueError):
         return None
 
@@ -297,10 +357,11 @@ def median_result(results: list[FioResult]) -> FioResult:
 
 def report(title: str, ours: FioResult, peer: FioResult, unit: str) -> str:
     a, b = ours.rate(unit), peer.rate(unit)
+    ratio = a / b if b else float("inf")  # a peer whose every run hung (remote.py)
     gib_ours = ours.bytes / GiB or 1
     gib_peer = peer.bytes / GiB or 1
     line = (
-        f"{title:<34} vdiskfs {a:9.1f} {unit:<5} qsd {b:9.1f} {unit:<5} ratio {a / b:5.2f}x"
+        f"{title:<34} vdiskfs {a:9.1f} {unit:<5} qsd {b:9.1f} {unit:<5} ratio {ratio:5.2f}x"
         f" | cpu/GiB {ours.cpu / gib_ours:6.2f}s vs {peer.cpu / gib_peer:6.2f}s"
         f" | cpu/req {ours.cpu_per_request * 1e6:6.1f}us"
         f" vs {peer.cpu_per_request * 1e6:6.1f}us"

@@ -17,7 +17,7 @@ import trio.testing
 from tests.support.conformance import check_block_node
 from tests.support.images import random_bytes
 from vdiskfs.block.node import BlockNode, Buffer, FilterNode
-from vdiskfs.drivers.filter.cache import CacheNode
+from vdiskfs.drivers.filter.cache import MAX_RUN_BLOCKS, CacheNode
 from vdiskfs.drivers.protocol.file import FileNode
 from vdiskfs.errors import HostIOError
 
@@ -148,19 +148,21 @@ async def test_adjacent_missing_blocks_coalesced(image: tuple[Path, bytes]) -> N
         counting = _counting(node)
         await node.pread(2 * BS + 5, 10)  # block 2 cached
         counting.reads.clear()
-        # Blocks 0-1 and 3-8 are missing: a run of 2, then 3-6 and 7-8 (runs of at most 4),
-        # fetched concurrently.
+        # Blocks 0-1 and 3-(M+4) are missing: a run of 2, then runs of M = MAX_RUN_BLOCKS and
+        # 2, fetched concurrently.
+        end = 3 + MAX_RUN_BLOCKS + 2
         counting.gate = trio.Event()
         with trio.fail_after(TIMEOUT):
             async with trio.open_nursery() as nursery:
                 async def read() -> None:
-                    assert await node.pread(10, 9 * BS - 20) == data[10 : 9 * BS - 10]
+                    assert await node.pread(10, end * BS - 20) == data[10 : end * BS - 10]
 
                 nursery.start_soon(read)
                 await trio.testing.wait_all_tasks_blocked()
                 assert counting.waiting == 3
                 counting.gate.set()
-        assert sorted(counting.reads) == [(0, 2 * BS), (3 * BS, 4 * BS), (7 * BS, 2 * BS)]
+        assert sorted(counting.reads) == [(0, 2 * BS), (3 * BS, MAX_RUN_BLOCKS * BS),
+                                          ((3 + MAX_RUN_BLOCKS) * BS, 2 * BS)]
 
 
 async def test_memory_bound_and_lru(image: tuple[Path, bytes]) -> None:

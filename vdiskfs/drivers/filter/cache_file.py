@@ -91,7 +91,7 @@ class BlockFile:
             raise OSError(f"short read of a cached block ({len(data)} of {length} bytes)")
         return data
 
-    async def write(self, index: int, data: bytes) -> None:
+    async def write(self, index: int, data: bytes | bytearray | memoryview) -> None:
         """Store block ``index``; it counts as present once written."""
         def write() -> None:
             view = memoryview(data)

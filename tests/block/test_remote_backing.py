@@ -136,6 +136,7 @@ async def test_vmdk_parent_over_http(nginx: Nginx, tmp_path: Path) -> None:
     """A VMDK delta whose parentFileNameHint is a URL (QEMU's vmdk reads the parent's CID
     through its curl driver when it creates the delta)."""
     parent = nginx.root / "refs" / "parent.vmdk"
+    parent.parent.mkdir(exist_ok=True)
     create(parent, SIZE, fmt="vmdk")
     qemu_io(parent, "write -P 0x55 0 1M", fmt="vmdk")
     url = nginx.url("refs/parent.vmdk")

@@ -196,6 +196,17 @@ class _FlakyHandler(_Handler):
     server: _FlakyServer
 
     def do_GET(self) -> None:
+        stats = self.server.stats
+        with self.server.lock:
+            stats["in_flight"] = stats.get("in_flight", 0) + 1
+            stats["most_in_flight"] = max(stats.get("most_in_flight", 0), stats["in_flight"])
+        try:
+            self._answer()
+        finally:
+            with self.server.lock:
+                stats["in_flight"] -= 1
+
+    def _answer(self) -> None:
         time.sleep(self.server.delay)
         data = self.server.data
         first, _, last = self.headers["Range"].removeprefix("bytes=").partition("-")
@@ -220,6 +231,7 @@ class _FlakyHandler(_Handler):
 
 
 class _FlakyServer(_Server):
+    stats: dict[str, int]
     delay: float
     failures: int
     mode: str
@@ -228,15 +240,17 @@ class _FlakyServer(_Server):
 
 @contextlib.contextmanager
 def flaky_server(data: bytes, *, failures: int = 0, mode: str = "drop",
-                 delay: float = 0.0) -> Iterator[str]:
+                 delay: float = 0.0, stats: dict[str, int] | None = None) -> Iterator[str]:
     """A ranged server that answers GETs after ``delay`` seconds, and whose first
-    ``failures`` GETs lose the connection; its base URL."""
+    ``failures`` GETs lose the connection; its base URL. ``stats`` gets ``most_in_flight``:
+    the most GETs it answered at once."""
     server = _FlakyServer(("127.0.0.1", 0), _FlakyHandler)
     server.data = data
     server.accept_ranges = True
     server.failures = failures
     server.mode = mode
     server.delay = delay
+    server.stats = stats if stats is not None else {}
     server.lock = threading.Lock()
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -4,6 +4,7 @@ image and its snapshot side by side."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from tests.support.ceph import Cluster
 from tests.support.images import create, qemu_img, qemu_io, reference_raw, run
 from tests.support.mount import mounted, vdiskfs
+from tests.support.partitioned import make_gpt_disk
 
 pytestmark = [pytest.mark.mount, pytest.mark.ceph]
 
@@ -43,18 +45,67 @@ def test_mount_qcow2_in_rbd_read_and_write(ceph_cluster: Cluster, tmp_path: Path
     qemu_img("compare", "-f", "qcow2", "-F", "raw", name, reference)
 
 
-def test_mount_image_and_its_snapshot(ceph_cluster: Cluster, tmp_path: Path) -> None:
-    """``IMAGE.raw`` and ``IMAGE@SNAP.raw`` in one mount: the snapshot keeps the old bytes."""
+def test_mount_shows_rbd_snapshots_as_files(ceph_cluster: Cluster, tmp_path: Path) -> None:
+    """``rbd:pool/img`` shows ``img@SNAP.raw`` for each RBD snapshot, read-only, with its
+    partitions and stats, as a qcow2's internal snapshots appear; ``info`` names the files;
+    ``--no-snapshots`` and ``--rw`` leave them out, ``--snapshots`` brings them back."""
+    disk = make_gpt_disk(tmp_path)
+    ceph_cluster.rbd("import", disk.path, "rbd/snapdisk")
+    ceph_cluster.rbd("snap", "create", "rbd/snapdisk@installed")
+    head = ceph_cluster.qemu_name("rbd/snapdisk")
+    # The current state loses its partition table; the snapshot keeps it.
+    qemu_io(head, "write -z 0 32M", fmt="raw")
+    info = json.loads(vdiskfs("info", "--json", "--format", "raw", head).stdout)
+    assert [(s["name"], s["mount-file"]) for s in info["snapshots"]] == [
+        ("installed", "snapdisk@installed.raw")]
+    with mounted(head, mountpoint=tmp_path / "mnt", options=("--format", "raw")) as mnt:
+        files = sorted(os.listdir(mnt))
+        assert files == ["snapdisk.raw", "snapdisk@installed-part1.raw",
+                         "snapdisk@installed-part2.raw", "snapdisk@installed-part3.raw",
+                         "snapdisk@installed.raw", "stats"]
+        snap = mnt / "snapdisk@installed.raw"
+        assert snap.read_bytes() == disk.path.read_bytes()
+        assert (mnt / "snapdisk.raw").read_bytes() == bytes(32 << 20)
+        assert os.stat(snap).st_mode & 0o777 == 0o444
+        with pytest.raises(OSError, match="Read-only file system"):
+            snap.open("r+b")
+        tree = (mnt / "stats" / "snapdisk@installed" / "tree").read_text()
+        assert "rbd:rbd/snapdisk@installed:" in tree and "cache" in tree
+        assert (mnt / "stats" / "snapdisk@installed-part1").is_dir()
+    with mounted(head, mountpoint=tmp_path / "mnt",
+                 options=("--format", "raw", "--no-snapshots")) as mnt:
+        assert sorted(os.listdir(mnt)) == ["snapdisk.raw", "stats"]
+    with mounted(head, mountpoint=tmp_path / "mnt", options=("--format", "raw", "--rw")) as mnt:
+        assert sorted(os.listdir(mnt)) == ["snapdisk.raw", "stats"]
+    with mounted(head, mountpoint=tmp_path / "mnt",
+                 options=("--format", "raw", "--rw", "--snapshots")) as mnt:
+        snap = mnt / "snapdisk@installed.raw"
+        assert "snapdisk@installed.raw" in os.listdir(mnt)
+        assert os.stat(snap).st_mode & 0o777 == 0o444
+        with pytest.raises(OSError) as refused:
+            snap.open("r+b")
+        assert refused.value.errno in (errno.EACCES, errno.EROFS, errno.EPERM)
+        assert snap.read_bytes() == disk.path.read_bytes()
+
+
+def test_mount_image_and_its_snapshot_by_name(ceph_cluster: Cluster, tmp_path: Path) -> None:
+    """``IMAGE`` and ``IMAGE@SNAP`` named both: the named snapshot is ``IMAGE@SNAP.raw``, so
+    the image's own view of it goes by its ID; both keep the old bytes."""
     ceph_cluster.rbd("create", "--size", "4M", "rbd/mount-snap")
     head = ceph_cluster.qemu_name("rbd/mount-snap")
     qemu_io(head, "write -P 0x01 0 4M", fmt="raw")
     ceph_cluster.rbd("snap", "create", "rbd/mount-snap@old")
     qemu_io(head, "write -P 0x02 0 1M", fmt="raw")
     snap = ceph_cluster.qemu_name("rbd/mount-snap@old")
+    (listed,) = json.loads(ceph_cluster.rbd("snap", "ls", "--format", "json",
+                                            "rbd/mount-snap"))
+    by_id = f"mount-snap@{listed['id']}.raw"
     with mounted(head, snap, mountpoint=tmp_path / "mnt",
                  options=("--format", "raw")) as mnt:
-        assert sorted(os.listdir(mnt)) == ["mount-snap.raw", "mount-snap@old.raw", "stats"]
+        assert sorted(os.listdir(mnt)) == sorted(
+            ["mount-snap.raw", "mount-snap@old.raw", by_id, "stats"])
         assert (mnt / "mount-snap@old.raw").read_bytes() == b"\x01" * (4 << 20)
+        assert (mnt / by_id).read_bytes() == b"\x01" * (4 << 20)
         assert (mnt / "mount-snap.raw").read_bytes()[: 1 << 20] == b"\x02" * (1 << 20)
 
 

@@ -39,10 +39,17 @@ from typing import Any
 import outcome
 import trio
 
-from vdiskfs.block.node import BlockNode, BlockStatus, Buffer, NodeKind
+from vdiskfs.block.node import (
+    BlockNode,
+    BlockStatus,
+    Buffer,
+    NodeKind,
+    SnapshotEntry,
+    opened,
+)
 from vdiskfs.block.registry import OpenOptions, register_protocol, run_blocking
 from vdiskfs.block.stats import Counters
-from vdiskfs.drivers.protocol.rbd.spec import RbdSpec, parse_spec
+from vdiskfs.drivers.protocol.rbd.spec import RbdSpec, parse_spec, snapshot_name
 from vdiskfs.errors import HostIOError, LockedError, UnsupportedError, VdiskError
 
 __all__ = ["RbdNode", "open_rbd"]
@@ -95,8 +102,12 @@ class RbdNode(BlockNode):
     counters_class = RbdCounters
     counters: RbdCounters
 
-    def __init__(self, name: str, *, read_only: bool = True) -> None:
+    def __init__(self, name: str, *, read_only: bool = True,
+                 view_of: RbdNode | None = None) -> None:
         super().__init__(read_only=read_only, label=name)
+        #: The open image node whose snapshot this node shows (:meth:`open_snapshot`): its
+        #: connection and pool are shared, and closed by it, not here.
+        self._view_of = view_of
         self.spec: RbdSpec = parse_spec(name)
         if self.spec.snapshot is not None and not read_only:
             raise VdiskError(f"snapshot {self.spec.snapshot!r} is read-only; open the image "
@@ -120,6 +131,11 @@ class RbdNode(BlockNode):
         self._token = trio.lowlevel.current_trio_token()
         # Blocking librados calls (the monitors, the image header): in a thread that a
         # cancelled open abandons.
+        parent = self._view_of
+        if parent is not None:
+            self._cluster, self._ioctx = parent._cluster, parent._ioctx
+            await run_blocking(lambda: self._open_image(rbd))
+            return
         await run_blocking(lambda: self._connect(rados, rbd))
         if not self.read_only:
             await run_blocking(lambda: self._lock(rbd))
@@ -174,6 +190,10 @@ class RbdNode(BlockNode):
             raise self._error(exc, f"cannot open pool {spec.pool!r}") from None
         if spec.namespace:
             self._ioctx.set_namespace(spec.namespace)
+        self._open_image(rbd)
+
+    def _open_image(self, rbd: Any) -> None:
+        spec = self.spec
         try:
             self._image = rbd.Image(self._ioctx, spec.image, snapshot=spec.snapshot,
                                     read_only=self.read_only)
@@ -211,6 +231,30 @@ class RbdNode(BlockNode):
                 return f"image {spec.image!r} has no snapshot {spec.snapshot!r} (it has: {known})"
         ns = f" namespace {spec.namespace!r}" if spec.namespace else ""
         return f"no image {spec.image!r} in pool {spec.pool!r}{ns}"
+
+    def internal_snapshots(self) -> list[SnapshotEntry]:
+        """The image's snapshots (none when this node shows one of them already)."""
+        if self.spec.snapshot is not None:
+            return []
+        return [SnapshotEntry(snap["id"], snap["name"], snap["size"])
+                for snap in self._facts.get("snapshots", [])]
+
+    async def open_snapshot(self, snapshot: str | int) -> BlockNode:
+        """``rbd:POOL/IMAGE@SNAP`` over this node's connection (no second one to the
+        monitors), chosen by position, ID or name (IDs first, as QEMU)."""
+        snapshots = self.internal_snapshots()
+        if isinstance(snapshot, int):
+            found = snapshots[snapshot]
+        else:
+            matches = ([s for s in snapshots if s.id == snapshot]
+                       or [s for s in snapshots if s.name == snapshot])
+            if not matches:
+                known = ", ".join(s.name for s in snapshots) or "none"
+                raise VdiskError(f"image {self.spec.where} has no snapshot {snapshot!r} "
+                                 f"(it has: {known})", path=self.label, field="snapshot",
+                                 errno=errno.ENOENT)
+            found = matches[0]
+        return await opened(RbdNode(snapshot_name(self.label, found.name), view_of=self))
 
     @staticmethod
     def _snapshots(image: Any) -> list[dict[str, Any]]:
@@ -250,6 +294,8 @@ class RbdNode(BlockNode):
     async def _close(self) -> None:
         image, ioctx, cluster = self._image, self._ioctx, self._cluster
         self._image = self._ioctx = self._cluster = None
+        if self._view_of is not None:
+            ioctx = cluster = None  # the image node's, which closes them
 
         def close() -> None:
             # Image.close flushes librbd's cache, waits for requests still in flight and
@@ -405,12 +451,7 @@ class RbdNode(BlockNode):
 @register_protocol("rbd", bare=True)
 async def open_rbd(name: str, options: OpenOptions) -> BlockNode:
     """Open the RBD image that ``name`` (``rbd:POOL/IMAGE...``) names."""
-    node = RbdNode(name, read_only=options.read_only)
-    try:
-        await node.open()
-    except BaseException:
-        await node.aclose()
-        raise
+    node = await opened(RbdNode(name, read_only=options.read_only))
     if node.lock_warning is not None:
         # Said here rather than by the tree's context: the read cache sits between the two.
         log.warning("%s", node.lock_warning)

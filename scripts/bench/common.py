@@ -16,10 +16,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from vdiskfs.fs.daemon import image_stem
 
 REPO = Path(__file__).resolve().parents[2]
 VDISKFS = [str(REPO / ".venv/bin/python"), "-m", "vdiskfs"]
@@ -141,7 +144,8 @@ class Mounted:
 
 
 @contextlib.contextmanager
-def vdiskfs_mount(image: Path, extra: tuple[str, ...] = ()) -> Iterator[Mounted]:
+def vdiskfs_mount(image: Path | str, extra: tuple[str, ...] = ()) -> Iterator[Mounted]:
+    """`vdiskfs mount` of a file or a URL; the mounted file is named as the daemon names it."""
     mnt = Path(tempfile.mkdtemp(prefix="vdiskfs-bench-"))
     run(*VDISKFS, "mount", "--no-partitions", *extra, image, mnt)
     try:
@@ -149,15 +153,49 @@ def vdiskfs_mount(image: Path, extra: tuple[str, ...] = ()) -> Iterator[Mounted]
             line.split()[0] for line in Path("/proc/mounts").read_text().splitlines()
             if line.split()[1] == str(mnt)
         )
-        yield Mounted("vdiskfs", mnt / f"{image.stem}.raw", int(source.split(":")[1]))
+        yield Mounted("vdiskfs", mnt / f"{image_stem(str(image))}.raw",
+                      int(source.split(":")[1]))
     finally:
         subprocess.run([*VDISKFS, "unmount", str(mnt)], capture_output=True)
         os.rmdir(mnt)
 
 
+def qsd_rbd(name: str) -> str:
+    """QSD's `--blockdev` options of its `rbd` driver (qemu-block-extra) for vdiskfs's (and
+    QEMU's) `rbd:POOL[/NAMESPACE]/IMAGE[@SNAP][:conf=F][:id=U]` name."""
+    from vdiskfs.drivers.protocol.rbd.spec import parse_spec
+
+    spec = parse_spec(name)
+    fields = {"pool": spec.pool, "namespace": spec.namespace or None, "image": spec.image,
+              "snapshot": spec.snapshot, "conf": spec.conf, "user": spec.user}
+    if spec.keyring is not None or spec.options:
+        raise ValueError(f"qsd_rbd: put keyring= and other options of {name} in the conf file")
+    return ",".join(["driver=rbd"] + [f"{k}={v}" for k, v in fields.items() if v is not None])
+
+
+def qsd_protocol(source: Path | str) -> str:
+    """QSD's `--blockdev` options (without node-name and read-only) of the protocol node that
+    reads `source`: a local file, an http(s) URL (the curl driver, from qemu-block-extra, with
+    its defaults) or `nbd://host:port/export`."""
+    text = str(source)
+    if text.startswith("rbd:"):
+        return qsd_rbd(text)
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme in ("http", "https"):
+        return f"driver={parts.scheme},url={text}"
+    if parts.scheme == "nbd":
+        return (f"driver=nbd,server.type=inet,server.host={parts.hostname},"
+                f"server.port={parts.port or 10809},export={parts.path.lstrip('/')}")
+    if parts.scheme:
+        raise ValueError(f"qsd_mount: no QSD protocol node for {text}")
+    return f"driver=file,filename={text}"
+
+
 @contextlib.contextmanager
-def qsd_mount(image: Path, fmt: str = "qcow2", writable: bool = False) -> Iterator[Mounted]:
-    """qemu-storage-daemon --export type=fuse: the peer (its mount point is a regular file)."""
+def qsd_mount(image: Path | str, fmt: str = "qcow2", writable: bool = False
+              ) -> Iterator[Mounted]:
+    """qemu-storage-daemon --export type=fuse of a file or URL (`qsd_protocol`): the peer (its
+    mount point is a regular file)."""
     directory = Path(tempfile.mkdtemp(prefix="qsd-bench-"))
     target = directory / "disk.raw"
     target.touch()
@@ -165,7 +203,7 @@ def qsd_mount(image: Path, fmt: str = "qcow2", writable: bool = False) -> Iterat
     proc = subprocess.Popen(
         [
             "qemu-storage-daemon",
-            "--blockdev", f"driver=file,node-name=proto,filename={image},read-only={ro}",
+            "--blockdev", f"{qsd_protocol(image)},node-name=proto,read-only={ro}",
             "--blockdev", f"driver={fmt},node-name=fmt,file=proto,read-only={ro}",
             "--export", f"type=fuse,id=exp,node-name=fmt,mountpoint={target},"
                         f"writable={'on' if writable else 'off'}",

@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import os
 import random
@@ -55,7 +56,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -220,7 +221,8 @@ def rows(runtime: int) -> list[Row]:
 
 def select(all_rows: list[Row], filters: list[str]) -> list[tuple[Row, str]]:
     """(row, image) pairs that match any filter; a filter's '-'-joined terms must all match."""
-    vocabulary = set(IMAGES) | {t for row in all_rows for t in row.terms} | {"cold", "hot"}
+    images = {image for row in all_rows for image in row.images}
+    vocabulary = images | {t for row in all_rows for t in row.terms} | {"cold", "hot"}
     wanted = [set(f.split("-")) for f in filters]
     for terms in wanted:
         if unknown := terms - vocabulary:
@@ -283,7 +285,8 @@ def show_caps(caps: dict[str, int]) -> str:
 
 
 @contextlib.contextmanager
-def mount(peer: str, image: Path, writable: bool, opts: tuple[str, ...]) -> Iterator[Mounted]:
+def mount(peer: str, image: Path | str, writable: bool,
+          opts: tuple[str, ...]) -> Iterator[Mounted]:
     if peer == "vdiskfs":
         with vdiskfs_mount(image, (("--rw",) if writable else ()) + opts) as m:
             yield m
@@ -326,7 +329,8 @@ class Measured:
     @property
     def ratio(self) -> float:
         unit = self.row.unit
-        return self.median("vdiskfs").rate(unit) / self.median("qsd").rate(unit)
+        theirs = self.median("qsd").rate(unit)
+        return self.median("vdiskfs").rate(unit) / theirs if theirs else float("inf")
 
     def peak_rss(self, peer: str) -> int:
         return max(r.probe.peak_rss for r in self.runs[peer])
@@ -358,13 +362,13 @@ class Measured:
         }
 
 
-def measure(row: Row, image: Image, repeat: int, opts: tuple[str, ...],
-            scratch: Path) -> Measured:
-    measured = Measured(row, image.name)
+def measure(row: Row, image: str, repeat: int, one: Callable[[str], Run]) -> Measured:
+    """`repeat` runs of `one(peer)` per peer, alternating; prints the medians and probes."""
+    measured = Measured(row, image)
     for _ in range(repeat):  # alternate the peers so that drifts hit both alike
         for peer in ("vdiskfs", "qsd"):
-            measured.runs[peer].append(one_run(peer, row, image, opts, scratch))
-    report(f"{image.name} {row.key}", measured.median("vdiskfs"), measured.median("qsd"),
+            measured.runs[peer].append(one(peer))
+    report(f"{image} {row.key}", measured.median("vdiskfs"), measured.median("qsd"),
            row.unit)
     print(f"{'':<34} peak RSS vdiskfs {measured.peak_rss('vdiskfs') / MiB:6.1f} MiB"
           f" qsd {measured.peak_rss('qsd') / MiB:6.1f} MiB"
@@ -425,27 +429,48 @@ def environment() -> dict[str, str]:
     }
 
 
-def main() -> None:
-    require_root()
+@dataclass
+class Options:
+    """The command line shared by the peer benchmarks (this one and remote.py)."""
+
+    repeat: int
+    runtime: int
+    only: list[str]  # filters, each of '-'-joined terms (see select)
+    json: Path | None
+    mount_opts: tuple[str, ...]  # extra `vdiskfs mount` options
+
+
+def parse_options(doc: str, only_example: str) -> Options:
+    """Parse the command line of a benchmark whose usage is `doc` (its module docstring)."""
     parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n".join(__doc__.splitlines()[1:]))
+        description=doc.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(doc.splitlines()[1:]))
     parser.add_argument("--repeat", type=int,
                         help="runs per row and peer, alternating; the median is printed (3)")
     parser.add_argument("--runtime", type=int, help="seconds per random job (10)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: --repeat 1 --runtime 3 unless given")
     parser.add_argument("--only", action="append", default=[], metavar="TERMS",
-                        help="rows and images to run, e.g. single, read-qd64, chain-hot")
+                        help=f"rows to run, e.g. {only_example}")
     parser.add_argument("--json", type=Path, metavar="FILE", help="save every number here")
     parser.add_argument("--vdiskfs-mount-opts", default="", metavar="OPTS",
                         help='extra `vdiskfs mount` options, e.g. --vdiskfs-mount-opts="--debug"')
     args = parser.parse_args()
-    repeat = args.repeat or (1 if args.quick else 3)
-    runtime = args.runtime or (3 if args.quick else 10)
-    opts = tuple(shlex.split(args.vdiskfs_mount_opts))
+    return Options(
+        repeat=args.repeat or (1 if args.quick else 3),
+        runtime=args.runtime or (3 if args.quick else 10),
+        only=[f for only in args.only for f in only.split(",") if f],
+        json=args.json,
+        mount_opts=tuple(shlex.split(args.vdiskfs_mount_opts)),
+    )
+
+
+def main() -> None:
+    require_root()
+    options = parse_options(__doc__, "single, read-qd64, chain-hot")
+    repeat, runtime, opts = options.repeat, options.runtime, options.mount_opts
     all_rows = rows(runtime)
-    selected = select(all_rows, [f for only in args.only for f in only.split(",") if f])
+    selected = select(all_rows, options.only)
     if not selected:
         sys.exit("--only selects no row")
 
@@ -461,11 +486,13 @@ def main() -> None:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="peer-", dir=CACHE) as tmp:
         for row, name in selected:
-            measured.append(measure(row, images[name], repeat, opts, Path(tmp)))
+            one = functools.partial(one_run, row=row, image=images[name], opts=opts,
+                                    scratch=Path(tmp))
+            measured.append(measure(row, name, repeat, one))
     table = summary(measured, all_rows)
     print(f"\n{table}\n\n{len(measured)} rows in {(time.monotonic() - started) / 60:.1f} min")
-    if args.json:
-        args.json.write_text(json.dumps({
+    if options.json:
+        options.json.write_text(json.dumps({
             "environment": env, "repeat": repeat, "runtime": runtime,
             "vdiskfs_mount_opts": list(opts),
             "images": {i.name: {"path": str(i.path), "info": i.info} for i in images.values()},

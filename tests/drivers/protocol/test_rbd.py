@@ -225,8 +225,8 @@ async def test_snapshot_read_only_and_listed(ceph_cluster: Cluster, tmp_path: Pa
 
 async def test_raw_over_rbd_offers_the_images_snapshots(ceph_cluster: Cluster) -> None:
     """A raw node over an RBD image lists the image's snapshots (QEMU's fallback to the
-    protocol) and opens each read-only by position, ID or name, over the image's connection,
-    with a read cache of its own; an unknown one is ENOENT listing the ones there."""
+    protocol) and opens each read-only by position, ID or name, over the image's connection
+    (no read cache over either: librbd's); an unknown one is ENOENT listing the ones there."""
     image = _unique("snapview")
     ceph_cluster.rbd("create", "--size", "4M", f"rbd/{image}")
     head = ceph_cluster.qemu_name(f"rbd/{image}")
@@ -245,7 +245,7 @@ async def test_raw_over_rbd_offers_the_images_snapshots(ceph_cluster: Cluster) -
             view = await root.open_snapshot(key)
             try:
                 assert view.read_only and view.size == size
-                assert [n.driver for _, _, n in view.walk()] == ["raw", "cache", "rbd"]
+                assert [n.driver for _, _, n in view.walk()] == ["raw", "rbd"]
                 assert bytes(await view.pread(0, 4096)) == bytes([fill]) * 4096
                 assert view.internal_snapshots() == []
             finally:

@@ -43,7 +43,7 @@ from typing import Any
 
 import trio
 
-from vdiskfs.block.node import BlockNode, Buffer, FilterNode, opened
+from vdiskfs.block.node import BlockNode, Buffer, FilterNode
 from vdiskfs.block.stats import Counters
 from vdiskfs.drivers.filter.cache_file import BlockFile
 from vdiskfs.errors import HostIOError
@@ -193,13 +193,6 @@ class CacheNode(FilterNode):
                 except OSError as exc:
                     log.warning("%s: the on-disk cache was not saved: %s", self.label, exc)
         self._drop_all()
-
-    async def _over_snapshot(self, view: BlockNode) -> BlockNode:
-        # A snapshot is read over the network like its image: its own cache, the same size
-        # (a bound per file, as each image of a mount has its own).
-        return await opened(CacheNode(view, block_size=self.block_size, max_bytes=self.max_bytes,
-                                      readahead_blocks=self.readahead_blocks,
-                                      cache_dir=self.cache_dir))
 
     def info(self) -> dict[str, Any]:
         return {"block_size": self.block_size, "max_bytes": self.max_bytes,

@@ -197,9 +197,17 @@ def test_stopped_osd_under_a_mount(ceph_cluster: Cluster, tmp_path: Path) -> Non
         assert isinstance(error, OSError) and error.errno == errno.ETIMEDOUT, failing
         waiting["thread"].join(60)  # type: ignore[attr-defined]
         assert waiting.get("data") == data[3 << 20 : 4 << 20], waiting.get("error")
-        # Once the OSD runs, the failed range reads right (nothing wrong was cached).
-        assert quick.read_bytes() == data
         assert patient.read_bytes() == data
+        # Once the OSD runs, the failed range reads right (nothing wrong was cached). With a
+        # 2 s timeout a loaded machine may time out again while the OSD catches up: that is
+        # the same error, never other bytes.
+        for attempt in range(3):
+            try:
+                assert quick.read_bytes() == data
+                break
+            except TimeoutError:
+                if attempt == 2:
+                    raise
 
 
 def test_mount_with_unreachable_monitor_fails_clearly(ceph_cluster: Cluster,

@@ -9,9 +9,10 @@ librbd's own Python binding (Debian's ``python3-rbd``/``python3-rados``, which m
 cluster's release) is imported at the first open, so that vdiskfs works without it. Connecting
 and opening are blocking librados calls and run in a thread (:func:`run_blocking`). Requests use
 librbd's asynchronous API (``aio_read``, ``aio_write``...): librbd runs them and calls back on
-one of its own threads, which hands the result to the waiting trio task with
-``TrioToken.run_sync_soon`` and touches nothing else -- so any number of requests are in flight
-with no thread per request, as QEMU's ``block/rbd.c`` does with its AIO completions.
+one of its own threads, which queues the result for the trio thread and touches nothing else;
+one ``TrioToken.run_sync_soon`` wakes the trio loop for all the completions queued until it
+runs (the ``wakeups`` counter) -- so any number of requests are in flight with no thread per
+request, as QEMU's ``block/rbd.c`` does with its AIO completions.
 
 A cancelled request is abandoned, not stopped (librbd cannot cancel one): the caller returns at
 once, librbd still owns the buffer (the binding keeps a reference) and the late completion is
@@ -32,6 +33,7 @@ import errno
 import functools
 import logging
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -69,11 +71,14 @@ _STATUS_WINDOW = 1 << 30
 @dataclass(slots=True)
 class RbdCounters(Counters):
     """``requests``: librbd requests sent; ``max_requests_in_flight``: most of them waiting at
-    once; ``abandoned``: requests whose caller was cancelled before librbd completed them."""
+    once; ``abandoned``: requests whose caller was cancelled before librbd completed them;
+    ``wakeups``: hand-overs of completions to the trio loop (one carries every completion
+    that arrived while it was pending, so fewer than ``requests`` under load)."""
 
     requests: int = 0
     max_requests_in_flight: int = 0
     abandoned: int = 0
+    wakeups: int = 0
 
 
 @functools.cache
@@ -117,6 +122,11 @@ class RbdNode(BlockNode):
         self._image: Any = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._in_flight = 0
+        #: Completions that librbd's threads handed over and the trio thread has not delivered
+        #: yet, and whether a delivery of them is scheduled (both under ``_completed_lock``).
+        self._completed: list[tuple[Callable[[tuple[int, Any]], None], tuple[int, Any]]] = []
+        self._delivery_pending = False
+        self._completed_lock = threading.Lock()
         self._features = 0
         self._facts: dict[str, Any] = {}
 
@@ -340,11 +350,19 @@ class RbdNode(BlockNode):
                 trio.lowlevel.reschedule(task, outcome.Value(result))
 
         def oncomplete(completion: Any, data: Any = None) -> None:
-            # On a librados thread, maybe before start() returned: hand over, touch nothing.
+            # On a librados thread, maybe before start() returned: hand over, touch nothing
+            # else. One wake-up of the trio loop per batch, not per completion: with many
+            # requests in flight, completions arrive together, and each run_sync_soon is a
+            # write to trio's wake-up socket and a pass of its loop.
             result = (completion.get_return_value(), data)
+            with self._completed_lock:
+                self._completed.append((deliver, result))
+                if self._delivery_pending:
+                    return
+                self._delivery_pending = True
             # RunFinishedError: the trio run is over, nobody waits for this any more.
             with contextlib.suppress(trio.RunFinishedError):
-                token.run_sync_soon(deliver, result)
+                token.run_sync_soon(self._deliver_completed)
 
         def abort(_: Any) -> trio.lowlevel.Abort:
             nonlocal abandoned
@@ -372,6 +390,16 @@ class RbdNode(BlockNode):
                               f"({os.strerror(err)}) on image {self.spec.where}",
                               path=self.label, offset=offset, errno=err)
         return ret, data
+
+    def _deliver_completed(self) -> None:
+        """On the trio thread: wake the tasks of every completion handed over so far."""
+        with self._completed_lock:
+            # A completion after this point schedules the next delivery.
+            self._delivery_pending = False
+            batch, self._completed = self._completed, []
+        self.counters.wakeups += 1
+        for deliver, result in batch:
+            deliver(result)
 
     async def _pread(self, offset: int, length: int) -> Buffer:
         _, data = await self._submit(

@@ -400,17 +400,17 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _add_snapshot_files(info: dict[str, object], node: BlockNode, image: str) -> None:
     """Each internal snapshot's disk size and the file ``vdiskfs mount`` shows it as (its
     name, or its ID where the name is no safe file name)."""
-    from vdiskfs.block.format import FormatNode
     from vdiskfs.fs.daemon import image_stem
     from vdiskfs.fs.tree import snapshot_file_names
 
     listed = info.get("snapshots")
-    if not isinstance(node, FormatNode) or not isinstance(listed, list):
+    if not isinstance(listed, list):
         return
     snapshots = node.internal_snapshots()
     if not snapshots:
-        # The list is the protocol's (an RBD image's snapshots): those open by name
-        # (rbd:pool/image@snap), not as files of this mount.
+        # The list is the protocol's under a format with a snapshot table of its own (a
+        # qcow2 without internal snapshots, kept in RBD): the mount shows the format's, as
+        # QEMU does; the protocol's open by name (rbd:pool/image@snap).
         return
     names = snapshot_file_names(image_stem(image), snapshots)
     for entry, snapshot, name in zip(listed, snapshots, names, strict=True):

@@ -167,11 +167,26 @@ def vdiskfs_mount(image: Path | str, extra: tuple[str, ...] = ()) -> Iterator[Mo
         os.rmdir(mnt)
 
 
+def qsd_rbd(name: str) -> str:
+    """QSD's `--blockdev` options of its `rbd` driver (qemu-block-extra) for vdiskfs's (and
+    QEMU's) `rbd:POOL[/NAMESPACE]/IMAGE[@SNAP][:conf=F][:id=U]` name."""
+    from vdiskfs.drivers.protocol.rbd.spec import parse_spec
+
+    spec = parse_spec(name)
+    fields = {"pool": spec.pool, "namespace": spec.namespace or None, "image": spec.image,
+              "snapshot": spec.snapshot, "conf": spec.conf, "user": spec.user}
+    if spec.keyring is not None or spec.options:
+        raise ValueError(f"qsd_rbd: put keyring= and other options of {name} in the conf file")
+    return ",".join(["driver=rbd"] + [f"{k}={v}" for k, v in fields.items() if v is not None])
+
+
 def qsd_protocol(source: Path | str) -> str:
     """QSD's `--blockdev` options (without node-name and read-only) of the protocol node that
     reads `source`: a local file, an http(s) URL (the curl driver, from qemu-block-extra, with
     its defaults) or `nbd://host:port/export`."""
     text = str(source)
+    if text.startswith("rbd:"):
+        return qsd_rbd(text)
     parts = urllib.parse.urlsplit(text)
     if parts.scheme in ("http", "https"):
         return f"driver={parts.scheme},url={text}"

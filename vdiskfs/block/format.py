@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import TYPE_CHECKING, ClassVar
 
-from vdiskfs.block.node import BlockNode, Buffer, NodeKind
+from vdiskfs.block.node import BlockNode, Buffer, NodeKind, SnapshotEntry, opened
 from vdiskfs.block.registry import OpenContext
 from vdiskfs.errors import FormatError, UnsupportedError
 
@@ -13,17 +13,6 @@ if TYPE_CHECKING:
     from vdiskfs.drivers.format.runs import Run
 
 __all__ = ["FormatNode", "SnapshotEntry"]
-
-
-@dataclass(frozen=True, slots=True)
-class SnapshotEntry:
-    """One internal snapshot as every format names it (the mount and ``info`` need no more)."""
-
-    #: QEMU's snapshot ID and tag, as recorded in the image (any text: not trusted).
-    id: str
-    name: str
-    #: The guest disk size when the snapshot was taken: what a view of it presents.
-    size: int
 
 
 class FormatNode(BlockNode):
@@ -61,15 +50,36 @@ class FormatNode(BlockNode):
         return self.children[0].node
 
     def internal_snapshots(self) -> list[SnapshotEntry]:
-        """The image's internal snapshots, in table order (none for most formats)."""
-        return []
+        """The image's internal snapshots, in table order. A format without a snapshot table
+        (:attr:`supports_snapshots` false) shows its file's (an RBD image's) when the file is
+        its only child, as QEMU's ``bdrv_snapshot_fallback``: a backing file or extents would
+        not be in the file's snapshot."""
+        if self.supports_snapshots or self._has_other_children():
+            return []
+        return self.file.internal_snapshots()
 
     async def open_snapshot(self, snapshot: str | int) -> BlockNode:
         """A read-only node showing an internal snapshot of this open image beside it, chosen
         by ID or name (IDs first, as QEMU), or by its position in :meth:`internal_snapshots`.
-        It reads through this node's children: close it before this node."""
-        raise UnsupportedError(f"{self.driver} images have no internal snapshots",
-                               path=self.label, field="snapshot")
+        It reads through this node's children: close it before this node.
+
+        Without a snapshot table of its own: this format opened read-only over the file's
+        snapshot (an ``rbd:pool/image@snap`` node), which the view owns."""
+        if self.supports_snapshots or self._has_other_children():
+            raise UnsupportedError(f"{self.driver} images have no internal snapshots",
+                                   path=self.label, field="snapshot")
+        file = await self.file.open_snapshot(snapshot)
+        options = replace(self.ctx.options, read_only=True, snapshot=None)
+        try:
+            view = type(self)(file, replace(self.ctx, options=options, path=file.label,
+                                            snapshot=None))
+        except BaseException:
+            await file.aclose()
+            raise
+        return await opened(view)
+
+    def _has_other_children(self) -> bool:
+        return any(edge.role != "file" for edge in self.children)
 
     async def read_metadata(self, offset: int, length: int, what: str) -> bytes:
         """Read ``length`` bytes of the structure ``what`` from the file child, checked."""

@@ -21,12 +21,15 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from vdiskfs.block.stats import Counters, NodeStats, Op, StatsSnapshot
 from vdiskfs.errors import FormatError, NoSpaceError, RangeError, ReadOnlyError, UnsupportedError
 
-__all__ = ["BlockNode", "BlockStatus", "Child", "Control", "FilterNode", "NodeKind"]
+__all__ = [
+    "BlockNode", "BlockStatus", "Child", "Control", "FilterNode", "NodeKind", "SnapshotEntry",
+    "opened",
+]
 
 # Plain ints for the per-request accounting (an IntEnum lookup costs more than the rest).
 _READ = int(Op.READ)
@@ -75,6 +78,18 @@ class Control:
     name: str
     read: Callable[[], str]
     write: Callable[[str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotEntry:
+    """One snapshot as every node names it (the mount and ``info`` need no more): a format's
+    internal snapshot (qcow2) or its protocol's (an RBD image's)."""
+
+    #: QEMU's snapshot ID and tag, as recorded in the image (any text: not trusted).
+    id: str
+    name: str
+    #: The guest disk size when the snapshot was taken: what a view of it presents.
+    size: int
 
 
 class BlockNode:
@@ -184,6 +199,22 @@ class BlockNode:
 
     def stats_snapshot(self) -> StatsSnapshot:
         return self.stats.snapshot(self.counters.snapshot())
+
+    # -- snapshots: one interface at every layer ---------------------------------------------------
+
+    def internal_snapshots(self) -> list[SnapshotEntry]:
+        """The snapshots that this node can show beside its current state, in the order that
+        :meth:`open_snapshot` numbers them: a qcow2's own, an RBD image's; none by default.
+        A node without its own passes its child's up where QEMU's ``bdrv_snapshot_fallback``
+        does (a filter, a format with no snapshot table and no other data child)."""
+        return []
+
+    async def open_snapshot(self, snapshot: str | int) -> BlockNode:
+        """A read-only node showing a snapshot of this open node beside it, chosen by ID or
+        name (IDs first, as QEMU), or by its position in :meth:`internal_snapshots`. It may
+        read through this node's children or connection: close it before this node."""
+        raise UnsupportedError(f"{self.driver} nodes have no snapshots", path=self.label,
+                               field="snapshot")
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.label!r} size={self.size}>"
@@ -375,6 +406,22 @@ class FilterNode(BlockNode):
     def content_key(self) -> str | None:
         return self.file.content_key()
 
+    def internal_snapshots(self) -> list[SnapshotEntry]:
+        return self.file.internal_snapshots()
+
+    async def open_snapshot(self, snapshot: str | int) -> BlockNode:
+        view = await self.file.open_snapshot(snapshot)
+        try:
+            return await self._over_snapshot(view)
+        except BaseException:
+            await view.aclose()
+            raise
+
+    async def _over_snapshot(self, view: BlockNode) -> BlockNode:
+        """This filter over ``view`` (its child's snapshot), open; the view alone by default
+        (a snapshot is read-only: nothing to filter that this filter would change)."""
+        return view
+
     async def _pread(self, offset: int, length: int) -> Buffer:
         return await self.file.pread(offset, length)
 
@@ -395,3 +442,16 @@ class FilterNode(BlockNode):
 
     async def _block_status(self, offset: int, length: int) -> tuple[BlockStatus, int]:
         return await self.file.block_status(offset, length)
+
+
+N = TypeVar("N", bound=BlockNode)
+
+
+async def opened(node: N) -> N:
+    """``node`` after :meth:`~BlockNode.open`; closed (with what it owns) if that fails."""
+    try:
+        await node.open()
+    except BaseException:
+        await node.aclose()
+        raise
+    return node

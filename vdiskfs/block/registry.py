@@ -92,17 +92,21 @@ _PROTOCOLS: dict[str, ProtocolOpener] = {}
 _READ_ONLY_PROTOCOLS: set[str] = set()
 #: Schemes named as ``scheme:rest`` without ``//`` (QEMU's ``rbd:pool/image``).
 _BARE_SCHEMES: set[str] = set()
+#: Schemes whose node caches and reads ahead itself: no ``cache`` filter over it.
+_SELF_CACHED_SCHEMES: set[str] = set()
 #: ``scheme://userinfo@`` at the start of a URL (the authority ends at ``/``, ``?`` or ``#``).
 _USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)([^/?#]*)@")
 
 
 def register_protocol(
-    *schemes: str, read_only: bool = False, bare: bool = False
+    *schemes: str, read_only: bool = False, bare: bool = False, self_cached: bool = False
 ) -> Callable[[ProtocolOpener], ProtocolOpener]:
     """Decorator of a protocol driver's opener: URLs of these schemes (``nbd``, ``nbd+unix``)
     open with it, as QEMU's ``bdrv_find_protocol`` picks a driver by the URL's prefix.
     ``read_only``: the driver cannot write at all (see :func:`read_only_protocol`).
-    ``bare``: names are ``scheme:rest``, without ``//`` (``rbd:pool/image``)."""
+    ``bare``: names are ``scheme:rest``, without ``//`` (``rbd:pool/image``).
+    ``self_cached``: the node has its own cache and readahead (librbd's), so no ``cache``
+    filter goes over it, as QEMU puts none over its rbd driver."""
 
     def decorate(opener: ProtocolOpener) -> ProtocolOpener:
         for scheme in schemes:
@@ -113,6 +117,8 @@ def register_protocol(
                 _READ_ONLY_PROTOCOLS.add(scheme)
             if bare:
                 _BARE_SCHEMES.add(scheme)
+            if self_cached:
+                _SELF_CACHED_SCHEMES.add(scheme)
         return opener
 
     return decorate
@@ -532,7 +538,7 @@ async def _open_file(path: str, *, read_only: bool, locking: bool,
     if scheme is not None:
         options = _with_read_only(options or OpenOptions(), read_only)
         node = await _PROTOCOLS[scheme](path, options)
-        if not options.cache:
+        if not options.cache or scheme in _SELF_CACHED_SCHEMES:
             return node
         # Every request to a remote node is a round trip: a read cache sits under the format.
         from vdiskfs.drivers.filter.cache import CacheNode

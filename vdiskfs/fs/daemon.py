@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 
 import trio
 
-from vdiskfs.block.format import FormatNode
 from vdiskfs.block.node import BlockNode
 from vdiskfs.block.registry import open_image, redact_url, url_scheme
 from vdiskfs.drivers.filter.throttle import ThrottleGroups, throttled
@@ -165,12 +164,14 @@ async def open_exports(
 
 async def _snapshot_exports(stem: str, image: BlockNode | None,
                             taken: set[str]) -> list[Export]:
-    """A read-only ``<stem>@<name>`` export for every internal snapshot of ``image``.
+    """A read-only ``<stem>@<name>`` export for every snapshot of ``image``: a qcow2's
+    internal ones, or its protocol's (an RBD image's) through a format without its own.
 
     They stay read-only whatever the mount's mode: a write to the image never changes what
-    they show, because the writer copies clusters that a snapshot shares (refcount > 1).
+    they show, because the writer copies clusters that a snapshot shares (refcount > 1), and
+    librbd copies an object on its first write after a snapshot.
     """
-    if not isinstance(image, FormatNode):
+    if image is None:
         return []
     snapshots = image.internal_snapshots()
     exports: list[Export] = []

@@ -21,7 +21,7 @@ from tests.support.faulty import FaultyFile
 from tests.support.images import create, qemu_img, qemu_io, random_bytes, reference_raw
 from tests.support.vpc_images import Block, VhdSpec, build_vhd
 from vdiskfs.block.format import FormatNode
-from vdiskfs.block.node import BlockNode, Buffer, FilterNode
+from vdiskfs.block.node import BlockNode, Buffer, FilterNode, opened
 from vdiskfs.block.registry import OpenContext, OpenOptions
 from vdiskfs.drivers.format.qcow2 import Qcow2Node
 from vdiskfs.drivers.format.qed import QedNode
@@ -103,13 +103,7 @@ async def _open_slow(path: Path, node_class: Callable[[BlockNode, OpenContext], 
     await slow.open()
     ctx = OpenContext(OpenOptions(read_only=True, backing=False), path=str(path),
                       chain=(os.path.realpath(path),))
-    node = node_class(slow, ctx)
-    try:
-        await node.open()
-    except BaseException:
-        await node.aclose()
-        raise
-    return node
+    return await opened(node_class(slow, ctx))
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

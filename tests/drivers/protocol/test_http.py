@@ -27,7 +27,7 @@ from tests.support.http_server import (
 )
 from tests.support.images import create, qemu_img, qemu_io, random_bytes, reference_raw
 from tests.support.qcow2_images import RECIPES, Qcow2Images
-from vdiskfs.block.node import BlockNode
+from vdiskfs.block.node import BlockNode, opened
 from vdiskfs.block.registry import OpenOptions, open_image, url_scheme
 from vdiskfs.drivers.protocol.http import HttpError, HttpNode, open_http, redact_url
 from vdiskfs.errors import UnsupportedError, VdiskError
@@ -53,13 +53,7 @@ async def _read_all(node: BlockNode, chunk: int = MiB) -> bytes:
 
 
 async def _open(url: str, **kwargs: object) -> HttpNode:
-    node = HttpNode(url, **kwargs)  # type: ignore[arg-type]
-    try:
-        await node.open()
-    except BaseException:
-        await node.aclose()
-        raise
-    return node
+    return await opened(HttpNode(url, **kwargs))  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")

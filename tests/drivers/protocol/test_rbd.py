@@ -18,6 +18,7 @@ from tests.support.ceph import Cluster
 from tests.support.conformance import check_block_node
 from tests.support.holes import status_runs
 from tests.support.images import create, qemu_img, qemu_io, random_bytes, reference_raw, run
+from vdiskfs.block.node import opened
 from vdiskfs.block.registry import OpenOptions, open_image
 from vdiskfs.drivers.protocol.rbd import RbdNode
 from vdiskfs.errors import LockedError, VdiskError
@@ -33,13 +34,7 @@ def _unique(stem: str) -> str:
 
 
 async def _open(name: str, read_only: bool = True) -> RbdNode:
-    node = RbdNode(name, read_only=read_only)
-    try:
-        await node.open()
-    except BaseException:
-        await node.aclose()
-        raise
-    return node
+    return await opened(RbdNode(name, read_only=read_only))
 
 
 @pytest.fixture
@@ -226,6 +221,42 @@ async def test_snapshot_read_only_and_listed(ceph_cluster: Cluster, tmp_path: Pa
     out = json.loads(run(".venv/bin/python", "-m", "vdiskfs", "info", "--json", "--format",
                          "raw", head).stdout)
     assert [s["name"] for s in out["snapshots"]] == ["before"]
+
+
+async def test_raw_over_rbd_offers_the_images_snapshots(ceph_cluster: Cluster) -> None:
+    """A raw node over an RBD image lists the image's snapshots (QEMU's fallback to the
+    protocol) and opens each read-only by position, ID or name, over the image's connection
+    (no read cache over either: librbd's); an unknown one is ENOENT listing the ones there."""
+    image = _unique("snapview")
+    ceph_cluster.rbd("create", "--size", "4M", f"rbd/{image}")
+    head = ceph_cluster.qemu_name(f"rbd/{image}")
+    qemu_io(head, "write -P 0x01 0 4M", fmt="raw")
+    ceph_cluster.rbd("snap", "create", f"rbd/{image}@one")
+    ceph_cluster.rbd("resize", "--size", "8M", f"rbd/{image}")
+    qemu_io(head, "write -P 0x02 0 8M", fmt="raw")
+    ceph_cluster.rbd("snap", "create", f"rbd/{image}@two")
+    qemu_io(head, "write -P 0x03 0 1M", fmt="raw")
+    root = await open_image(head, OpenOptions(format="raw"))
+    try:
+        snaps = root.internal_snapshots()
+        assert [(s.name, s.size) for s in snaps] == [("one", 4 << 20), ("two", 8 << 20)]
+        for key, fill, size in ((0, 0x01, 4 << 20), (snaps[1].id, 0x02, 8 << 20),
+                                ("one", 0x01, 4 << 20)):
+            view = await root.open_snapshot(key)
+            try:
+                assert view.read_only and view.size == size
+                assert [n.driver for _, _, n in view.walk()] == ["raw", "rbd"]
+                assert bytes(await view.pread(0, 4096)) == bytes([fill]) * 4096
+                assert view.internal_snapshots() == []
+            finally:
+                await view.aclose()
+        with pytest.raises(VdiskError, match="has no snapshot 'three' \\(it has: one, two\\)"
+                           ) as info:
+            await root.open_snapshot("three")
+        assert info.value.errno == errno.ENOENT
+        assert bytes(await root.pread(0, 4096)) == b"\x03" * 4096
+    finally:
+        await root.aclose()
 
 
 async def test_second_writer_refused(ceph_cluster: Cluster) -> None:

@@ -24,7 +24,7 @@ from functools import partial
 from typing import Any
 
 from vdiskfs.block.format import FormatNode, SnapshotEntry
-from vdiskfs.block.node import BlockNode, BlockStatus, Buffer
+from vdiskfs.block.node import BlockNode, BlockStatus, Buffer, opened
 from vdiskfs.block.registry import OpenContext, register
 from vdiskfs.drivers.format.qcow2.compression import DecompressionError, decompress_cluster
 from vdiskfs.drivers.format.qcow2.header import (
@@ -288,14 +288,9 @@ class Qcow2Node(FormatNode):
         else:
             found = find_snapshot(self.snapshots, snapshot, self.label)
         options = replace(self.ctx.options, read_only=True, snapshot=None)
-        view = Qcow2Node(self.file, replace(self.ctx, options=options, snapshot=found.id),
-                         view_of=(self, found))
-        try:
-            await view.open()
-        except BaseException:
-            await view.aclose()
-            raise
-        return view
+        return await opened(Qcow2Node(self.file, replace(self.ctx, options=options,
+                                                          snapshot=found.id),
+                                      view_of=(self, found)))
 
     async def _read_snapshots(self, header: Header) -> list[Snapshot]:
         count = header.nb_snapshots

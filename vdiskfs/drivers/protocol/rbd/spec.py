@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from vdiskfs.errors import VdiskError
 
-__all__ = ["RbdSpec", "parse_spec"]
+__all__ = ["RbdSpec", "parse_spec", "snapshot_name"]
 
 PREFIX = "rbd:"
 #: Options that would put a secret in the name.
@@ -131,3 +131,12 @@ def parse_spec(name: str) -> RbdSpec:
     return RbdSpec(pool=parts["pool"], image=parts["image"], namespace=parts["namespace"],
                    snapshot=snap, conf=fields.get("conf"), user=fields.get("id"),
                    keyring=fields.get("keyring"), options=tuple(options))
+
+
+def snapshot_name(name: str, snapshot: str) -> str:
+    """``name`` (``rbd:POOL/IMAGE[:OPTIONS]``, no snapshot in it) naming the image's
+    ``snapshot`` instead: ``rbd:POOL/IMAGE@SNAP[:OPTIONS]``, the snapshot's name escaped."""
+    location, rest = _split(name[len(PREFIX) :], ":")
+    escaped = "".join(f"\\{c}" if c in "\\:@/" else c for c in snapshot)
+    options = "" if rest is None else f":{rest}"
+    return f"{PREFIX}{location}@{escaped}{options}"

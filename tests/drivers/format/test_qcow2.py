@@ -481,3 +481,29 @@ async def test_backing_reads_past_the_backing_end_are_zeros(
         assert await node.block_status(1 * MiB + 500_000, 1000) == (BlockStatus.ZERO, 1000)
     finally:
         await node.aclose()
+
+
+@pytest.mark.parametrize("name", ["v2", "v3", "cluster_512", "extended_l2",
+                                  "extended_l2_backing", "data_file", "zlib_write", "chain_3"])
+async def test_fast_lookup_agrees_with_the_mapping(qcow2_images: Qcow2Images, name: str) -> None:
+    """The fast lookup (read fast path, in-place writes) answers only for plain data clusters,
+    with the host offset the full mapping gives, and for every such cluster once cached."""
+    node = await _open(qcow2_images.get(name))
+    try:
+        state = node.state
+        cluster = state.geometry.cluster_size
+        await node.pread(0, node.size)  # every slice cached (the cache holds the whole disk)
+        hits = 0
+        for offset in range(0, node.size - cluster + 1, cluster):
+            host = state.cached_host(offset + 1, cluster - 1)
+            run = await state.next_run(offset, cluster)
+            plain = run.kind is RunKind.DATA and run.length == cluster
+            assert (host >= 0) == plain, offset
+            if plain:
+                assert host == run.host_offset + 1
+                hits += 1
+            # Past the cluster's end is never the fast path's.
+            assert state.cached_host(offset + 1, cluster) == -1
+        assert hits > 0
+    finally:
+        await node.aclose()

@@ -45,7 +45,7 @@ from vdiskfs.drivers.format.qcow2.mapping import (
     Geometry,
 )
 from vdiskfs.drivers.format.qcow2.metadata_cache import MetadataCache
-from vdiskfs.drivers.format.qcow2.refcount import RefcountCodec
+from vdiskfs.drivers.format.qcow2.refcount_codec import RefcountCodec
 from vdiskfs.drivers.format.runs import RunKind
 from vdiskfs.errors import FormatError, NoSpaceError
 

@@ -26,8 +26,8 @@ from vdiskfs.drivers.format.qcow2.alloc import (
     needs_new_cluster,
     plan_cluster,
 )
-from vdiskfs.drivers.format.qcow2.mapping import L1E_OFFSET_MASK, OFLAG_COPIED
-from vdiskfs.drivers.format.qcow2.refcount import Refcounts, encode_table
+from vdiskfs.drivers.format.qcow2.mapping import L1E_OFFSET_MASK, OFLAG_COPIED, encode_table
+from vdiskfs.drivers.format.qcow2.refcount import Refcounts
 from vdiskfs.drivers.format.qcow2.state import Qcow2State
 from vdiskfs.drivers.format.qcow2.writeback import ChildWrites, WriteBack
 from vdiskfs.errors import FormatError

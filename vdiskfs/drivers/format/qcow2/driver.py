@@ -34,10 +34,9 @@ from vdiskfs.drivers.format.qcow2.header import (
     MAGIC,
     QCOW_MAX_L1_SIZE,
     Header,
-    check_table,
     header_probe_length,
-    parse_header,
 )
+from vdiskfs.drivers.format.qcow2.header_checks import check_table, parse_header
 from vdiskfs.drivers.format.qcow2.l2cache import DEFAULT_SLICE_BYTES
 from vdiskfs.drivers.format.qcow2.mapping import Geometry, decode_table
 from vdiskfs.drivers.format.qcow2.snapshots import (

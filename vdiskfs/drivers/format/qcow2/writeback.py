@@ -33,8 +33,8 @@ from vdiskfs.block.node import BlockNode, Buffer
 from vdiskfs.drivers.format.qcow2.alloc import is_allocated
 from vdiskfs.drivers.format.qcow2.check import rebuild_refcounts
 from vdiskfs.drivers.format.qcow2.header import AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_DIRTY, Header
-from vdiskfs.drivers.format.qcow2.mapping import L2E_OFFSET_MASK, OFLAG_COMPRESSED
-from vdiskfs.drivers.format.qcow2.refcount import Refcounts, encode_table
+from vdiskfs.drivers.format.qcow2.mapping import L2E_OFFSET_MASK, OFLAG_COMPRESSED, encode_table
+from vdiskfs.drivers.format.qcow2.refcount import Refcounts
 from vdiskfs.drivers.format.qcow2.state import Qcow2State
 
 __all__ = ["ChildWrites", "MetadataLock", "RequestEpochs", "WriteBack", "index_runs", "prepare"]

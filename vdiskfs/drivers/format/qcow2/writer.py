@@ -23,9 +23,10 @@ from __future__ import annotations
 from vdiskfs.block.node import Buffer
 from vdiskfs.drivers.format.qcow2.alloc import subcluster_bits
 from vdiskfs.drivers.format.qcow2.allocate import Allocation, Allocator, MetadataGuard
-from vdiskfs.drivers.format.qcow2.mapping import decode_table
+from vdiskfs.drivers.format.qcow2.mapping import decode_table, encode_table
 from vdiskfs.drivers.format.qcow2.metadata_cache import MetadataCache
-from vdiskfs.drivers.format.qcow2.refcount import RefcountCodec, Refcounts, encode_table
+from vdiskfs.drivers.format.qcow2.refcount import Refcounts
+from vdiskfs.drivers.format.qcow2.refcount_codec import RefcountCodec
 from vdiskfs.drivers.format.qcow2.state import Qcow2State, ReadSide
 from vdiskfs.drivers.format.qcow2.writeback import ChildWrites, RequestEpochs, WriteBack
 from vdiskfs.drivers.format.qcow2.zero import Zeroing

@@ -291,12 +291,13 @@ class Qcow2Node(FormatNode):
 
     async def _pread(self, offset: int, length: int) -> Buffer:
         # Fast path: the request lies in one cluster, its L2 slice is cached and the cluster is
-        # plain data. Everything else, including every error report, takes read_mapped.
-        state = self.state
-        host = state.cached_host(offset, length)
-        if host >= 0:
+        # plain data. Everything else, including every error report, takes read_mapped. (_state
+        # rather than the checked property: None only before open, where read_mapped raises.)
+        state = self._state
+        if state is not None:
+            host = state.cached_host(offset, length)
             data = state.data
-            if host + length <= data.size:
+            if host >= 0 and host + length <= data.size:
                 counters = self.counters
                 counters.l2_cache_hits += 1
                 counters.data_reads += 1

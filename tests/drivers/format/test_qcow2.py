@@ -184,14 +184,13 @@ async def test_l2_cache_evicts_least_recently_used(qcow2_images: Qcow2Images) ->
     image = qcow2_images.get("cluster_512")  # 32 L2 tables of 512 bytes
     node = await _open(image)
     try:
-        assert node.l2_cache is not None
-        node.l2_cache.capacity = 2
+        node.state.l2_cache.capacity = 2
         for offset in range(0, node.size, 100_000):
             length = min(70_000, node.size - offset)
             assert await node.pread(offset, length) == image.reference[offset : offset + length]
         counters = node.stats_snapshot().driver
         assert counters["l2_cache_evictions"] > 0
-        assert len(node.l2_cache) <= 2
+        assert len(node.state.l2_cache) <= 2
     finally:
         await node.aclose()
 
@@ -199,13 +198,14 @@ async def test_l2_cache_evicts_least_recently_used(qcow2_images: Qcow2Images) ->
 async def test_concurrent_misses_load_a_slice_once(qcow2_images: Qcow2Images) -> None:
     image = qcow2_images.get("v3")
     node = await _open(image)
-    load = node._load_slice
+    state = node.state
+    read = state.read_metadata
 
-    async def slow_load(key: int) -> array[int]:
+    async def slow_read(offset: int, length: int, what: str) -> bytes:
         await trio.sleep(0.01)  # let every reader reach the cache while the load is running
-        return await load(key)
+        return await read(offset, length, what)
 
-    node._load_slice = slow_load  # type: ignore[method-assign]
+    state.read_metadata = slow_read
     results: list[bytes] = []
 
     async def reader(offset: int) -> None:
@@ -309,7 +309,7 @@ async def test_snapshots_are_listed_and_active_l1_is_read(qcow2_images: Qcow2Ima
     try:
         assert [s.name for s in node.snapshots] == ["first", "second"]
         assert [s.id for s in node.snapshots] == ["1", "2"]
-        assert all(s.l1_table_offset != node.header.l1_table_offset  # type: ignore[union-attr]
+        assert all(s.l1_table_offset != node.header.l1_table_offset
                    for s in node.snapshots)
         assert await node.pread(0, node.size) == image.reference
     finally:
@@ -479,5 +479,31 @@ async def test_backing_reads_past_the_backing_end_are_zeros(
         got = await node.pread(1 * MiB - 8192, 16384)
         assert got == image.reference[1 * MiB - 8192 : 1 * MiB + 8192]
         assert await node.block_status(1 * MiB + 500_000, 1000) == (BlockStatus.ZERO, 1000)
+    finally:
+        await node.aclose()
+
+
+@pytest.mark.parametrize("name", ["v2", "v3", "cluster_512", "extended_l2",
+                                  "extended_l2_backing", "data_file", "zlib_write", "chain_3"])
+async def test_fast_lookup_agrees_with_the_mapping(qcow2_images: Qcow2Images, name: str) -> None:
+    """The fast lookup (read fast path, in-place writes) answers only for plain data clusters,
+    with the host offset the full mapping gives, and for every such cluster once cached."""
+    node = await _open(qcow2_images.get(name))
+    try:
+        state = node.state
+        cluster = state.geometry.cluster_size
+        await node.pread(0, node.size)  # every slice cached (the cache holds the whole disk)
+        hits = 0
+        for offset in range(0, node.size - cluster + 1, cluster):
+            host = state.cached_host(offset + 1, cluster - 1)
+            run = await state.next_run(offset, cluster)
+            plain = run.kind is RunKind.DATA and run.length == cluster
+            assert (host >= 0) == plain, offset
+            if plain:
+                assert host == run.host_offset + 1
+                hits += 1
+            # Past the cluster's end is never the fast path's.
+            assert state.cached_host(offset + 1, cluster) == -1
+        assert hits > 0
     finally:
         await node.aclose()

@@ -80,7 +80,6 @@ async def _sweep(image: Path, work: Path, *, seed: int, count: int = 0, crashes:
     victim = image.parent / "victim.qcow2"
     shutil.copy(image, victim)
     node, faulty = await open_faulty(victim, Qcow2Node)
-    assert node.header is not None
     if ops is None:
         ops = make_workload(node.size, seed, count=count,
                             cluster_size=node.header.cluster_size, flush_every=7,

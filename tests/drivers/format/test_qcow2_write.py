@@ -45,7 +45,7 @@ from vdiskfs.drivers.format.qcow2.mapping import (
     Geometry,
 )
 from vdiskfs.drivers.format.qcow2.metadata_cache import MetadataCache
-from vdiskfs.drivers.format.qcow2.refcount import RefcountCodec
+from vdiskfs.drivers.format.qcow2.refcount_codec import RefcountCodec
 from vdiskfs.drivers.format.runs import RunKind
 from vdiskfs.errors import FormatError, NoSpaceError
 
@@ -75,7 +75,7 @@ async def _open_rw(path: Path, **options: object) -> Qcow2Node:
 async def _hot_spots(node: Qcow2Node) -> tuple[int, ...]:
     """Starts of the image's runs of every kind: where the workload should hit on purpose."""
     spots: dict[RunKind, list[int]] = {}
-    for run in await node._map(0, node.size):
+    for run in await node.state.map_range(0, node.size):
         spots.setdefault(run.kind, []).append(run.offset)
     return tuple(offset for offsets in spots.values() for offset in offsets[:8])
 
@@ -83,7 +83,6 @@ async def _hot_spots(node: Qcow2Node) -> tuple[int, ...]:
 async def _run_workload(path: Path, seed: int, tmp_path: Path, **kwargs: object) -> bytearray:
     node = await _open_rw(path)
     try:
-        assert node.header is not None
         model = bytearray(await node.pread(0, node.size))
         ops = make_workload(node.size, seed, cluster_size=node.header.cluster_size,
                             hot_spots=await _hot_spots(node), **kwargs)  # type: ignore[arg-type]
@@ -137,10 +136,9 @@ async def test_tiny_caches_keep_the_order(qcow2_images: Qcow2Images, tmp_path: P
     path = qcow2_images.copy("cluster_512", tmp_path)  # a refcount block per 128 KiB
     node = await _open_rw(path)
     try:
-        assert node.l2_cache is not None and node._writer is not None
-        node.l2_cache.capacity = 2
-        assert node._writer.refcounts is not None
-        node._writer.refcounts.cache.capacity = 2
+        assert node.writer is not None
+        node.state.l2_cache.capacity = 2
+        node.writer.refcounts.cache.capacity = 2
         model = bytearray(await node.pread(0, node.size))
         await apply_workload(node, make_workload(node.size, 5, cluster_size=512), model)
         counters = node.stats_snapshot().driver
@@ -624,7 +622,6 @@ async def test_concurrent_writers_of_one_cluster(qcow2_images: Qcow2Images, name
     old = qcow2_images.get(name).reference
     node, _faulty = await open_faulty(path, Qcow2Node, jitter=0.5, rng=random.Random(4))
     rng = random.Random(5)
-    assert node.header is not None
     cluster = node.header.cluster_size
     pieces: list[tuple[int, bytes]] = []
     for base in (0, 2 * cluster, 7 * cluster, node.size - 2 * cluster):

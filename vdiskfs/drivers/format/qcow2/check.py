@@ -34,8 +34,9 @@ from vdiskfs.drivers.format.qcow2.mapping import (
     OFLAG_COPIED,
     Geometry,
     decode_table,
+    encode_table,
 )
-from vdiskfs.drivers.format.qcow2.refcount import RefcountCodec, encode_table
+from vdiskfs.drivers.format.qcow2.refcount_codec import RefcountCodec
 from vdiskfs.drivers.format.qcow2.snapshots import Snapshot
 from vdiskfs.errors import FormatError
 

@@ -21,20 +21,22 @@ from dataclasses import dataclass
 import trio
 
 from vdiskfs.block.registry import PROBE_HEAD, PROBE_TAIL, probe
+from vdiskfs.drivers.format.qcow2.extensions import (
+    EXT_BACKING_FORMAT,
+    EXT_DATA_FILE,
+    EXT_FEATURE_TABLE,
+    MAX_BACKING_FORMAT_NAME,
+)
 from vdiskfs.drivers.format.qcow2.header import (
     AUTOCLEAR_DATA_FILE_RAW,
     COMPAT_LAZY_REFCOUNTS,
     COMPRESSION_ZLIB,
     COMPRESSION_ZSTD,
-    EXT_BACKING_FORMAT,
-    EXT_DATA_FILE,
-    EXT_FEATURE_TABLE,
     INCOMPAT_COMPRESSION,
     INCOMPAT_DATA_FILE,
     INCOMPAT_EXTL2,
     MAGIC,
     MAX_BACKING_FILE_NAME,
-    MAX_BACKING_FORMAT_NAME,
     MAX_CLUSTER_BITS,
     MIN_CLUSTER_BITS,
     MIN_EXTENDED_L2_CLUSTER_BITS,
@@ -42,7 +44,7 @@ from vdiskfs.drivers.format.qcow2.header import (
     QCOW_MAX_REFTABLE_SIZE,
 )
 from vdiskfs.drivers.format.qcow2.mapping import OFLAG_COPIED
-from vdiskfs.drivers.format.qcow2.refcount import RefcountCodec
+from vdiskfs.drivers.format.qcow2.refcount_codec import RefcountCodec
 from vdiskfs.errors import HostIOError, UnsupportedError, VdiskError
 
 __all__ = ["PREALLOCATION_MODES", "create_qcow2"]

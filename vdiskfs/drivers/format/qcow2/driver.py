@@ -1,25 +1,27 @@
 """Format driver ``qcow2``: QEMU's copy-on-write image format.
 
-The node owns the parsed header, the active L1 table, an LRU cache of decoded L2 slices and its
-children: ``file`` (the image), ``data-file`` (an external data file, when the image has one) and
-``backing``. Pure work lives beside it: :mod:`.header` parses, :mod:`.mapping` turns guest offsets
-into runs, :mod:`.compression` decodes clusters. The node does the I/O and the accounting; opened
-for writing, it hands writes, zeroing, discards, flushes and close to its :mod:`.writer`.
+``open`` reads the header, the snapshot table and the L1 table, opens the children -- ``file``
+(the image), ``data-file`` (an external data file, when the image has one) and ``backing`` --
+and builds one :class:`~.state.Qcow2State` (QEMU's ``BDRVQcow2State``) that the node and, opened
+for writing, its :mod:`.writer` share. Pure work lives beside it: :mod:`.header` parses,
+:mod:`.mapping` decodes L2 entries into runs, :mod:`.compression` decodes clusters. The node
+does the reads and the accounting; it hands writes, zeroing, discards, flushes and close to the
+writer.
 
-A read maps the request into runs (``_map``), merging neighbours of one kind -- data runs only
-when contiguous on the host, so each becomes one child read -- and the format layer's run
-executor (:func:`~vdiskfs.drivers.format.runs.read_runs`) serves them, concurrently: data from
-the data file, zeros without I/O, the backing file (zeros past its end), or a decompressed
-cluster (this node's ``read_compressed`` hook). A request inside one plain data cluster whose L2
-slice is cached skips all of that (``_pread`` fast path): a few integer operations, two dict
-operations, one child read.
+A read maps the request into runs (:meth:`.state.Qcow2State.map_range`), merging neighbours of
+one kind -- data runs only when contiguous on the host, so each becomes one child read -- and
+the format layer's run executor (:func:`~vdiskfs.drivers.format.runs.read_runs`) serves them,
+concurrently: data from the data file, zeros without I/O, the backing file (zeros past its end),
+or a decompressed cluster (this node's ``read_compressed`` hook). A request inside one plain
+data cluster whose L2 slice is cached skips all of that (``_pread`` fast path,
+:meth:`.state.Qcow2State.cached_host`): a few integer operations, two dict operations, one
+child read.
 """
 
 from __future__ import annotations
 
 from array import array
-from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -27,23 +29,16 @@ from vdiskfs.block.format import FormatNode, SnapshotEntry
 from vdiskfs.block.node import BlockNode, BlockStatus, Buffer, opened
 from vdiskfs.block.registry import OpenContext, register
 from vdiskfs.drivers.format.qcow2.compression import DecompressionError, decompress_cluster
+from vdiskfs.drivers.format.qcow2.counters import Qcow2Counters
 from vdiskfs.drivers.format.qcow2.header import (
     MAGIC,
     QCOW_MAX_L1_SIZE,
     Header,
-    check_table,
     header_probe_length,
-    parse_header,
 )
-from vdiskfs.drivers.format.qcow2.l2cache import DEFAULT_SLICE_BYTES, L2SliceCache
-from vdiskfs.drivers.format.qcow2.mapping import (
-    L1E_OFFSET_MASK,
-    L2E_OFFSET_MASK,
-    OFLAG_COMPRESSED,
-    OFLAG_ZERO,
-    Geometry,
-    decode_table,
-)
+from vdiskfs.drivers.format.qcow2.header_checks import check_table, parse_header
+from vdiskfs.drivers.format.qcow2.l2cache import DEFAULT_SLICE_BYTES
+from vdiskfs.drivers.format.qcow2.mapping import Geometry, decode_table
 from vdiskfs.drivers.format.qcow2.snapshots import (
     MAX_TABLE_SIZE,
     NeedMoreData,
@@ -52,16 +47,10 @@ from vdiskfs.drivers.format.qcow2.snapshots import (
     parse_snapshot_table,
     shown_text,
 )
+from vdiskfs.drivers.format.qcow2.state import Qcow2State
+from vdiskfs.drivers.format.qcow2.writeback import prepare
 from vdiskfs.drivers.format.qcow2.writer import Qcow2Writer
-from vdiskfs.drivers.format.runs import (
-    LruCache,
-    Run,
-    RunCounters,
-    RunKind,
-    coalesce,
-    read_runs,
-    run_status,
-)
+from vdiskfs.drivers.format.runs import Run, RunKind, read_runs, run_status
 from vdiskfs.errors import FormatError
 
 __all__ = ["Qcow2Counters", "Qcow2Node"]
@@ -71,61 +60,6 @@ _FIRST_READ = 64 * 1024
 #: A block-status call merges at most this many mapping runs (each at least a subcluster), so
 #: one call on a huge fragmented image stays short; the caller simply asks again.
 _STATUS_MERGE_RUNS = 1024
-#: Extended L2 bitmap of a cluster whose 32 subclusters are all allocated data.
-_ALL_ALLOCATED = 0xFFFFFFFF
-
-#: Decompressed clusters kept (by L2 entry), in bytes: small sequential reads of a compressed
-#: cluster, and concurrent readers of one, decompress it once.
-_DECOMPRESSED_CACHE_BYTES = 4 << 20
-
-
-@dataclass(slots=True)
-class Qcow2Counters(RunCounters):
-    """The run counters (``data_reads``, ``backing_reads``, ``zero_bytes_read``...) and qcow2's."""
-
-    #: L2 slice lookups served from the cache (a task that waited for another's load counts).
-    l2_cache_hits: int = 0
-    #: L2 slices read from the image.
-    l2_cache_misses: int = 0
-    #: Slices dropped to make room (the cache holds at most 32 MiB of L2 entries).
-    l2_cache_evictions: int = 0
-    #: Compressed clusters read and decompressed.
-    compressed_clusters_read: int = 0
-    # -- writing (all zero on a read-only node) --
-    #: Write steps that went to clusters the image owns, without metadata changes.
-    in_place_writes: int = 0
-    #: Write steps that allocated clusters or changed their L2 entries (then linked them).
-    allocating_writes: int = 0
-    #: Host clusters allocated for guest data, and new L2 tables.
-    clusters_allocated: int = 0
-    l2_tables_allocated: int = 0
-    #: Allocations that copied data on write, and the bytes copied (read from the backing
-    #: file, an old or compressed cluster, or zeros written into a reused cluster).
-    cow_operations: int = 0
-    cow_bytes: int = 0
-    #: Clusters or subclusters marked zero instead of written.
-    zero_clusters_written: int = 0
-    #: Writes whose whole (sub)clusters of zeros became zero clusters.
-    zero_writes_detected: int = 0
-    #: Clusters deallocated by discard; host clusters whose refcount was decremented.
-    clusters_discarded: int = 0
-    clusters_freed: int = 0
-    #: Writers that waited for an allocation in flight on the same clusters.
-    allocation_waits: int = 0
-    #: Refcount blocks allocated, and refcount tables replaced by larger ones.
-    refcount_blocks_allocated: int = 0
-    refcount_table_growths: int = 0
-    #: Metadata writes (L2 slices, refcount blocks and table, L1 entries) and the syncs that
-    #: order them.
-    metadata_writebacks: int = 0
-    metadata_flushes: int = 0
-    l2_cache_writebacks: int = 0
-    refcount_cache_hits: int = 0
-    refcount_cache_misses: int = 0
-    refcount_cache_evictions: int = 0
-    refcount_cache_writebacks: int = 0
-    #: Dirty images whose refcounts were rebuilt when opened for writing.
-    refcount_rebuilds: int = 0
 
 
 @register
@@ -137,35 +71,36 @@ class Qcow2Node(FormatNode):
     supports_snapshots = True
     counters_class = Qcow2Counters
     counters: Qcow2Counters
-
     def __init__(self, file: BlockNode, ctx: OpenContext, *,
                  view_of: tuple[Qcow2Node, Snapshot] | None = None) -> None:
         # A view (open_snapshot) reads through the image node's children, which that node owns.
         super().__init__(file, ctx, owns_file=view_of is None)
-        self.header: Header | None = None
-        self.geometry: Geometry | None = None
-        self.snapshots: list[Snapshot] = []
-        #: The internal snapshot this node shows instead of the current state (read-only).
-        self.snapshot: Snapshot | None = None
-        self.l2_cache: L2SliceCache | None = None
         self._view_of = view_of
-        # The L1 table that maps guest offsets: the active one, or the snapshot's. Everything
-        # below it -- L2 slices, subclusters, compressed clusters -- is read the same way.
-        self._l1: array[int] = array("Q")
-        self._l1_offset = 0
-        self._data: BlockNode = file
-        # Decompressed clusters by L2 entry; sized at open by the cluster size.
-        self._decompressed: LruCache[int, bytes] = LruCache(1)
-        # Read fast path parameters, copied from the geometry by _init_fast_path. Until then a
-        # zero cluster size sends every read to the mapped path.
-        self._slices: OrderedDict[int, array[int]] = OrderedDict()
-        self._cluster_bits = self._cluster_size = self._cluster_mask = 0
-        self._l2_bits = self._l2_index_mask = 0
-        self._slice_bits = self._slice_mask = self._slice_shift = 0
-        self._extended = self._has_data_file = False
-        self._not_plain = 0
+        self._state: Qcow2State | None = None
         #: The write half, on a writable node only.
-        self._writer: Qcow2Writer | None = None
+        self.writer: Qcow2Writer | None = None
+
+    @property
+    def state(self) -> Qcow2State:
+        """The open image (header, geometry, L1 table, caches, data child), built whole by
+        :meth:`open` and shared with the writer."""
+        state = self._state
+        if state is None:
+            raise RuntimeError(f"qcow2 node {self.label!r} is not open")
+        return state
+
+    @property
+    def header(self) -> Header:
+        return self.state.header
+
+    @property
+    def snapshots(self) -> list[Snapshot]:
+        return self.state.snapshots
+
+    @property
+    def snapshot(self) -> Snapshot | None:
+        """The internal snapshot this node shows instead of the current state (read-only)."""
+        return self.state.snapshot
 
     @classmethod
     def probe(cls, head: bytes, tail: bytes, filename: str) -> int:
@@ -188,35 +123,34 @@ class Qcow2Node(FormatNode):
             head = await self.read_metadata(0, wanted, "header")
         header = parse_header(head, file.size, self.label)
         geometry = Geometry.from_header(header, self.label, DEFAULT_SLICE_BYTES)
-        self.header, self.geometry = header, geometry
-        self.size = header.virtual_size
 
-        self.snapshots = await self._read_snapshots(header)
+        snapshots = await self._read_snapshots(header)
+        snapshot = None
         if self.ctx.snapshot is not None:
             # The registry opens a snapshot read-only only, so no writer comes below.
-            await self._load_snapshot(find_snapshot(self.snapshots, self.ctx.snapshot,
-                                                    self.label))
-        elif header.l1_size:
-            self._l1_offset = header.l1_table_offset
-            self._l1 = decode_table(
-                await self.read_metadata(header.l1_table_offset, header.l1_size * 8, "L1 table")
-            )
-        if not self.read_only:
-            # Before any cache exists: a dirty image gets its refcounts rebuilt here.
-            self._writer = Qcow2Writer(self)
-            header = self.header = await self._writer.prepare(header)
-
-        self._init_caches(geometry)
-        if self._writer is not None:
-            await self._writer.open()
-
-        if header.has_data_file:
-            assert header.data_file is not None
+            snapshot = find_snapshot(snapshots, self.ctx.snapshot, self.label)
+            l1, l1_offset, size = await self._load_snapshot(header, geometry, snapshot)
+        else:
+            l1, l1_offset, size = array("Q"), header.l1_table_offset, header.virtual_size
+            if header.l1_size:
+                l1 = decode_table(await self.read_metadata(header.l1_table_offset,
+                                                           header.l1_size * 8, "L1 table"))
+        data = file
+        if header.has_data_file and header.data_file is not None:
             # Always raw: a guest could write an image header into its own data.
-            self._data = self.add_child("data-file", await self.ctx.open_child(
+            data = self.add_child("data-file", await self.ctx.open_child(
                 header.data_file, role="data-file", field_name="data_file", format="raw",
                 read_only=self.read_only,
             ))
+        state = self._state = Qcow2State(
+            label=self.label, file=file, data=data, header=header, geometry=geometry,
+            snapshots=snapshots, snapshot=snapshot, l1=l1, l1_offset=l1_offset, size=size,
+            counters=self.counters, read_metadata=self.read_metadata)
+        self.size = size
+        if not self.read_only:
+            # Before anything is cached: a dirty image gets its refcounts rebuilt here.
+            await prepare(state)
+            self.writer = await Qcow2Writer.open(state, self)
         if header.backing_file is not None:
             await self.open_backing(header.backing_file, field="backing_file",
                                     format=header.backing_format,
@@ -232,20 +166,24 @@ class Qcow2Node(FormatNode):
         the image's as opened: what a reader uses of it (cluster size, compression, extended
         L2) never changes while the image is open.
         """
-        assert image.header is not None and image.geometry is not None
-        self.header, self.geometry, self.snapshots = image.header, image.geometry, image.snapshots
-        await self._load_snapshot(snapshot)
-        self._init_caches(image.geometry)
-        if image._data is not image.file:
-            self._data = self.add_child("data-file", image._data, owned=False)
+        shared = image.state
+        l1, l1_offset, size = await self._load_snapshot(shared.header, shared.geometry, snapshot)
+        data = shared.data
+        if data is not shared.file:
+            data = self.add_child("data-file", data, owned=False)
         if image.backing is not None:
             self.backing = self.add_child("backing", image.backing, owned=False)
+        self._state = Qcow2State(
+            label=self.label, file=shared.file, data=data, header=shared.header,
+            geometry=shared.geometry, snapshots=shared.snapshots, snapshot=snapshot, l1=l1,
+            l1_offset=l1_offset, size=size, counters=self.counters,
+            read_metadata=self.read_metadata)
+        self.size = size
 
-    async def _load_snapshot(self, snapshot: Snapshot) -> None:
-        """Map guest offsets through ``snapshot``'s L1 table, at its disk size, as QEMU's
+    async def _load_snapshot(self, header: Header, geometry: Geometry,
+                             snapshot: Snapshot) -> tuple[array[int], int, int]:
+        """``snapshot``'s L1 table, where it lies, and its disk size, as QEMU's
         ``qcow2_snapshot_load_tmp`` (which checks the table as ``qcow2_validate_table``)."""
-        header, geometry = self.header, self.geometry
-        assert header is not None and geometry is not None
         what = f"L1 table of snapshot {shown_text(snapshot.id)}"
         check_table(self.label, "snapshot L1 table", snapshot.l1_table_offset,
                     snapshot.l1_size * 8, QCOW_MAX_L1_SIZE, header.cluster_size, self.file.size,
@@ -258,27 +196,15 @@ class Qcow2Node(FormatNode):
                 f"snapshot {shown_text(snapshot.id)} has a disk size of {size} bytes, more "
                 f"than a qcow2 image with {header.cluster_size}-byte clusters can map",
                 path=self.label, field="snapshot disk_size")
-        self._l1 = array("Q")
+        l1 = array("Q")
         if snapshot.l1_size:
-            self._l1 = decode_table(await self.read_metadata(
+            l1 = decode_table(await self.read_metadata(
                 snapshot.l1_table_offset, snapshot.l1_size * 8, what))
-        self._l1_offset = snapshot.l1_table_offset
         # QEMU keeps sizes in 512-byte sectors (see Header.virtual_size).
-        self.size = size & ~511
-        self.snapshot = snapshot
-
-    def _init_caches(self, geometry: Geometry) -> None:
-        # As QEMU: room for every L2 entry of the disk, up to 32 MiB of them.
-        clusters = -(-self.size >> geometry.cluster_bits)
-        self.l2_cache = L2SliceCache(
-            L2SliceCache.capacity_for(clusters * geometry.entry_size, geometry.slice_bytes),
-            self.counters,
-        )
-        self._init_fast_path(geometry)
-        self._decompressed = LruCache(max(1, _DECOMPRESSED_CACHE_BYTES // geometry.cluster_size))
+        return l1, snapshot.l1_table_offset, size & ~511
 
     def internal_snapshots(self) -> list[SnapshotEntry]:
-        current = self.header.virtual_size if self.header is not None else 0
+        current = self.header.virtual_size
         return [SnapshotEntry(s.id, s.name, s.virtual_size(current) & ~511)
                 for s in self.snapshots]
 
@@ -314,40 +240,21 @@ class Qcow2Node(FormatNode):
                     ) from None
                 wanted = min(available, max(more.needed, 2 * wanted))
 
-    def _init_fast_path(self, g: Geometry) -> None:
-        """Copy what the read fast path needs into plain attributes (no property calls)."""
-        assert self.l2_cache is not None
-        self._slices = self.l2_cache.slices
-        self._cluster_bits = g.cluster_bits
-        self._cluster_size = g.cluster_size
-        self._cluster_mask = g.cluster_size - 1
-        self._l2_bits = g.l2_bits
-        self._l2_index_mask = (1 << g.l2_bits) - 1
-        self._slice_bits = g.slice_bits
-        self._slice_mask = g.slice_entries - 1
-        self._slice_shift = g.slice_bytes.bit_length() - 1
-        self._extended = g.extended_l2
-        self._has_data_file = g.has_data_file
-        # A plain data cluster has neither of these bits; bit 0 in a v2 image is corruption,
-        # which the slow path reports.
-        self._not_plain = OFLAG_COMPRESSED | (0 if g.extended_l2 else OFLAG_ZERO)
-
     async def _close(self) -> None:
+        state = self._state
         try:
-            if self._writer is not None and self.l2_cache is not None:
-                await self._writer.close()
+            if self.writer is not None:
+                await self.writer.close()
         finally:
-            if self.l2_cache is not None:
-                self.l2_cache.invalidate()
-            self._decompressed.clear()
+            if state is not None:
+                state.l2_cache.invalidate()
+                state.decompressed.clear()
 
     # -- information ------------------------------------------------------------------------------
 
     def info(self) -> dict[str, Any]:
         """Facts named as ``qemu-img info --output=json`` names them."""
         h = self.header
-        if h is None:
-            return {}
         specific: dict[str, Any] = {
             "compat": "0.10" if h.version == 2 else "1.1",
             "compression-type": h.compression_name,
@@ -379,64 +286,47 @@ class Qcow2Node(FormatNode):
 
     async def _pread(self, offset: int, length: int) -> Buffer:
         # Fast path: the request lies in one cluster, its L2 slice is cached and the cluster is
-        # plain data. Everything else, including every error report, takes _pread_mapped.
-        in_cluster = offset & self._cluster_mask
-        if in_cluster + length <= self._cluster_size:
-            cluster = offset >> self._cluster_bits
-            l1_index = cluster >> self._l2_bits
-            if l1_index < len(self._l1):
-                l2_offset = self._l1[l1_index] & L1E_OFFSET_MASK
-                index = cluster & self._l2_index_mask
-                key = l2_offset + ((index >> self._slice_bits) << self._slice_shift)
-                table = self._slices.get(key) if l2_offset else None
-                if table is not None:
-                    if self._extended:
-                        at = (index & self._slice_mask) << 1
-                        entry = table[at] if table[at + 1] == _ALL_ALLOCATED else 0
-                    else:
-                        entry = table[index & self._slice_mask]
-                    host = entry & L2E_OFFSET_MASK
-                    if (
-                        host
-                        and not entry & self._not_plain
-                        and not host & self._cluster_mask
-                        and (not self._has_data_file or host == offset - in_cluster)
-                    ):
-                        start = host + in_cluster
-                        data = self._data
-                        if start + length <= data.size:
-                            self._slices.move_to_end(key)
-                            counters = self.counters
-                            counters.l2_cache_hits += 1
-                            counters.data_reads += 1
-                            counters.data_bytes += length
-                            writer = self._writer
-                            if writer is None:
-                                return await data.pread(start, length)
-                            # The cluster may be freed by a concurrent write: keep it until
-                            # this read is done.
-                            token = writer.io_begin()
-                            try:
-                                return await data.pread(start, length)
-                            finally:
-                                writer.io_end(token)
-        return await self._pread_mapped(offset, length)
+        # plain data. Everything else, including every error report, takes read_mapped. (_state
+        # rather than the checked property: None only before open, where read_mapped raises.)
+        state = self._state
+        if state is not None:
+            host = state.cached_host(offset, length)
+            data = state.data
+            if host >= 0 and host + length <= data.size:
+                counters = self.counters
+                counters.l2_cache_hits += 1
+                counters.data_reads += 1
+                counters.data_bytes += length
+                writer = self.writer
+                if writer is None:
+                    return await data.pread(host, length)
+                # The cluster may be freed by a concurrent write: keep it until this read is
+                # done.
+                requests = writer.requests
+                token = requests.begin()
+                try:
+                    return await data.pread(host, length)
+                finally:
+                    requests.end(token)
+        return await self.read_mapped(offset, length)
 
-    async def _pread_mapped(self, offset: int, length: int) -> Buffer:
-        writer = self._writer
+    async def read_mapped(self, offset: int, length: int) -> Buffer:
+        """Read through the full mapping (the writer's copy on write reads this way too)."""
+        state = self.state
+        writer = self.writer
         if writer is None:
-            return await read_runs(self, await self._map(offset, length), self._data)
+            return await read_runs(self, await state.map_range(offset, length), state.data)
         # Clusters this read maps may be freed by a concurrent write: keep them until it is done.
-        token = writer.io_begin()
+        token = writer.requests.begin()
         try:
-            return await read_runs(self, await self._map(offset, length), self._data)
+            return await read_runs(self, await state.map_range(offset, length), state.data)
         finally:
-            writer.io_end(token)
+            writer.requests.end(token)
 
-    async def _reads_as_zero(self, offset: int, length: int) -> bool:
+    async def reads_as_zero(self, offset: int, length: int) -> bool:
         """Whether the guest range reads as zeros by its mapping alone (zero clusters,
         unallocated with no backing data below), without reading anything."""
-        for run in await self._map(offset, length):
+        for run in await self.state.map_range(offset, length):
             if run.kind is RunKind.ZERO:
                 continue
             if run.kind is RunKind.BACKING and self.backing_length(run.offset, run.length) == 0:
@@ -444,70 +334,18 @@ class Qcow2Node(FormatNode):
             return False
         return True
 
-    async def _map(self, offset: int, length: int) -> list[Run]:
-        """The runs covering ``[offset, offset + length)``, neighbours of one kind merged (data
-        only when contiguous on the host; compressed clusters never). Every data run is checked
-        to lie inside the data file, so that a corrupt entry is named as such."""
-        runs: list[Run] = []
-        pos = offset
-        end = offset + length
-        while pos < end:
-            run = await self._next_run(pos, end - pos)
-            runs.append(run)
-            pos += run.length
-        runs = coalesce(runs) if len(runs) > 1 else runs
-        data = self._data
-        for run in runs:
-            if run.kind is RunKind.DATA and run.host_offset + run.length > data.size:
-                raise FormatError(
-                    f"data cluster ({run.length} bytes at {run.host_offset:#x}) lies past the "
-                    f"end of the {'external data file' if data is not self.file else 'file'} "
-                    f"(size {data.size})",
-                    path=self.label,
-                    field="L2 entry",
-                    offset=run.host_offset,
-                )
-        return runs
-
-    async def _next_run(self, offset: int, nbytes: int) -> Run:
-        """One mapping run at ``offset``: find the L2 slice (cache or image), then ask the
-        geometry."""
-        g = self.geometry
-        assert g is not None and self.l2_cache is not None and self.header is not None
-        l1_index = offset >> g.l2_coverage_bits
-        if l1_index >= len(self._l1):
-            return g.unmapped_run(offset, nbytes)
-        l2_offset = self._l1[l1_index] & L1E_OFFSET_MASK
-        if not l2_offset:
-            return g.unmapped_run(offset, nbytes)
-        if l2_offset & self._cluster_mask:
-            raise FormatError(
-                f"L2 table offset {l2_offset:#x} is not cluster aligned",
-                path=self.label,
-                field=f"L1 entry {l1_index}",
-                offset=self._l1_offset + 8 * l1_index,
-            )
-        table = await self.l2_cache.get(g.slice_offset(l2_offset, offset), self._load_slice)
-        return g.next_run(table, offset, nbytes)
-
-    async def _load_slice(self, host_offset: int) -> array[int]:
-        assert self.geometry is not None
-        return decode_table(
-            await self.read_metadata(host_offset, self.geometry.slice_bytes, "L2 table")
-        )
-
     async def read_compressed(self, run: Run) -> Buffer:
         """The executor's hook: the bytes of ``run`` from its decompressed cluster."""
-        cluster, hit = await self._decompressed.load(
-            run.payload, partial(self._decompress, run.payload))
+        state = self.state
+        cluster, hit = await state.decompressed.load(
+            run.payload, partial(self._decompress, state, run.payload))
         if not hit:
             self.counters.compressed_clusters_read += 1
-        start = run.offset & self._cluster_mask
+        start = run.offset & (state.geometry.cluster_size - 1)
         return memoryview(cluster)[start : start + run.length]
 
-    async def _decompress(self, entry: int) -> bytes:
-        g, header, file = self.geometry, self.header, self.file
-        assert g is not None and header is not None
+    async def _decompress(self, state: Qcow2State, entry: int) -> bytes:
+        g, file = state.geometry, state.file
         host, stored = g.compressed(entry)
         if host >= file.size:
             raise FormatError(
@@ -522,7 +360,7 @@ class Qcow2Node(FormatNode):
         stored = min(stored, file.size - host)
         raw = await file.pread(host, stored)
         try:
-            return decompress_cluster(header.compression_type, bytes(raw), g.cluster_size)
+            return decompress_cluster(state.header.compression_type, bytes(raw), g.cluster_size)
         except DecompressionError as exc:
             raise FormatError(
                 f"compressed cluster ({stored} bytes at {host:#x}): {exc}",
@@ -533,34 +371,39 @@ class Qcow2Node(FormatNode):
 
     # -- writing: the writer does it -------------------------------------------------------------
 
+    def _writable(self) -> Qcow2Writer:
+        """The writer; the base class refuses writes to a read-only node before they come
+        here, so a missing one is a bug, named as such."""
+        writer = self.writer
+        if writer is None:
+            raise RuntimeError(f"qcow2 node {self.label!r} was opened read-only")
+        return writer
+
     async def _pwrite(self, offset: int, data: Buffer) -> None:
-        assert self._writer is not None
-        await self._writer.pwrite(offset, data)
+        await self._writable().pwrite(offset, data)
 
     async def _zero(self, offset: int, length: int, may_unmap: bool) -> None:
-        assert self._writer is not None
-        await self._writer.zero(offset, length, may_unmap=may_unmap)
+        await self._writable().zero(offset, length, may_unmap=may_unmap)
 
     async def _discard(self, offset: int, length: int) -> None:
-        assert self._writer is not None
-        await self._writer.discard(offset, length)
+        await self._writable().discard(offset, length)
 
     async def _flush(self) -> None:
         # The metadata, in order; the base class then syncs the children.
-        assert self._writer is not None
-        await self._writer.flush()
+        await self._writable().flush()
 
     # -- block status -----------------------------------------------------------------------------
 
     async def _block_status(self, offset: int, length: int) -> tuple[BlockStatus, int]:
-        run = await self._next_run(offset, length)
+        next_run = self.state.next_run
+        run = await next_run(offset, length)
         status, n = run_status(self, run)
         end = offset + length
         pos = offset + n
         merged = 0
         # Extend over following runs with the same status (a clipped run ends the extent).
         while n == run.length and pos < end and merged < _STATUS_MERGE_RUNS:
-            run = await self._next_run(pos, end - pos)
+            run = await next_run(pos, end - pos)
             next_status, n = run_status(self, run)
             if next_status != status:
                 break

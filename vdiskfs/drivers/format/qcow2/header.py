@@ -1,4 +1,6 @@
-"""The qcow2 header and its extensions: bytes in, a validated :class:`Header` out.
+"""The qcow2 header: its layout, QEMU's limits, feature bits, and :func:`decode_header` (bytes
+in, a :class:`Header` out; :mod:`.extensions` walks the extension area, :mod:`.header_checks`
+checks the whole and is the entry point, ``parse_header``).
 
 Pure parsing, no I/O: the driver reads the first cluster of the image and hands it here. Every
 field is checked against QEMU's limits (``block/qcow2.c: qcow2_do_open``) before anything is
@@ -13,14 +15,17 @@ import os
 import struct
 from dataclasses import dataclass, field
 
+from vdiskfs.drivers.format.qcow2.extensions import parse_extensions
 from vdiskfs.errors import FormatError, UnsupportedError
 
 __all__ = [
+    "FIELD_OFFSET",
+    "INT64_MAX",
     "MAGIC",
     "Header",
-    "check_table",
+    "decode_header",
+    "field_error",
     "header_probe_length",
-    "parse_header",
 ]
 
 MAGIC = b"QFI\xfb"
@@ -32,8 +37,8 @@ V2_HEADER_LENGTH = _V2_FIELDS.size  # 72
 V3_MIN_HEADER_LENGTH = V2_HEADER_LENGTH + _V3_FIELDS.size  # 104
 _COMPRESSION_TYPE_OFFSET = 104
 
-# Byte offset of each header field, for error messages.
-_FIELD_OFFSET = {
+#: Offsets of the header fields, for errors that name them.
+FIELD_OFFSET = {
     "magic": 0,
     "version": 4,
     "backing_file_offset": 8,
@@ -66,10 +71,8 @@ QCOW_MAX_SNAPSHOTS = 65536
 #: Bytes of one snapshot table entry before its variable part.
 SNAPSHOT_HEADER_SIZE = 40
 MAX_BACKING_FILE_NAME = 1023
-#: QEMU keeps the backing format in ``char backing_format[16]``.
-MAX_BACKING_FORMAT_NAME = 15
 MAX_REFCOUNT_ORDER = 6
-_INT64_MAX = (1 << 63) - 1
+INT64_MAX = (1 << 63) - 1
 
 # -- feature bits ---------------------------------------------------------------------------------
 INCOMPAT_DIRTY = 1 << 0
@@ -98,17 +101,6 @@ COMPRESSION_ZSTD = 1
 COMPRESSION_NAMES = {COMPRESSION_ZLIB: "zlib", COMPRESSION_ZSTD: "zstd"}
 
 CRYPT_NAMES = {1: "AES", 2: "LUKS"}
-
-# -- header extensions ----------------------------------------------------------------------------
-EXT_END = 0x00000000
-EXT_BACKING_FORMAT = 0xE2792ACA
-EXT_FEATURE_TABLE = 0x6803F857
-EXT_BITMAPS = 0x23852875
-EXT_CRYPTO_HEADER = 0x0537BE77
-EXT_DATA_FILE = 0x44415441
-_EXT_HEADER = struct.Struct(">II")
-_FEATURE_ENTRY_SIZE = 48
-
 
 @dataclass(frozen=True, slots=True)
 class Header:
@@ -187,10 +179,11 @@ class Header:
 
 
 def header_probe_length(head: bytes) -> int:
-    """How many bytes from the start of the file :func:`parse_header` wants: the first cluster.
+    """How many bytes from the start of the file :func:`.header_checks.parse_header` wants: the
+    first cluster.
 
     ``head`` must hold at least the fixed v2 header; an unusable cluster_bits is reported later
-    by :func:`parse_header`, so this only bounds the read.
+    by :func:`decode_header`, so this only bounds the read.
     """
     if len(head) < V2_HEADER_LENGTH:
         return V2_HEADER_LENGTH
@@ -200,17 +193,18 @@ def header_probe_length(head: bytes) -> int:
     return 1 << cluster_bits
 
 
-def _error(path: str, name: str, message: str) -> FormatError:
-    return FormatError(message, path=path, field=name, offset=_FIELD_OFFSET.get(name))
+def field_error(path: str, name: str, message: str) -> FormatError:
+    """A :class:`FormatError` naming header field ``name`` and its offset."""
+    return FormatError(message, path=path, field=name, offset=FIELD_OFFSET.get(name))
 
 
-def parse_header(data: bytes, file_size: int, path: str) -> Header:
-    """Parse and validate the header in ``data`` (the image's first cluster, or all of a shorter
+def decode_header(data: bytes, file_size: int, path: str) -> Header:
+    """Decode the header in ``data`` (the image's first cluster, or all of a shorter
     file). ``file_size`` bounds the tables the header points to; ``path`` names the image in
     errors.
 
-    Raises :class:`FormatError` for a corrupt header and :class:`UnsupportedError` for a feature
-    vdiskfs refuses (encryption, the corrupt bit, unknown incompatible features).
+    Raises :class:`FormatError` for a corrupt field; :func:`.header_checks.parse_header` checks
+    the whole (features, geometry) after.
     """
     if len(data) < V2_HEADER_LENGTH:
         raise FormatError(
@@ -235,16 +229,16 @@ def parse_header(data: bytes, file_size: int, path: str) -> Header:
         snapshots_offset,
     ) = _V2_FIELDS.unpack_from(data)
     if magic != MAGIC:
-        raise _error(path, "magic", f"bad magic {magic!r} (expected {MAGIC!r})")
+        raise field_error(path, "magic", f"bad magic {magic!r} (expected {MAGIC!r})")
     if version not in (2, 3):
         raise UnsupportedError(
             f"qcow2 version {version} is not supported (2 and 3 are)",
             path=path,
             field="version",
-            offset=_FIELD_OFFSET["version"],
+            offset=FIELD_OFFSET["version"],
         )
     if not MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS:
-        raise _error(
+        raise field_error(
             path,
             "cluster_bits",
             f"cluster_bits {cluster_bits} out of range "
@@ -268,20 +262,20 @@ def parse_header(data: bytes, file_size: int, path: str) -> Header:
             _V3_FIELDS.unpack_from(data, V2_HEADER_LENGTH)
         )
         if header_length < V3_MIN_HEADER_LENGTH:
-            raise _error(
+            raise field_error(
                 path,
                 "header_length",
                 f"header_length {header_length} is too short (version 3 needs at least "
                 f"{V3_MIN_HEADER_LENGTH})",
             )
         if header_length > cluster_size:
-            raise _error(
+            raise field_error(
                 path,
                 "header_length",
                 f"header_length {header_length} exceeds the cluster size {cluster_size}",
             )
         if header_length > len(data):
-            raise _error(
+            raise field_error(
                 path,
                 "header_length",
                 f"header_length {header_length} reaches past the end of the file "
@@ -294,7 +288,7 @@ def parse_header(data: bytes, file_size: int, path: str) -> Header:
     # Header extensions fill the rest of the first cluster, up to the backing file name.
     if backing_file_offset:
         if backing_file_offset > cluster_size:
-            raise _error(
+            raise field_error(
                 path,
                 "backing_file_offset",
                 f"backing file name at {backing_file_offset:#x} lies outside the first "
@@ -303,20 +297,20 @@ def parse_header(data: bytes, file_size: int, path: str) -> Header:
         extensions_end = backing_file_offset
     else:
         extensions_end = cluster_size
-    extensions = _parse_extensions(data, header_length, extensions_end, path)
+    extensions = parse_extensions(data, header_length, extensions_end, path)
 
     backing_file = None
     if backing_file_offset:
         limit = min(MAX_BACKING_FILE_NAME, cluster_size - backing_file_offset)
         if backing_file_size > limit:
-            raise _error(
+            raise field_error(
                 path,
                 "backing_file_size",
                 f"backing file name of {backing_file_size} bytes is too long (at most {limit})",
             )
         name_end = backing_file_offset + backing_file_size
         if name_end > len(data):
-            raise _error(
+            raise field_error(
                 path,
                 "backing_file_size",
                 f"backing file name ({backing_file_size} bytes at {backing_file_offset:#x}) "
@@ -324,7 +318,7 @@ def parse_header(data: bytes, file_size: int, path: str) -> Header:
             )
         backing_file = os.fsdecode(bytes(data[backing_file_offset:name_end]))
         if not backing_file:
-            raise _error(path, "backing_file_size", "backing file name is empty")
+            raise field_error(path, "backing_file_size", "backing file name is empty")
 
     header = Header(
         version=version,
@@ -349,236 +343,4 @@ def parse_header(data: bytes, file_size: int, path: str) -> Header:
         feature_names=extensions.feature_names,
         unknown_extensions=tuple(extensions.unknown),
     )
-    _check_features(header, path)
-    _check_geometry(header, file_size, path)
     return header
-
-
-@dataclass(slots=True)
-class _Extensions:
-    backing_format: str | None = None
-    data_file: str | None = None
-    feature_names: dict[tuple[int, int], str] = field(default_factory=dict)
-    unknown: list[int] = field(default_factory=list)
-
-
-def _parse_extensions(data: bytes, start: int, end: int, path: str) -> _Extensions:
-    """Walk the extension area ``[start, end)`` as ``qcow2_read_extensions`` does."""
-    found = _Extensions()
-    offset = start
-    # Bytes past the end of a short file read as zeros in QEMU, i.e. as the end marker.
-    end = min(end, len(data))
-    while offset + _EXT_HEADER.size <= end:
-        magic, length = _EXT_HEADER.unpack_from(data, offset)
-        body = offset + _EXT_HEADER.size
-        if magic == EXT_END:
-            break
-        if length > end - body:
-            raise FormatError(
-                f"header extension {magic:#010x} of {length} bytes overruns the header area "
-                f"(ends at {end:#x})",
-                path=path,
-                field="header extension length",
-                offset=offset + 4,
-            )
-        payload = bytes(data[body : body + length])
-        if magic == EXT_BACKING_FORMAT:
-            if length > MAX_BACKING_FORMAT_NAME:
-                raise FormatError(
-                    f"backing format name of {length} bytes is too long "
-                    f"(at most {MAX_BACKING_FORMAT_NAME})",
-                    path=path,
-                    field="backing format extension",
-                    offset=offset,
-                )
-            found.backing_format = _ascii_name(payload, path, "backing format extension",
-                                               body, may_be_empty=False)
-        elif magic == EXT_DATA_FILE:
-            found.data_file = os.fsdecode(payload)
-        elif magic == EXT_FEATURE_TABLE:
-            if length % _FEATURE_ENTRY_SIZE:
-                raise FormatError(
-                    f"feature name table of {length} bytes is not a whole number of "
-                    f"{_FEATURE_ENTRY_SIZE}-byte entries",
-                    path=path,
-                    field="feature name table",
-                    offset=offset + 4,
-                )
-            for entry in range(0, length, _FEATURE_ENTRY_SIZE):
-                kind, bit = payload[entry], payload[entry + 1]
-                name = _ascii_name(payload[entry + 2 : entry + _FEATURE_ENTRY_SIZE], path,
-                                   "feature name table", body + entry + 2, may_be_empty=True)
-                found.feature_names[(kind, bit)] = name
-        else:
-            # Bitmaps and the crypto header only matter to writers and to encrypted images
-            # (refused by crypt_method); anything else is a compatible extension to skip.
-            found.unknown.append(magic)
-        offset = body + ((length + 7) & ~7)
-    return found
-
-
-def _ascii_name(raw: bytes, path: str, field: str, offset: int, *, may_be_empty: bool) -> str:
-    """A name stored in a header extension: printable ASCII, as QEMU writes them.
-
-    NUL bytes may follow the name (a feature name fills a fixed 46-byte slot; QEMU reads a
-    backing format as a C string), but no text after them. Anything else -- control bytes
-    (which would reach the user's terminal inside an error message), bytes above 0x7e, an empty
-    name where one is needed -- is a FormatError naming the field, never a name mangled into
-    something else.
-    """
-    text = raw.rstrip(b"\0")
-    problem = None if text or may_be_empty else "is empty"
-    if problem is None and not all(0x20 <= c < 0x7F for c in text):
-        problem = f"{text!r} is not printable ASCII"
-        if b"\0" in text:
-            problem = f"{text!r} has a NUL byte inside"
-    if problem is not None:
-        raise FormatError(f"name {problem}", path=path, field=field, offset=offset)
-    return text.decode("ascii")
-
-
-def _check_features(header: Header, path: str) -> None:
-    """Refuse what this reader cannot honour, as ``qcow2_do_open`` does."""
-    unknown = header.incompatible_features & ~INCOMPAT_KNOWN
-    if unknown:
-        bits = [bit for bit in range(64) if unknown >> bit & 1]
-        described = ", ".join(
-            f"bit {bit} ({header.feature_names[(0, bit)]})"
-            if (0, bit) in header.feature_names
-            else f"bit {bit}"
-            for bit in bits
-        )
-        raise UnsupportedError(
-            f"unknown incompatible feature {described}",
-            path=path,
-            field="incompatible_features",
-            offset=_FIELD_OFFSET["incompatible_features"],
-        )
-    if header.corrupt:
-        raise UnsupportedError(
-            "the image is marked corrupt (incompatible feature bit 1); "
-            "repair it with 'qemu-img check -r all' first",
-            path=path,
-            field="incompatible_features",
-            offset=_FIELD_OFFSET["incompatible_features"],
-        )
-    if header.crypt_method:
-        method = CRYPT_NAMES.get(header.crypt_method, "unknown method")
-        raise UnsupportedError(
-            f"encrypted images are not supported (crypt_method {header.crypt_method}: {method})",
-            path=path,
-            field="crypt_method",
-            offset=_FIELD_OFFSET["crypt_method"],
-        )
-    if header.refcount_order > MAX_REFCOUNT_ORDER:
-        raise _error(
-            path,
-            "refcount_order",
-            f"refcount_order {header.refcount_order} too large (refcounts are at most 64 bits)",
-        )
-    # Compression type and its incompatible bit must agree (qcow2.c: validate_compression_type).
-    if header.compression_type not in COMPRESSION_NAMES:
-        raise UnsupportedError(
-            f"unknown compression type {header.compression_type}",
-            path=path,
-            field="compression_type",
-            offset=_FIELD_OFFSET["compression_type"],
-        )
-    has_bit = bool(header.incompatible_features & INCOMPAT_COMPRESSION)
-    if has_bit != (header.compression_type != COMPRESSION_ZLIB):
-        raise _error(
-            path,
-            "compression_type",
-            f"compression type {header.compression_name} does not match the compression type "
-            f"feature bit ({'set' if has_bit else 'clear'})",
-        )
-    if header.extended_l2 and header.cluster_bits < MIN_EXTENDED_L2_CLUSTER_BITS:
-        raise _error(
-            path,
-            "cluster_bits",
-            f"extended L2 entries need clusters of at least "
-            f"{1 << MIN_EXTENDED_L2_CLUSTER_BITS} bytes (subclusters of 512), "
-            f"not {header.cluster_size}",
-        )
-    if header.has_data_file and header.data_file is None:
-        raise FormatError(
-            "the image stores its data in an external data file but does not name it",
-            path=path,
-            field="data file extension",
-        )
-    if header.data_file_raw and not header.has_data_file:
-        raise _error(
-            path,
-            "autoclear_features",
-            "data-file-raw is set but the image has no external data file",
-        )
-
-
-def check_table(path: str, name: str, offset: int, nbytes: int, max_bytes: int,
-                 cluster_size: int, file_size: int | None, what: str) -> None:
-    """``qcow2_validate_table``: aligned and bounded; with ``file_size``, also inside the file
-    (for the tables this reader loads)."""
-    if nbytes > max_bytes:
-        raise _error(path, name, f"{what} of {nbytes} bytes is too large (limit {max_bytes})")
-    if offset & (cluster_size - 1):
-        raise _error(path, name, f"{what} offset {offset:#x} is not cluster aligned")
-    if offset > _INT64_MAX - nbytes:
-        raise _error(path, name, f"{what} ({nbytes} bytes at {offset:#x}) overflows")
-    if file_size is not None and offset + nbytes > file_size:
-        raise _error(
-            path,
-            name,
-            f"{what} ({nbytes} bytes at {offset:#x}) lies outside the file "
-            f"(size {file_size})",
-        )
-
-
-def _check_geometry(header: Header, file_size: int, path: str) -> None:
-    cluster_bits = header.cluster_bits
-    cluster_size = header.cluster_size
-    l2_bits = cluster_bits - (4 if header.extended_l2 else 3)
-    # QEMU's 32 MiB L1 limit bounds the virtual size this cluster size can map.
-    max_size = (QCOW_MAX_L1_SIZE // 8) << (cluster_bits + l2_bits)
-    if header.size > max_size:
-        raise _error(
-            path,
-            "size",
-            f"virtual size {header.size} is larger than a qcow2 image with "
-            f"{cluster_size}-byte clusters can map ({max_size})",
-        )
-    if header.l1_size > QCOW_MAX_L1_SIZE // 8:
-        raise _error(
-            path,
-            "l1_size",
-            f"L1 table of {header.l1_size} entries is too large "
-            f"(at most {QCOW_MAX_L1_SIZE // 8})",
-        )
-    l1_needed = -(-header.size >> (cluster_bits + l2_bits))
-    if header.l1_size < l1_needed:
-        raise _error(
-            path,
-            "l1_size",
-            f"L1 table of {header.l1_size} entries is too small for a virtual size of "
-            f"{header.size} bytes (needs {l1_needed})",
-        )
-    if header.l1_size:
-        check_table(path, "l1_table_offset", header.l1_table_offset, header.l1_size * 8,
-                     QCOW_MAX_L1_SIZE, cluster_size, file_size, "active L1 table")
-    if header.refcount_table_clusters == 0:
-        raise _error(path, "refcount_table_clusters", "the image has no refcount table")
-    # A reader never loads the refcount table: check it as QEMU does, but do not insist that
-    # it survived (a truncated image may still have readable data).
-    check_table(path, "refcount_table_offset", header.refcount_table_offset,
-                 header.refcount_table_clusters * cluster_size, QCOW_MAX_REFTABLE_SIZE,
-                 cluster_size, None, "refcount table")
-    if header.nb_snapshots > QCOW_MAX_SNAPSHOTS:
-        raise _error(
-            path,
-            "nb_snapshots",
-            f"{header.nb_snapshots} snapshots is too many (at most {QCOW_MAX_SNAPSHOTS})",
-        )
-    if header.nb_snapshots:
-        check_table(path, "snapshots_offset", header.snapshots_offset,
-                     header.nb_snapshots * SNAPSHOT_HEADER_SIZE,
-                     QCOW_MAX_SNAPSHOTS * SNAPSHOT_HEADER_SIZE, cluster_size, file_size,
-                     "snapshot table")

@@ -31,6 +31,7 @@ __all__ = [
     "OFLAG_ZERO",
     "Geometry",
     "decode_table",
+    "encode_table",
 ]
 
 #: Bit 63 of L1/L2 entries: refcount exactly one (meaningful to writers only).
@@ -57,6 +58,15 @@ def decode_table(data: bytes) -> array[int]:
     if _SWAP:
         table.byteswap()
     return table
+
+
+def encode_table(table: array[int]) -> bytes:
+    """Native 64-bit entries (L1, L2 slice, refcount table) as big-endian bytes."""
+    if not _SWAP:
+        return table.tobytes()
+    swapped = array("Q", table)
+    swapped.byteswap()
+    return swapped.tobytes()
 
 
 _BACKING, _ZERO, _DATA, _COMPRESSED = (

@@ -190,18 +190,20 @@ async def test_concurrent_reads_use_the_pool(nginx: Nginx, raw_disk: bytes) -> N
 
 
 async def test_queue_depth_is_not_serial_round_trips() -> None:
-    """16 reads at once from a server that takes 0.1 s per answer go over the pool's 8
+    """16 reads at once from a server that takes 0.3 s per answer go over the pool's 8
     connections at once (the server sees 8 in flight), not one after the other."""
     data = random_bytes(6, MiB)
     stats: dict[str, int] = {}
-    with flaky_server(data, delay=0.1, stats=stats) as base:
+    with flaky_server(data, delay=0.3, stats=stats) as base:
         node = await _open(f"{base}/disk.raw")
         async with node:
             async with trio.open_nursery() as nursery:
                 for i in range(16):
                     nursery.start_soon(node.pread, i * 4096, 4096)
             assert node.counters.connections_opened == 8
-    assert stats["most_in_flight"] == 8, stats
+    # Serial round trips would show 1; a loaded machine may open the last connections after
+    # the first answers came back, so not necessarily all 8.
+    assert stats["most_in_flight"] >= 4, stats
 
 
 async def test_redirect_followed(nginx: Nginx, raw_disk: bytes) -> None:

@@ -255,6 +255,9 @@ class Vmm:
             # Reset through the i8042, and mark a panic's reboot "warm" (see console.py).
             ("reboot", "reboot=k,panic_warm"),
             ("panic", "panic=-1"),
+            # The machine has no PCI bus: do not let the kernel probe config space for one
+            # (Firecracker's default too). Kernels with ACPI need CONFIG_PCI all the same.
+            ("pci", "pci=off"),
         ]
         for key, arg in defaults:
             if not cmdline.has(key):

@@ -12,6 +12,7 @@ import sys
 
 import trio
 
+from emulator.arch.x86_64 import layout
 from emulator.kvm.vm import KvmError
 from emulator.loader.cmdline import CmdlineError
 from emulator.vmm import DiskConfig, VmConfig, Vmm
@@ -180,6 +181,12 @@ def run_boot(args: argparse.Namespace) -> int:
         virtio_notify=args.virtio_notify,
         virtio_irq=args.virtio_irq,
     )
+    if len(config.disks) > len(layout.VIRTIO_IRQS):
+        # One interrupt line each: the ISA lines no legacy device uses, then the IOAPIC's
+        # pins 16-23 (emulator/arch/x86_64/layout.py).
+        print(f"vdiskfs boot: error: --disk: {len(config.disks)} disks, at most "
+              f"{len(layout.VIRTIO_IRQS)} (one interrupt line each)", file=sys.stderr)
+        return 1
     vmm = Vmm(config)
     try:
         outcome = trio.run(vmm.run)

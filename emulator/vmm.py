@@ -32,7 +32,7 @@ from typing import Any
 
 import trio
 
-from emulator.arch.x86_64 import layout, regs
+from emulator.arch.x86_64 import acpi, layout, regs
 from emulator.arch.x86_64.e820 import memory_map
 from emulator.console import ConsoleMonitor
 from emulator.devices.bus import Bus
@@ -254,6 +254,9 @@ class Vmm:
             # Reset through the i8042, and mark a panic's reboot "warm" (see console.py).
             ("reboot", "reboot=k,panic_warm"),
             ("panic", "panic=-1"),
+            # The machine has no PCI bus: do not let the kernel probe config space for one
+            # (Firecracker's default too). Kernels with ACPI need CONFIG_PCI all the same.
+            ("pci", "pci=off"),
         ]
         for key, arg in defaults:
             if not cmdline.has(key):
@@ -262,6 +265,11 @@ class Vmm:
             for arg in pvm.CMDLINE_MASKS:
                 if not cmdline.has(arg.split("=", 1)[0]):
                     cmdline.append(arg)
+        # The ACPI tables describe the disks; this list is for kernels built without ACPI (with
+        # CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES; they reach only the first VIRTIO_ISA_IRQ_COUNT
+        # disks: no IOAPIC without a MADT). A kernel with both finds each window twice; the
+        # second platform device of a window fails to claim its memory ("failed to claim
+        # resource", drivers/base/platform.c), so each disk still appears once.
         for disk in self.disks:
             cmdline.append(f"virtio_mmio.device=4K@{disk.base:#x}:{disk.irq}")
         return cmdline
@@ -301,6 +309,13 @@ class Vmm:
             disk.base, disk.irq = layout.virtio_mmio_window(index)
             self._setup_disk(vm, memory, mmio, disk)
 
+        tables = acpi.build_tables(
+            [acpi.MmioDevice(d.base, MMIO_WINDOW_SIZE, d.irq) for d in self.disks], vcpus=1)
+        acpi.write_tables(memory, tables)
+        log.info("ACPI: RSDP at %#x, %s", tables.rsdp_address,
+                 ", ".join(f"{sig} {len(data)} B at {addr:#x}" for sig, addr, data in tables.tables
+                           if sig != "RSDP"))
+
         cmdline = self._build_cmdline(kernel)
         self.cmdline = str(cmdline)
         raw = cmdline.as_bytes()
@@ -312,6 +327,7 @@ class Vmm:
             initrd_addr=initrd_addr,
             initrd_size=initrd_size,
             setup_header=kernel.setup_header,
+            acpi_rsdp_addr=tables.rsdp_address,
         ))
 
         vcpu = self.vcpu = Vcpu(vm, 0, kvm.vcpu_mmap_size())

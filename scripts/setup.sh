@@ -18,6 +18,7 @@ APT_PACKAGES=(
   ceph-mon ceph-osd ceph-common radosgw           # the throwaway cluster of the ceph tests
   python3-rados python3-rbd                       # librbd's binding, for the rbd node
   qemu-block-extra                                # QEMU's rbd and curl drivers: the reference
+  acpica-tools                                    # iasl: disassembles the VMM's ACPI tables in tests
 )
 
 missing=()

@@ -3,7 +3,7 @@ linux-loader keeps ``BootConfigurator`` apart from ``KernelLoader``.
 
 The setup header comes from the bzImage when there is one (as QEMU and the kernel's own boot
 loaders copy it), else a minimal one; the loader fields are then filled in: loader type,
-command line, initrd, e820 map.
+command line, initrd, e820 map, ACPI root pointer.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ class BootConfig:
     initrd_size: int = 0
     #: The bzImage's setup header bytes (from offset 0x1f1), or None for an ELF vmlinux.
     setup_header: bytes | None = None
+    #: Where the ACPI RSDP is (0: none); kernels since 5.0 read it here before scanning.
+    acpi_rsdp_addr: int = 0
 
 
 def build_boot_params(config: BootConfig) -> BootParams:
@@ -58,6 +60,7 @@ def build_boot_params(config: BootConfig) -> BootParams:
     hdr.cmdline_size = config.cmdline_size
     hdr.ramdisk_image = config.initrd_addr
     hdr.ramdisk_size = config.initrd_size
+    params.acpi_rsdp_addr = config.acpi_rsdp_addr
     if len(config.e820) > E820_MAX_ENTRIES_ZEROPAGE:
         raise ValueError(f"{len(config.e820)} e820 entries do not fit the zero page")
     params.e820_entries = len(config.e820)

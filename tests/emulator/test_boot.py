@@ -379,6 +379,39 @@ def test_user_space_from_an_initramfs(guest_kernel: Path, root_disk: RootDisk,
     assert "written by the vdiskfs test guest" in _guest_file(partition)
 
 
+def test_twelve_disks_found_through_acpi(guest_kernel: Path, root_disk: RootDisk,
+                                        tmp_path: Path) -> None:
+    """Twelve virtio-mmio disks, described only in the DSDT (the test kernel has no
+    VIRTIO_MMIO_CMDLINE_DEVICES), all attach; the twelfth interrupts on IOAPIC pin 18, which
+    only the MADT's IOAPIC reaches: init md5sums it through that interrupt."""
+    sizes = [(i + 1) * (128 << 10) for i in range(11)]
+    disks = []
+    for i, size in enumerate(sizes):
+        path = tmp_path / f"d{i}.raw"
+        path.write_bytes(os.urandom(size))
+        disks += ["--disk", f"{path},format=raw,readonly=on"]
+    last = hashlib.md5((tmp_path / "d10.raw").read_bytes()).hexdigest()
+    result = boot(
+        "--kernel", str(guest_kernel), "--memory", MEMORY,
+        "--disk", f"{root_disk.path},format=raw,readonly=on", *disks,
+        "--append", f"root=/dev/vda1 ro vdiskfs.md5dev=/dev/vdl vdiskfs.md5={last}",
+        stats=tmp_path / "stats.json",
+    )
+    out = result.output
+    # Not from a command-line list: that path logs "virtio-mmio: Registering device".
+    assert "virtio-mmio: Registering device" not in out
+    names = "abcdefghijkl"
+    for name, size in zip(names[1:], sizes, strict=True):
+        assert f"[vd{name}] {size // 512} 512-byte logical blocks" in out, out[-4000:]
+    assert "vda: vda1 vda2" in out, out[-3000:]
+    assert "VFS: Mounted root (ext4 filesystem) readonly on device" in out, out[-3000:]
+    if not os.environ.get("VDISKFS_BOOT_NO_USERSPACE"):
+        assert result.returncode == 0, result.stderr + out[-3000:]
+        assert f"VDISKFS-GUEST: md5 ok /dev/vdl {last}" in out, out[-3000:]
+    assert result.stats is not None
+    assert result.stats["d10"]["virtio-blk"]["read_requests"] > 0
+
+
 def test_interactive_console(guest_kernel: Path, root_disk: RootDisk) -> None:
     """The serial console on a terminal: the guest's shell reads what is typed, and Ctrl-A x
     leaves the VM."""

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from emulator.arch.x86_64 import layout
 from emulator.cli import add_boot_arguments, parse_disk, parse_memory
 from emulator.vmm import DiskConfig
 from tests.support.images import create, qemu_img
@@ -189,6 +190,13 @@ def test_bad_overlays_are_refused_clearly(tmp_path: Path) -> None:
     line = _one_line_error(_boot("--kernel", "nonexistent", "--disk",
                                  f"{disk},readonly=on,overlay={tmp_path / 'new.qcow2'}"))
     assert "readonly=on and overlay=" in line
+
+
+def test_too_many_disks_are_refused_before_anything_opens(tmp_path: Path) -> None:
+    disks = [f"--disk={tmp_path / f'missing{i}.raw'},format=raw"
+             for i in range(len(layout.VIRTIO_IRQS) + 1)]
+    line = _one_line_error(_boot("--kernel", "nonexistent", *disks))
+    assert f"at most {len(layout.VIRTIO_IRQS)}" in line and "--disk" in line
 
 
 def test_missing_image_and_kernel(tmp_path: Path) -> None:

@@ -33,6 +33,13 @@ CMDLINE_START = 0x20000
 CMDLINE_MAX_SIZE = 0x10000
 #: Start of the extended BIOS data area: RAM below it is usable low memory.
 EBDA_START = 0x9FC00
+#: The ACPI root pointer (RSDP): in the BIOS area 0xE0000-0xFFFFF, on a 16-byte boundary, where
+#: a kernel that is not told its address (``boot_params.acpi_rsdp_addr``) scans for it.
+ACPI_RSDP_START = 0xE0000
+#: The ACPI tables the RSDP leads to (XSDT, FADT, MADT, DSDT), up to ACPI_TABLES_END: not RAM in
+#: the e820 map, so the kernel maps them and never allocates over them.
+ACPI_TABLES_START = 0xE0100
+ACPI_TABLES_END = 0x100000
 #: First byte above the real-mode area and ROMs: "high memory" for the e820 map.
 HIMEM_START = 0x100000
 
@@ -46,8 +53,11 @@ HIGH_RAM_START = 1 << 32
 VIRTIO_MMIO_START = 0xD000_0000
 #: Size of (and distance between) virtio-mmio windows.
 VIRTIO_MMIO_STRIDE = 0x1000
-#: IOAPIC registers (in-kernel IOAPIC; not used without an MP table, kept out of the way).
+#: IOAPIC registers (the in-kernel IOAPIC of KVM_CREATE_IRQCHIP; the MADT announces it, a
+#: kernel without ACPI never uses it).
 IOAPIC_START = 0xFEC0_0000
+#: Input pins of KVM's in-kernel IOAPIC (KVM_IOAPIC_NUM_PINS); GSI n is pin n.
+IOAPIC_PINS = 24
 #: Local APIC registers (in-kernel).
 APIC_START = 0xFEE0_0000
 #: Three pages KVM needs for the TSS of real-mode emulation on Intel (KVM_SET_TSS_ADDR).
@@ -68,9 +78,13 @@ I8042_COMMAND_PORT = 0x64
 CMOS_PORT = 0x70
 CMOS_PORT_COUNT = 2
 #: Interrupt lines the virtio-mmio devices get, in order: ISA lines no legacy device here uses
-#: (0: PIT, 2: PIC cascade, 4: COM1, 8: RTC, 13: FPU); the guest runs its PIC in virtual-wire
-#: mode without an MP table, so only the 16 ISA lines exist.
-VIRTIO_IRQS: tuple[int, ...] = (5, 6, 7, 9, 10, 11, 12, 14, 15)
+#: (0: PIT, 2: PIC cascade, 4: COM1, 8: RTC, 13: FPU), then the IOAPIC's pins above the ISA
+#: range. KVM's default routing wires GSI n to IOAPIC pin n (and, below 16, to the PIC), so a
+#: kernel that reads the MADT reaches all of them; a kernel without ACPI runs its PIC in
+#: virtual-wire mode and reaches only the first nine (VIRTIO_ISA_IRQ_COUNT).
+VIRTIO_IRQS: tuple[int, ...] = (5, 6, 7, 9, 10, 11, 12, 14, 15, *range(16, IOAPIC_PINS))
+#: How many of VIRTIO_IRQS are ISA lines (reachable without ACPI).
+VIRTIO_ISA_IRQ_COUNT = 9
 
 # -- the kernel ----------------------------------------------------------------------------------
 

@@ -15,9 +15,10 @@ def test_zero_page_fields_at_their_offsets() -> None:
     e820 = memory_map([(0, 64 << 20)])
     raw = bytes(build_boot_params(BootConfig(
         cmdline_addr=0x20000, cmdline_size=42, e820=e820, initrd_addr=0x3000000,
-        initrd_size=12345)))
+        initrd_size=12345, acpi_rsdp_addr=0xE0000)))
     assert len(raw) == 4096
     assert struct.unpack_from("<H", raw, 0x1FE)[0] == 0xAA55
+    assert struct.unpack_from("<Q", raw, 0x070)[0] == 0xE0000  # acpi_rsdp_addr
     assert raw[0x202:0x206] == b"HdrS"
     assert raw[0x210] == 0xFF  # type_of_loader
     assert raw[0x211] & 1  # LOADED_HIGH

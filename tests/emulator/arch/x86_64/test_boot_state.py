@@ -47,6 +47,10 @@ def test_layout_constants_do_not_collide() -> None:
     assert layout.PDE_START + layout.PDE_COUNT * 0x1000 <= layout.CMDLINE_START
     assert layout.BOOT_STACK_POINTER < layout.PML4_START
     assert layout.CMDLINE_START + layout.CMDLINE_MAX_SIZE <= layout.EBDA_START
+    # The ACPI tables sit in the BIOS area, outside the e820 RAM (below EBDA, from 1 MiB).
+    assert layout.EBDA_START < layout.ACPI_RSDP_START < layout.ACPI_TABLES_START
+    assert layout.ACPI_RSDP_START % 16 == 0
+    assert layout.ACPI_TABLES_END <= layout.HIMEM_START
 
 
 def test_ram_regions_and_virtio_windows() -> None:

@@ -18,14 +18,9 @@ from collections.abc import Callable, Sequence
 import trio
 
 from vdiskfs import __version__
+from vdiskfs.block.context import OpenOptions, open_image
 from vdiskfs.block.node import BlockNode
-from vdiskfs.block.registry import (
-    OpenOptions,
-    driver_names,
-    open_image,
-    redact_url,
-    url_scheme,
-)
+from vdiskfs.block.registry import driver_names, redact_url, url_scheme
 from vdiskfs.drivers.filter.throttle_buckets import parse_throttle
 from vdiskfs.errors import VdiskError
 from vdiskfs.units import parse_size

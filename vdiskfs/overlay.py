@@ -11,15 +11,9 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
+from vdiskfs.block.context import OpenOptions, open_image, run_blocking
 from vdiskfs.block.node import BlockNode
-from vdiskfs.block.registry import (
-    OpenOptions,
-    is_network_name,
-    open_image,
-    redact_url,
-    run_blocking,
-    url_scheme,
-)
+from vdiskfs.block.registry import is_network_name, redact_url, url_scheme
 from vdiskfs.errors import UnsupportedError, VdiskError
 from vdiskfs.urlargs import protocol_kind
 

@@ -24,7 +24,7 @@ from tests.support.images import create, qemu_img
 from tests.support.vhdx_build import DiffSpec, build_differencing
 from tests.support.vmdk_images import write_descriptor
 from tests.support.vpc_images import Locator, VhdSpec, build_vhd
-from vdiskfs.block.registry import OpenOptions, open_image
+from vdiskfs.block.context import OpenOptions, open_image
 from vdiskfs.errors import FormatError, HostIOError, NotADiskError, VdiskError
 
 MiB = 1 << 20

@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 
 import trio
 
+from vdiskfs.block.context import open_image
 from vdiskfs.block.node import BlockNode
-from vdiskfs.block.registry import open_image, redact_url, url_scheme
+from vdiskfs.block.registry import redact_url, url_scheme
 from vdiskfs.drivers.filter.throttle import ThrottleGroups, throttled
 from vdiskfs.drivers.filter.throttle_buckets import parse_throttle
 from vdiskfs.errors import VdiskError

@@ -36,7 +36,8 @@ log = logging.getLogger("vdiskfs")
 READY_TIMEOUT = 60.0
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def _build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The parser of ``vdiskfs``; ``boot``'s own options only when ``argv`` runs ``boot``."""
     parser = argparse.ArgumentParser(
         prog="vdiskfs",
         description="Look inside virtual disks: mount images as raw files, inspect them.",
@@ -115,9 +116,13 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Boot a Linux kernel under KVM with a serial console and every --disk as "
         "a virtio-blk device served by the vdiskfs stack.",
     )
-    from emulator.cli import add_boot_arguments
+    if _command(argv) == "boot":
+        # boot's options are the emulator's, and importing it loads KVM, the virtio devices and
+        # every driver: only a command line that boots pays for that (``vdiskfs unmount`` and
+        # ``vdiskfs --help`` do not; ``vdiskfs boot --help`` does, and lists them).
+        from emulator.cli import add_boot_arguments
 
-    add_boot_arguments(boot)
+        add_boot_arguments(boot)
 
     info = commands.add_parser("info", help="describe an image as qemu-img info does")
     info.add_argument("image", metavar="IMAGE")
@@ -133,7 +138,8 @@ def _build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:  # this process's own command line
         hide_credentials()
-    args = _build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _build_parser(argv).parse_args(argv)
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
         "mount": _cmd_mount,
         "unmount": _cmd_unmount,
@@ -149,6 +155,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _command(argv: Sequence[str]) -> str | None:
+    # The sub-command is the first word that is not an option: ``vdiskfs`` itself takes only
+    # --help and --version, neither of which takes a value.
+    return next((arg for arg in argv if not arg.startswith("-")), None)
 
 
 def _setup_logging(debug: bool) -> None:
@@ -272,6 +284,7 @@ def argv_of(args: argparse.Namespace) -> list[str]:
 
 
 def _cmd_boot(args: argparse.Namespace) -> int:
+    # Lazy for the start-up cost of the emulator (see _build_parser).
     from emulator.cli import run_boot
 
     return run_boot(args)

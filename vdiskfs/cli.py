@@ -23,6 +23,8 @@ from vdiskfs.block.node import BlockNode
 from vdiskfs.block.registry import driver_names, redact_url, url_scheme
 from vdiskfs.drivers.filter.throttle_buckets import parse_throttle
 from vdiskfs.errors import VdiskError
+from vdiskfs.info import format_text, image_info
+from vdiskfs.partitions import scan_disk
 from vdiskfs.units import parse_size
 from vdiskfs.urlargs import RemoteOptions, add_remote_arguments, has_credentials, hide_credentials
 
@@ -172,6 +174,8 @@ def _setup_logging(debug: bool) -> None:
 
 
 def _cmd_mount(args: argparse.Namespace) -> int:
+    # Lazy, as every command's own modules here: the daemon loads FUSE and, for --overlay, the
+    # qcow2 driver; ``import vdiskfs.cli`` loads no format driver (tests/test_imports.py).
     from vdiskfs.fs.daemon import MountRequest, run_foreground, spawn_daemon
 
     if args.paths_from_stdin:
@@ -291,6 +295,7 @@ def _cmd_boot(args: argparse.Namespace) -> int:
 
 
 def _cmd_unmount(args: argparse.Namespace) -> int:
+    # Lazy: FUSE (pyfuse3) only for the commands that mount or unmount.
     from vdiskfs.fs.mount import unmount
 
     unmount(args.mountpoint, lazy=args.lazy)
@@ -360,6 +365,7 @@ def _cmd_create(args: argparse.Namespace) -> int:
     if size is None:
         raise VdiskError("create needs a SIZE (or a backing file to take it from)")
 
+    # Lazy: a format driver, loaded only by the command that creates its images.
     if args.fmt == "raw":
         from vdiskfs.drivers.format.raw import create_raw
 
@@ -374,9 +380,6 @@ def _cmd_create(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-
-    from vdiskfs.info import format_text, image_info
-
     # Warnings (probed raw, damaged partition entries) are part of the output, via
     # node.warnings, rather than log lines.
     options = RemoteOptions.from_args(args).open_options(format=args.format,
@@ -408,6 +411,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _add_snapshot_files(info: dict[str, object], node: BlockNode, image: str) -> None:
     """Each internal snapshot's disk size and the file ``vdiskfs mount`` shows it as (its
     name, or its ID where the name is no safe file name)."""
+    # Lazy: the daemon's module loads FUSE and the qcow2 driver (see _cmd_mount).
     from vdiskfs.fs.daemon import image_stem
     from vdiskfs.fs.tree import snapshot_file_names
 
@@ -427,8 +431,6 @@ def _add_snapshot_files(info: dict[str, object], node: BlockNode, image: str) ->
 
 
 async def _partition_info(node: BlockNode) -> dict[str, object]:
-    from vdiskfs.partitions import scan_disk
-
     table = await scan_disk(node)
     if table.scheme is None:
         return {}

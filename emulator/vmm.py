@@ -52,8 +52,9 @@ from emulator.loader.bootparams import BootConfig, write_boot_params
 from emulator.loader.cmdline import Cmdline
 from emulator.memory import GuestMemory
 from emulator.outcome import Outcome, OutcomeKind, StopSignal
+from vdiskfs.block.context import OpenOptions, open_image
 from vdiskfs.block.node import BlockNode
-from vdiskfs.block.registry import OpenOptions, open_image, redact_url
+from vdiskfs.block.registry import redact_url
 from vdiskfs.drivers.filter.throttle import ThrottleGroups, throttled
 from vdiskfs.drivers.filter.throttle_buckets import ThrottleSpec
 from vdiskfs.errors import ReadOnlyError, UnsupportedError, VdiskError

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.images import create, info, qemu_img, qemu_io, reference_raw, sha256_file
-from vdiskfs.block.registry import OpenOptions
+from vdiskfs.block.context import OpenOptions
 from vdiskfs.errors import VdiskError
 from vdiskfs.overlay import open_overlay
 

@@ -18,16 +18,13 @@ from collections.abc import Callable, Sequence
 import trio
 
 from vdiskfs import __version__
+from vdiskfs.block.context import OpenOptions, open_image
 from vdiskfs.block.node import BlockNode
-from vdiskfs.block.registry import (
-    OpenOptions,
-    driver_names,
-    open_image,
-    redact_url,
-    url_scheme,
-)
+from vdiskfs.block.registry import driver_names, redact_url, url_scheme
 from vdiskfs.drivers.filter.throttle_buckets import parse_throttle
 from vdiskfs.errors import VdiskError
+from vdiskfs.info import format_text, image_info
+from vdiskfs.partitions import scan_disk
 from vdiskfs.units import parse_size
 from vdiskfs.urlargs import RemoteOptions, add_remote_arguments, has_credentials, hide_credentials
 
@@ -41,7 +38,8 @@ log = logging.getLogger("vdiskfs")
 READY_TIMEOUT = 60.0
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def _build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The parser of ``vdiskfs``; ``boot``'s own options only when ``argv`` runs ``boot``."""
     parser = argparse.ArgumentParser(
         prog="vdiskfs",
         description="Look inside virtual disks: mount images as raw files, inspect them.",
@@ -120,9 +118,13 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Boot a Linux kernel under KVM with a serial console and every --disk as "
         "a virtio-blk device served by the vdiskfs stack.",
     )
-    from emulator.cli import add_boot_arguments
+    if _command(argv) == "boot":
+        # boot's options are the emulator's, and importing it loads KVM, the virtio devices and
+        # every driver: only a command line that boots pays for that (``vdiskfs unmount`` and
+        # ``vdiskfs --help`` do not; ``vdiskfs boot --help`` does, and lists them).
+        from emulator.cli import add_boot_arguments
 
-    add_boot_arguments(boot)
+        add_boot_arguments(boot)
 
     info = commands.add_parser("info", help="describe an image as qemu-img info does")
     info.add_argument("image", metavar="IMAGE")
@@ -138,7 +140,8 @@ def _build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:  # this process's own command line
         hide_credentials()
-    args = _build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _build_parser(argv).parse_args(argv)
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
         "mount": _cmd_mount,
         "unmount": _cmd_unmount,
@@ -156,6 +159,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def _command(argv: Sequence[str]) -> str | None:
+    # The sub-command is the first word that is not an option: ``vdiskfs`` itself takes only
+    # --help and --version, neither of which takes a value.
+    return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
 def _setup_logging(debug: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.INFO,
@@ -165,6 +174,8 @@ def _setup_logging(debug: bool) -> None:
 
 
 def _cmd_mount(args: argparse.Namespace) -> int:
+    # Lazy, as every command's own modules here: the daemon loads FUSE and, for --overlay, the
+    # qcow2 driver; ``import vdiskfs.cli`` loads no format driver (tests/test_imports.py).
     from vdiskfs.fs.daemon import MountRequest, run_foreground, spawn_daemon
 
     if args.paths_from_stdin:
@@ -277,12 +288,14 @@ def argv_of(args: argparse.Namespace) -> list[str]:
 
 
 def _cmd_boot(args: argparse.Namespace) -> int:
+    # Lazy for the start-up cost of the emulator (see _build_parser).
     from emulator.cli import run_boot
 
     return run_boot(args)
 
 
 def _cmd_unmount(args: argparse.Namespace) -> int:
+    # Lazy: FUSE (pyfuse3) only for the commands that mount or unmount.
     from vdiskfs.fs.mount import unmount
 
     unmount(args.mountpoint, lazy=args.lazy)
@@ -352,6 +365,7 @@ def _cmd_create(args: argparse.Namespace) -> int:
     if size is None:
         raise VdiskError("create needs a SIZE (or a backing file to take it from)")
 
+    # Lazy: a format driver, loaded only by the command that creates its images.
     if args.fmt == "raw":
         from vdiskfs.drivers.format.raw import create_raw
 
@@ -366,9 +380,6 @@ def _cmd_create(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-
-    from vdiskfs.info import format_text, image_info
-
     # Warnings (probed raw, damaged partition entries) are part of the output, via
     # node.warnings, rather than log lines.
     options = RemoteOptions.from_args(args).open_options(format=args.format,
@@ -400,6 +411,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _add_snapshot_files(info: dict[str, object], node: BlockNode, image: str) -> None:
     """Each internal snapshot's disk size and the file ``vdiskfs mount`` shows it as (its
     name, or its ID where the name is no safe file name)."""
+    # Lazy: the daemon's module loads FUSE and the qcow2 driver (see _cmd_mount).
     from vdiskfs.fs.daemon import image_stem
     from vdiskfs.fs.tree import snapshot_file_names
 
@@ -419,8 +431,6 @@ def _add_snapshot_files(info: dict[str, object], node: BlockNode, image: str) ->
 
 
 async def _partition_info(node: BlockNode) -> dict[str, object]:
-    from vdiskfs.partitions import scan_disk
-
     table = await scan_disk(node)
     if table.scheme is None:
         return {}

@@ -11,15 +11,10 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
+from vdiskfs.block.context import OpenOptions, open_image, run_blocking
 from vdiskfs.block.node import BlockNode
-from vdiskfs.block.registry import (
-    OpenOptions,
-    is_network_name,
-    open_image,
-    redact_url,
-    run_blocking,
-    url_scheme,
-)
+from vdiskfs.block.registry import is_network_name, redact_url, url_scheme
+from vdiskfs.drivers.format.qcow2.create import create_qcow2
 from vdiskfs.errors import UnsupportedError, VdiskError
 from vdiskfs.urlargs import protocol_kind
 
@@ -32,8 +27,6 @@ async def open_overlay(image: str, overlay: str, options: OpenOptions) -> BlockN
     ``options.format`` is the format of ``image``. A missing overlay is created first, of the
     image's virtual size; if opening it then fails, the new file is removed again.
     """
-    from vdiskfs.drivers.format.qcow2.create import create_qcow2
-
     if url_scheme(image) is not None and not is_network_name(image):
         # The overlay would record the URL as its backing file: an https one with its
         # credentials, an s3:// one that QEMU cannot open. (An NBD URL or rbd: name carries

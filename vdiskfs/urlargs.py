@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vdiskfs.block.registry import OpenOptions, redact_url, url_scheme
+from vdiskfs.block.context import OpenOptions
+from vdiskfs.block.registry import redact_url, url_scheme
 
 __all__ = ["RemoteOptions", "add_remote_arguments", "has_credentials", "hide_credentials",
            "protocol_kind"]

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 from emulator.kvm import abi
 
 if TYPE_CHECKING:
-    from emulator.kvm.vcpu import Vcpu
+    from emulator.kvm.vcpu_protocol import VcpuRegisters
     from emulator.memory import GuestMemory
 
 __all__ = ["CMDLINE_MASKS", "Fixup", "SyscallCompleter", "classify"]
@@ -105,7 +105,7 @@ class SyscallCompleter:
     here), one per system call.
     """
 
-    def __init__(self, vcpu: Vcpu, memory: GuestMemory) -> None:
+    def __init__(self, vcpu: VcpuRegisters, memory: GuestMemory) -> None:
         self.vcpu = vcpu
         self.memory = memory
         #: The guest's page-fault entry point while a breakpoint is on it.

@@ -21,6 +21,7 @@ from typing import Any
 
 from emulator.devices.bus import Bus
 from emulator.kvm import abi, ioctls, pvm
+from emulator.kvm.vcpu_protocol import VcpuProtocol
 from emulator.kvm.vm import Vm, ioctl
 from emulator.memory import GuestMemory
 from emulator.outcome import OutcomeKind, StopSignal
@@ -153,7 +154,7 @@ class VcpuLoop:
 
     def __init__(
         self,
-        vcpu: Vcpu,
+        vcpu: VcpuProtocol,
         memory: GuestMemory,
         pio: Bus,
         mmio: Bus,

@@ -28,7 +28,7 @@ import trio
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from vdiskfs.block.registry import OpenOptions, open_image  # noqa: E402
+from vdiskfs.block.context import OpenOptions, open_image  # noqa: E402
 from vdiskfs.drivers.format.qcow2.create import create_qcow2  # noqa: E402
 
 MiB = 1 << 20

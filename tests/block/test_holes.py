@@ -22,9 +22,9 @@ from tests.support.holes import (
 )
 from tests.support.images import create, qemu_img, qemu_io, reference_raw
 from tests.support.qcow2_images import RECIPES, Qcow2Images
+from vdiskfs.block.context import OpenOptions, open_image
 from vdiskfs.block.holes import read_status, seek_data, seek_hole
 from vdiskfs.block.node import BlockNode
-from vdiskfs.block.registry import OpenOptions, open_image
 from vdiskfs.drivers.filter.offset import OffsetNode
 
 MiB = 1 << 20

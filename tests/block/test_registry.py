@@ -24,7 +24,9 @@ from tests.support.images import create, qemu_img
 from tests.support.vhdx_build import DiffSpec, build_differencing
 from tests.support.vmdk_images import write_descriptor
 from tests.support.vpc_images import Locator, VhdSpec, build_vhd
-from vdiskfs.block.registry import OpenOptions, open_image
+from vdiskfs.block import registry
+from vdiskfs.block.context import OpenOptions, open_image
+from vdiskfs.block.registry import FORMAT_MODULES, driver_names, get_driver
 from vdiskfs.errors import FormatError, HostIOError, NotADiskError, VdiskError
 
 MiB = 1 << 20
@@ -290,3 +292,14 @@ async def test_empty_reference_is_refused_by_name(tmp_path: Path) -> None:
     image.write_text(image.read_text().replace('"target"', '""'))
     with pytest.raises(FormatError, match="extent without a file name"):
         await open_image(str(image), OpenOptions())
+
+
+def test_the_table_lists_every_format_driver() -> None:
+    # driver_names() answers from the table without loading a driver; once they are loaded,
+    # the names they registered must be exactly the table's.
+    names = driver_names()
+    for name in names:
+        cls = get_driver(name)
+        assert cls.driver == name
+        assert cls.__module__.startswith(FORMAT_MODULES[name])
+    assert sorted(registry._FORMATS) == names

@@ -20,8 +20,8 @@ from tests.support.http_server import PASSWORD, USER, Nginx
 from tests.support.images import create, qemu_img, qemu_io, reference_raw
 from tests.support.nbd import NbdServer, qemu_nbd
 from tests.support.vmdk_images import write_descriptor
+from vdiskfs.block.context import OpenOptions, open_image
 from vdiskfs.block.node import BlockNode
-from vdiskfs.block.registry import OpenOptions, open_image
 from vdiskfs.errors import ChainError, FormatError, UnsupportedError, VdiskError
 
 MiB = 1 << 20

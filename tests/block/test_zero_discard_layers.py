@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 
 from tests.support.images import create, qemu_img, qemu_io, reference_raw
+from vdiskfs.block.context import OpenOptions, open_image
 from vdiskfs.block.node import BlockNode
-from vdiskfs.block.registry import OpenOptions, open_image
 from vdiskfs.drivers.filter.offset import OffsetNode
 
 KiB = 1024

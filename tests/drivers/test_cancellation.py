@@ -34,8 +34,9 @@ from tests.support.workload import (
     assert_image_matches,
     qemu_compare,
 )
+from vdiskfs.block.context import OpenContext, OpenOptions
 from vdiskfs.block.node import BlockNode, Buffer, FilterNode
-from vdiskfs.block.registry import OpenContext, OpenOptions, get_driver
+from vdiskfs.block.registry import get_driver
 from vdiskfs.drivers.protocol.file import FileNode
 
 KiB = 1 << 10

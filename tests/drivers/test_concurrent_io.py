@@ -38,8 +38,8 @@ from tests.support.concurrency import (
     use_engine,
 )
 from tests.support.workload import assert_clean, assert_image_matches, qemu_compare
+from vdiskfs.block.context import OpenOptions, open_image
 from vdiskfs.block.node import BlockNode
-from vdiskfs.block.registry import OpenOptions, open_image
 
 KiB = 1 << 10
 #: Seconds a test's workload may take before it counts as hung.

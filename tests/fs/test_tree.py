@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.images import create, qemu_io
-from vdiskfs.block.registry import open_image
+from vdiskfs.block.context import open_image
 from vdiskfs.fs.tree import DirEntry, Export, FileSystemTree, ImageEntry, StatsEntry
 
 

@@ -34,8 +34,8 @@ from tests.support.workload import (
     make_block_workload,
     write_reference,
 )
+from vdiskfs.block.context import OpenContext, open_image
 from vdiskfs.block.node import BlockNode
-from vdiskfs.block.registry import OpenContext, open_image
 
 NodeClass = Callable[[BlockNode, OpenContext], BlockNode]
 

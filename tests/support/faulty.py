@@ -36,8 +36,8 @@ from typing import Any, TypeVar
 
 import trio
 
+from vdiskfs.block.context import OpenContext, OpenOptions
 from vdiskfs.block.node import BlockNode, Buffer, FilterNode
-from vdiskfs.block.registry import OpenContext, OpenOptions
 from vdiskfs.drivers.protocol.file import FileNode
 from vdiskfs.errors import HostIOError, NoSpaceError, UnsupportedError
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from vdiskfs.block.registry import OpenOptions, open_image
+from vdiskfs.block.context import OpenOptions, open_image
 from vdiskfs.errors import VdiskError
 
 __all__ = ["assert_refused", "patch", "read_everything", "read_field", "set_bits"]
@@ -41,7 +41,7 @@ def set_bits(path: Path, offset: int, fmt: str, bits: int) -> None:
 
 
 async def read_everything(path: Path, **options: object) -> None:
-    """Open ``path`` (``options``: :class:`~vdiskfs.block.registry.OpenOptions` fields) and
+    """Open ``path`` (``options``: :class:`~vdiskfs.block.context.OpenOptions` fields) and
     read the whole disk, a MiB at a time."""
     node = await open_image(str(path), OpenOptions(**options))  # type: ignore[arg-type]
     try:

@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.images import random_bytes, run
+from vdiskfs.block.context import OpenOptions, open_image
 from vdiskfs.block.node import BlockNode, Buffer, NodeKind
-from vdiskfs.block.registry import OpenOptions, open_image
 from vdiskfs.partitions import Partition, PartitionTable, open_window, read_partition_table
 
 MiB = 1 << 20

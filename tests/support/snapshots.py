@@ -18,7 +18,7 @@ from pathlib import Path
 import trio
 
 from tests.support.images import create, qemu_img, qemu_io
-from vdiskfs.block.registry import open_image
+from vdiskfs.block.context import open_image
 from vdiskfs.drivers.format.qcow2 import Qcow2Node
 
 __all__ = ["KINDS", "NAMES", "applied_reference", "make_snapshot_image", "rewrite_snapshot_table",

@@ -47,8 +47,8 @@ from typing import Any, Protocol
 import trio
 
 from tests.support.images import QEMU_IMG, sha256_file
+from vdiskfs.block.context import OpenOptions, open_image
 from vdiskfs.block.node import BlockNode
-from vdiskfs.block.registry import OpenOptions, open_image
 
 KiB = 1024
 MiB = 1024 * KiB

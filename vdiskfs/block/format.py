@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING, ClassVar
 
+from vdiskfs.block.context import OpenContext
 from vdiskfs.block.node import BlockNode, Buffer, NodeKind, SnapshotEntry, opened
-from vdiskfs.block.registry import OpenContext
 from vdiskfs.errors import FormatError, UnsupportedError
 
 if TYPE_CHECKING:

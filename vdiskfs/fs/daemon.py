@@ -25,15 +25,18 @@ from dataclasses import dataclass, field
 
 import trio
 
+from vdiskfs.block.context import open_image
 from vdiskfs.block.node import BlockNode
-from vdiskfs.block.registry import open_image, redact_url, url_scheme
+from vdiskfs.block.registry import redact_url, url_scheme
 from vdiskfs.drivers.filter.throttle import ThrottleGroups, throttled
 from vdiskfs.drivers.filter.throttle_buckets import parse_throttle
+from vdiskfs.drivers.protocol.rbd.spec import parse_spec
 from vdiskfs.errors import VdiskError
 from vdiskfs.fs.mount import serve, terminate
 from vdiskfs.fs.operations import VdiskOperations
 from vdiskfs.fs.tree import Export, snapshot_file_names
 from vdiskfs.overlay import open_overlay
+from vdiskfs.partitions import open_window, scan_disk
 from vdiskfs.urlargs import RemoteOptions
 
 __all__ = ["MountRequest", "image_stem", "open_exports", "run_foreground", "spawn_daemon"]
@@ -82,8 +85,6 @@ def image_stem(path: str) -> str:
     (``rbd:pool/vm@s1:conf=F`` -> ``vm@s1``)."""
     scheme = url_scheme(path)
     if scheme == "rbd":
-        from vdiskfs.drivers.protocol.rbd.spec import parse_spec
-
         return parse_spec(path).stem  # rbd:pool/img@snap -> img@snap
     if scheme is not None:
         parts = urllib.parse.urlsplit(path)
@@ -195,7 +196,6 @@ async def _with_partitions(
     Each partition is an offset filter onto the disk's node (not owned: closing the disk
     closes what it needs), in the disk's mode.
     """
-    from vdiskfs.partitions import open_window, scan_disk
 
     out: list[Export] = []
     for export in exports:

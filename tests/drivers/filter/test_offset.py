@@ -11,9 +11,9 @@ import pytest
 
 from tests.support.conformance import check_block_node
 from tests.support.images import create, qemu_io, random_bytes
+from vdiskfs.block.context import OpenOptions, open_image
 from vdiskfs.block.holes import read_status
 from vdiskfs.block.node import BlockNode
-from vdiskfs.block.registry import OpenOptions, open_image
 from vdiskfs.drivers.filter.offset import OffsetNode
 from vdiskfs.errors import RangeError, UnsupportedError
 

@@ -20,9 +20,9 @@ import trio
 from tests.support.faulty import FaultyFile
 from tests.support.images import create, qemu_img, qemu_io, random_bytes, reference_raw
 from tests.support.vpc_images import Block, VhdSpec, build_vhd
+from vdiskfs.block.context import OpenContext, OpenOptions
 from vdiskfs.block.format import FormatNode
 from vdiskfs.block.node import BlockNode, Buffer, FilterNode, opened
-from vdiskfs.block.registry import OpenContext, OpenOptions
 from vdiskfs.drivers.format.qcow2 import Qcow2Node
 from vdiskfs.drivers.format.qed import QedNode
 from vdiskfs.drivers.format.vhdx import VhdxNode

@@ -14,8 +14,8 @@ import zstandard
 
 from tests.support.conformance import check_block_node
 from tests.support.qcow2_images import RECIPES, BuiltImage, Qcow2Images
+from vdiskfs.block.context import OpenOptions, open_image
 from vdiskfs.block.node import BlockNode, BlockStatus
-from vdiskfs.block.registry import OpenOptions, open_image
 from vdiskfs.drivers.format.qcow2 import Qcow2Node
 from vdiskfs.drivers.format.qcow2.compression import DecompressionError, decompress_cluster
 from vdiskfs.drivers.format.qcow2.header import COMPRESSION_ZLIB, COMPRESSION_ZSTD

@@ -16,8 +16,8 @@ import trio
 from tests.support.hostile import patch, read_field
 from tests.support.images import create, qemu_img, qemu_io
 from tests.support.qcow2_images import KiB, MiB
+from vdiskfs.block.context import OpenOptions, open_image
 from vdiskfs.block.node import BlockNode
-from vdiskfs.block.registry import OpenOptions, open_image
 from vdiskfs.drivers.format.qcow2 import snapshots
 from vdiskfs.drivers.format.qcow2.mapping import OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO
 from vdiskfs.drivers.format.qcow2.snapshots import NeedMoreData, parse_snapshot_table

@@ -29,7 +29,7 @@ from tests.support.workload import (
     make_workload,
     qemu_check,
 )
-from vdiskfs.block.registry import OpenOptions, open_image
+from vdiskfs.block.context import OpenOptions, open_image
 from vdiskfs.drivers.format.qcow2 import Qcow2Node
 from vdiskfs.errors import NoSpaceError, VdiskError
 

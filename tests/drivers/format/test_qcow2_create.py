@@ -18,7 +18,7 @@ from tests.support.workload import (
     assert_same_as_model,
     make_workload,
 )
-from vdiskfs.block.registry import OpenOptions, open_image
+from vdiskfs.block.context import OpenOptions, open_image
 from vdiskfs.drivers.format.qcow2.create import create_qcow2
 from vdiskfs.errors import UnsupportedError, VdiskError
 

@@ -19,7 +19,7 @@ from tests.support.snapshots import (
     snapshot_l1_tables,
     snapshot_reference,
 )
-from vdiskfs.block.registry import OpenOptions, open_image
+from vdiskfs.block.context import OpenOptions, open_image
 from vdiskfs.drivers.format.qcow2 import Qcow2Node
 from vdiskfs.errors import FormatError, UnsupportedError, VdiskError
 

@@ -27,8 +27,8 @@ from tests.support.workload import (
     qemu_check,
     written_bytes,
 )
+from vdiskfs.block.context import OpenOptions, open_image
 from vdiskfs.block.node import BlockStatus
-from vdiskfs.block.registry import OpenOptions, open_image
 from vdiskfs.drivers.format.qcow2 import Qcow2Node
 from vdiskfs.drivers.format.qcow2.alloc import (
     ALL_SUBCLUSTERS,

@@ -18,8 +18,9 @@ from tests.support.images import (
     reference_raw,
     sha256_file,
 )
+from vdiskfs.block.context import OpenOptions, open_image
 from vdiskfs.block.node import BlockStatus
-from vdiskfs.block.registry import OpenOptions, driver_names, open_image
+from vdiskfs.block.registry import driver_names
 from vdiskfs.drivers.format.qed import F_NEED_CHECK
 from vdiskfs.errors import ChainError, FormatError
 

@@ -10,7 +10,7 @@ import pytest
 
 from tests.support.hostile import assert_refused, patch
 from tests.support.images import create, qemu_io
-from vdiskfs.block.registry import open_image
+from vdiskfs.block.context import open_image
 from vdiskfs.errors import FormatError, UnsupportedError, VdiskError
 
 MIB = 1 << 20

@@ -26,7 +26,7 @@ from tests.support.workload import (
     run_workload_checked,
     write_reference,
 )
-from vdiskfs.block.registry import OpenOptions, open_image
+from vdiskfs.block.context import OpenOptions, open_image
 from vdiskfs.drivers.format.qed import F_NEED_CHECK, QedNode
 from vdiskfs.errors import FormatError, UnsupportedError
 

@@ -6,7 +6,7 @@ import pytest
 
 from tests.support.conformance import check_block_node
 from tests.support.images import random_bytes
-from vdiskfs.block.registry import OpenOptions, open_image
+from vdiskfs.block.context import OpenOptions, open_image
 
 
 @pytest.fixture

@@ -11,9 +11,9 @@ import pytest
 import trio
 import trio.testing
 
+from vdiskfs.block.context import OpenContext, OpenOptions
 from vdiskfs.block.format import FormatNode
 from vdiskfs.block.node import BlockNode, BlockStatus, Buffer, NodeKind
-from vdiskfs.block.registry import OpenContext, OpenOptions
 from vdiskfs.drivers.format.runs import (
     MAX_FANOUT,
     LruCache,

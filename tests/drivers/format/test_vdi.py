@@ -9,8 +9,8 @@ import pytest
 
 from tests.support.conformance import check_block_node
 from tests.support.images import create, info, qemu_img, qemu_io, random_bytes, reference_raw
+from vdiskfs.block.context import open_image
 from vdiskfs.block.node import BlockStatus
-from vdiskfs.block.registry import open_image
 from vdiskfs.drivers.format.vdi import DISCARDED, UNALLOCATED
 
 MIB = 1 << 20

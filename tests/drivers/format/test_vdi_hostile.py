@@ -11,7 +11,7 @@ import pytest
 
 from tests.support.hostile import assert_refused, patch, read_everything
 from tests.support.images import create, qemu_io
-from vdiskfs.block.registry import open_image
+from vdiskfs.block.context import open_image
 from vdiskfs.errors import FormatError, UnsupportedError, VdiskError
 
 MIB = 1 << 20

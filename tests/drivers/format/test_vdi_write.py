@@ -23,7 +23,7 @@ from tests.support.workload import (
     write_racing,
     write_reference,
 )
-from vdiskfs.block.registry import OpenOptions, open_image
+from vdiskfs.block.context import OpenOptions, open_image
 from vdiskfs.drivers.format.vdi import BLOCKS_ALLOCATED_OFFSET, DISCARDED, VdiNode
 from vdiskfs.errors import FormatError, NoSpaceError
 

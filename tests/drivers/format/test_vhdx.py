@@ -22,8 +22,8 @@ from tests.support.images import (
     run,
     sha256_file,
 )
+from vdiskfs.block.context import OpenOptions, open_image
 from vdiskfs.block.node import BlockStatus
-from vdiskfs.block.registry import OpenOptions, open_image
 from vdiskfs.errors import ChainError, FormatError
 
 MIB = 1 << 20

@@ -13,7 +13,7 @@ import pytest
 from tests.support import vhdx_build as vb
 from tests.support.hostile import assert_refused
 from tests.support.images import create, qemu_io
-from vdiskfs.block.registry import OpenOptions, open_image
+from vdiskfs.block.context import OpenOptions, open_image
 from vdiskfs.drivers.format.vhdx.metadata import parse_parent_locator
 from vdiskfs.errors import FormatError, UnsupportedError, VdiskError
 

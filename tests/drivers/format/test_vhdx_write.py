@@ -39,8 +39,8 @@ from tests.support.workload import (
     write_racing,
     write_reference,
 )
+from vdiskfs.block.context import OpenOptions, open_image
 from vdiskfs.block.node import BlockNode
-from vdiskfs.block.registry import OpenOptions, open_image
 from vdiskfs.drivers.format.vhdx import VhdxNode
 from vdiskfs.drivers.format.vhdx import driver as vhdx_driver
 from vdiskfs.drivers.format.vhdx.headers import HEADER_OFFSETS, NIL_GUID, VhdxHeader

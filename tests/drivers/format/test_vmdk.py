@@ -18,8 +18,8 @@ from tests.support.vmdk_images import (
     make_vmdk,
     write_descriptor,
 )
+from vdiskfs.block.context import OpenOptions, open_image
 from vdiskfs.block.node import BlockNode, BlockStatus
-from vdiskfs.block.registry import OpenOptions, open_image
 from vdiskfs.drivers.format.runs import Run, RunKind
 from vdiskfs.drivers.format.vmdk import VmdkNode
 from vdiskfs.drivers.format.vmdk.descriptor import looks_like_descriptor, parse_descriptor

@@ -22,7 +22,7 @@ from tests.support.vmdk_images import (
     patch_header,
     write_descriptor,
 )
-from vdiskfs.block.registry import open_image
+from vdiskfs.block.context import open_image
 from vdiskfs.drivers.format.vmdk.descriptor import MAX_EXTENTS
 from vdiskfs.errors import ChainError, FormatError, UnsupportedError, VdiskError
 

@@ -38,8 +38,8 @@ from tests.support.workload import (
     touched_ranges,
     write_reference,
 )
+from vdiskfs.block.context import OpenOptions, open_image
 from vdiskfs.block.node import BlockNode, BlockStatus
-from vdiskfs.block.registry import OpenOptions, open_image
 from vdiskfs.drivers.format.vmdk import VmdkNode
 from vdiskfs.errors import FormatError, ReadOnlyError, UnsupportedError
 

@@ -22,8 +22,8 @@ from tests.support.vpc_images import (
     patch_footer,
     read_footer,
 )
+from vdiskfs.block.context import OpenOptions, open_image
 from vdiskfs.block.node import BlockNode, BlockStatus
-from vdiskfs.block.registry import OpenOptions, open_image
 from vdiskfs.drivers.format.vpc import VpcNode
 from vdiskfs.drivers.format.vpc.structs import (
     MAX_GEOMETRY_SECTORS,

@@ -22,7 +22,7 @@ from tests.support.vpc_images import (
     patch_footer,
     read_footer,
 )
-from vdiskfs.block.registry import open_image
+from vdiskfs.block.context import open_image
 from vdiskfs.errors import ChainError, FormatError, UnsupportedError
 
 MiB = 1 << 20

@@ -28,8 +28,8 @@ from tests.support.workload import (
     run_workload_checked,
     write_reference,
 )
+from vdiskfs.block.context import OpenOptions, open_image
 from vdiskfs.block.node import BlockNode, BlockStatus
-from vdiskfs.block.registry import OpenOptions, open_image
 from vdiskfs.drivers.format.vpc import VpcNode
 from vdiskfs.drivers.format.vpc.structs import probe_footer
 from vdiskfs.errors import FormatError, UnsupportedError

@@ -22,8 +22,8 @@ import pytest
 
 from tests.support.images import QEMU_IMG, QEMU_IO, info, run
 from tests.support.workload import assert_clean
+from vdiskfs.block.context import OpenOptions, open_image
 from vdiskfs.block.node import BlockNode
-from vdiskfs.block.registry import OpenOptions, open_image
 from vdiskfs.errors import NoSpaceError, RangeError, ReadOnlyError
 
 KiB = 1024

@@ -27,8 +27,9 @@ from tests.support.http_server import (
 )
 from tests.support.images import create, qemu_img, qemu_io, random_bytes, reference_raw
 from tests.support.qcow2_images import RECIPES, Qcow2Images
+from vdiskfs.block.context import OpenOptions, open_image
 from vdiskfs.block.node import BlockNode, opened
-from vdiskfs.block.registry import OpenOptions, open_image, url_scheme
+from vdiskfs.block.registry import url_scheme
 from vdiskfs.drivers.protocol.http import HttpError, HttpNode, open_http, redact_url
 from vdiskfs.errors import UnsupportedError, VdiskError
 from vdiskfs.overlay import open_overlay

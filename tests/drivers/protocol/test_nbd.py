@@ -19,8 +19,8 @@ from tests.support.conformance import check_block_node
 from tests.support.holes import status_runs
 from tests.support.images import create, qemu_img, qemu_io, random_bytes, run
 from tests.support.nbd import NBDKIT, make_tls_certificates, nbdkit, qemu_nbd
+from vdiskfs.block.context import OpenOptions, open_image
 from vdiskfs.block.node import BlockStatus
-from vdiskfs.block.registry import OpenOptions, open_image
 from vdiskfs.drivers.filter.cache import CacheNode
 from vdiskfs.drivers.protocol.nbd import NbdNode, wire
 from vdiskfs.errors import HostIOError, NoSpaceError, ReadOnlyError, VdiskError

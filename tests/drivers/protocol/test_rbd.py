@@ -18,8 +18,8 @@ from tests.support.ceph import Cluster
 from tests.support.conformance import check_block_node
 from tests.support.holes import status_runs
 from tests.support.images import create, qemu_img, qemu_io, random_bytes, reference_raw, run
+from vdiskfs.block.context import OpenOptions, open_image
 from vdiskfs.block.node import opened
-from vdiskfs.block.registry import OpenOptions, open_image
 from vdiskfs.drivers.protocol.rbd import RbdNode
 from vdiskfs.errors import LockedError, VdiskError
 

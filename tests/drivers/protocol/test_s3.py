@@ -19,7 +19,7 @@ from tests.support.conformance import check_block_node
 from tests.support.images import create, qemu_img, qemu_io, random_bytes, reference_raw
 from tests.support.qcow2_images import RECIPES, Qcow2Images
 from tests.support.s3 import S3Store
-from vdiskfs.block.registry import OpenOptions, open_image
+from vdiskfs.block.context import OpenOptions, open_image
 from vdiskfs.drivers.protocol.http.node import HttpNode, opened
 from vdiskfs.drivers.protocol.s3 import S3Config, S3Error, S3Node
 from vdiskfs.errors import UnsupportedError, VdiskError

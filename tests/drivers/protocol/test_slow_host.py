@@ -27,8 +27,8 @@ from tests.support.concurrency import (
 )
 from tests.support.slowfs import slow_mount
 from tests.support.workload import assert_clean, qemu_compare
+from vdiskfs.block.context import OpenOptions, open_image
 from vdiskfs.block.node import BlockNode
-from vdiskfs.block.registry import OpenOptions, open_image
 from vdiskfs.drivers.protocol.engine import current_engine
 
 pytestmark = pytest.mark.mount

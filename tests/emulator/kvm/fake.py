@@ -27,6 +27,7 @@ class FakeVcpu:
         self.page_table: dict[int, int] = {}
         self.script: list[Callable[[FakeVcpu], int]] = []
         self.kicks = 0
+        self.thread_id: int | None = None
 
     # What the loop calls.
     def run(self) -> int:

@@ -6,7 +6,8 @@ import struct
 
 from emulator.devices.bus import Bus
 from emulator.kvm import abi, pvm
-from emulator.kvm.vcpu import VcpuLoop
+from emulator.kvm.vcpu import Vcpu, VcpuLoop
+from emulator.kvm.vcpu_protocol import VcpuProtocol
 from emulator.memory import GuestMemory
 from emulator.outcome import OutcomeKind, StopSignal
 from tests.emulator.kvm.fake import (
@@ -38,7 +39,7 @@ def make_loop(*, pvm_fixups: bool = False) -> tuple[VcpuLoop, FakeVcpu, Recorder
     port_device, mmio_device = Recorder(), Recorder(b"\x11")
     pio.insert(0x3F8, 8, "serial", port_device)
     mmio_bus.insert(0xD000_0000, 0x1000, "vda", mmio_device)
-    loop = VcpuLoop(vcpu, GuestMemory.for_tests(1 << 20), pio, mmio_bus, StopSignal(),  # type: ignore[arg-type]
+    loop = VcpuLoop(vcpu, GuestMemory.for_tests(1 << 20), pio, mmio_bus, StopSignal(),
                     pvm_fixups=pvm_fixups)
     return loop, vcpu, port_device, mmio_device
 
@@ -137,7 +138,7 @@ def pvm_guest() -> tuple[pvm.SyscallCompleter, FakeVcpu, GuestMemory]:
     vcpu.sregs.idt.base = IDT
     vcpu.sregs.idt.limit = 4095
     vcpu.page_table[KSTACK - 0x1000] = 0x5000
-    return pvm.SyscallCompleter(vcpu, memory), vcpu, memory  # type: ignore[arg-type]
+    return pvm.SyscallCompleter(vcpu, memory), vcpu, memory
 
 
 def fault_at_entry(vcpu: FakeVcpu, memory: GuestMemory, *, rip: int, cs: int, error: int,
@@ -190,3 +191,14 @@ def test_other_page_faults_are_stepped_over() -> None:
     assert vcpu.regs.rip == PF_ENTRY  # untouched
     completer.on_debug_exit()  # the step is done: breakpoint back
     assert vcpu.debug[-1] == (abi.KVM_GUESTDBG_ENABLE | abi.KVM_GUESTDBG_USE_HW_BP, (PF_ENTRY,))
+
+
+def test_the_fake_and_the_kvm_vcpu_provide_the_protocol() -> None:
+    # The loop and the PVM completer take a VcpuProtocol: the fake must stay one, and so must
+    # the real class (its data attributes are set in __init__, so check its methods).
+    assert isinstance(FakeVcpu(), VcpuProtocol)
+    methods = [name for name in dir(VcpuProtocol)
+               if not name.startswith("_") and callable(getattr(VcpuProtocol, name))]
+    assert "translate" in methods and "run" in methods
+    for name in methods:
+        assert callable(getattr(Vcpu, name, None)), name

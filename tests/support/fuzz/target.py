@@ -34,8 +34,8 @@ import trio
 import vdiskfs.drivers  # noqa: F401  -- preloaded, so that forking a case costs no imports
 from emulator.devices.virtio.block import device as _virtio_device  # noqa: F401
 from tests.support.fuzz.mutate import CaseSpec
+from vdiskfs.block.context import OpenOptions, open_image
 from vdiskfs.block.node import BlockNode
-from vdiskfs.block.registry import OpenOptions, open_image
 from vdiskfs.errors import VdiskError
 from vdiskfs.info import format_text, image_info
 from vdiskfs.partitions import open_window, scan_disk

@@ -55,9 +55,10 @@ from typing import Any, ClassVar
 
 import trio
 
+from vdiskfs.block.context import OpenContext
 from vdiskfs.block.format import FormatNode
 from vdiskfs.block.node import BlockNode, BlockStatus, Buffer
-from vdiskfs.block.registry import OpenContext, register
+from vdiskfs.block.registry import register
 from vdiskfs.drivers.format.runs import (
     Run,
     RunCounters,

@@ -25,9 +25,10 @@ from dataclasses import replace
 from functools import partial
 from typing import Any
 
+from vdiskfs.block.context import OpenContext
 from vdiskfs.block.format import FormatNode, SnapshotEntry
 from vdiskfs.block.node import BlockNode, BlockStatus, Buffer, opened
-from vdiskfs.block.registry import OpenContext, register
+from vdiskfs.block.registry import register
 from vdiskfs.drivers.format.qcow2.compression import DecompressionError, decompress_cluster
 from vdiskfs.drivers.format.qcow2.counters import Qcow2Counters
 from vdiskfs.drivers.format.qcow2.header import (

@@ -56,9 +56,10 @@ from typing import Any, ClassVar
 
 import trio
 
+from vdiskfs.block.context import OpenContext
 from vdiskfs.block.format import FormatNode
 from vdiskfs.block.node import BlockNode, BlockStatus, Buffer, Child
-from vdiskfs.block.registry import OpenContext, redact_reference, register
+from vdiskfs.block.registry import redact_reference, register
 from vdiskfs.drivers.format.runs import (
     LruCache,
     Run,

@@ -45,9 +45,10 @@ from typing import Any
 
 import trio
 
+from vdiskfs.block.context import OpenContext
 from vdiskfs.block.format import FormatNode
 from vdiskfs.block.node import BlockNode, BlockStatus, Buffer
-from vdiskfs.block.registry import PROTOCOL_ONLY, OpenContext, redact_reference, register
+from vdiskfs.block.registry import PROTOCOL_ONLY, redact_reference, register
 from vdiskfs.drivers.format.runs import LruCache, Run, coalesce, read_runs
 from vdiskfs.drivers.format.vmdk.descriptor import (
     DESCRIPTOR_CREATE_TYPES,

@@ -41,9 +41,10 @@ from typing import Any
 
 import trio
 
+from vdiskfs.block.context import OpenContext
 from vdiskfs.block.format import FormatNode
 from vdiskfs.block.node import BlockNode, BlockStatus, Buffer
-from vdiskfs.block.registry import OpenContext, redact_reference, register
+from vdiskfs.block.registry import redact_reference, register
 from vdiskfs.drivers.format.runs import (
     LruCache,
     Run,

@@ -27,8 +27,9 @@ import ssl
 import urllib.parse
 from typing import Any, ClassVar
 
+from vdiskfs.block.context import OpenOptions
 from vdiskfs.block.node import BlockNode, Buffer, NodeKind
-from vdiskfs.block.registry import OpenOptions, redact_url, register_protocol
+from vdiskfs.block.registry import redact_url, register_protocol
 from vdiskfs.drivers.protocol.http.pool import (
     ConnectionPool,
     HttpCounters,

@@ -27,8 +27,9 @@ from typing import Any
 
 import trio
 
+from vdiskfs.block.context import OpenOptions
 from vdiskfs.block.node import BlockNode, BlockStatus, Buffer, NodeKind
-from vdiskfs.block.registry import OpenOptions, register_protocol
+from vdiskfs.block.registry import register_protocol
 from vdiskfs.block.stats import Counters
 from vdiskfs.drivers.protocol.nbd import wire
 from vdiskfs.drivers.protocol.nbd.client import ConnectionLost, NbdConnection

@@ -41,6 +41,7 @@ from typing import Any
 import outcome
 import trio
 
+from vdiskfs.block.context import OpenOptions, run_blocking
 from vdiskfs.block.node import (
     BlockNode,
     BlockStatus,
@@ -49,7 +50,7 @@ from vdiskfs.block.node import (
     SnapshotEntry,
     opened,
 )
-from vdiskfs.block.registry import OpenOptions, register_protocol, run_blocking
+from vdiskfs.block.registry import register_protocol
 from vdiskfs.block.stats import Counters
 from vdiskfs.drivers.protocol.rbd.spec import RbdSpec, parse_spec, snapshot_name
 from vdiskfs.errors import HostIOError, LockedError, UnsupportedError, VdiskError

@@ -24,8 +24,9 @@ import re
 import urllib.parse
 from typing import Any, ClassVar
 
+from vdiskfs.block.context import OpenOptions
 from vdiskfs.block.node import BlockNode
-from vdiskfs.block.registry import OpenOptions, register_protocol
+from vdiskfs.block.registry import register_protocol
 from vdiskfs.drivers.protocol.http.node import HttpNode, opened
 from vdiskfs.drivers.protocol.http.pool import HttpError, Response, Signer
 from vdiskfs.drivers.protocol.s3 import sigv4

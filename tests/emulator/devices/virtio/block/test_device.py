@@ -28,8 +28,8 @@ from emulator.devices.virtio.device import (
 from emulator.devices.virtio.queue import VIRTQ_DESC_F_NEXT
 from tests.emulator.devices.virtio.block.harness import FEATURES, Harness
 from tests.emulator.devices.virtio.mock import Buf
+from vdiskfs.block.context import OpenOptions, open_image
 from vdiskfs.block.node import BlockNode, Buffer
-from vdiskfs.block.registry import OpenOptions, open_image
 from vdiskfs.errors import HostIOError, UnsupportedError
 
 DISK_SIZE = 1 << 20

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.images import create, qemu_img, qemu_io, run
-from tests.support.mount import mounted, vdiskfs
+from tests.support.mount import mounted, vdiskfs, write_synced
 from tests.support.nbd import qemu_nbd
 from vdiskfs.fs.daemon import image_stem
 
@@ -42,12 +42,7 @@ def test_mount_qcow2_over_nbd_read_and_write(tmp_path: Path) -> None:
             assert (mnt / "deb.raw").read_bytes() == reference.read_bytes()
             tree = (mnt / "stats" / "deb" / "tree").read_text()
             assert "qcow2" in tree and "(file) nbd://127.0.0.1:" in tree
-            fd = os.open(mnt / "deb.raw", os.O_RDWR)
-            try:
-                os.pwrite(fd, b"\x77" * 8192, 5 << 20)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            write_synced(mnt / "deb.raw", b"\x77" * 8192, 5 << 20)
     qemu_io(reference, "write -P 0x77 5M 8k", fmt="raw")
     run("qemu-img", "check", image)
     run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", image, reference)

@@ -23,7 +23,7 @@ from tests.support.images import (
     reference_raw,
     run,
 )
-from tests.support.mount import mounted, vdiskfs
+from tests.support.mount import mounted, vdiskfs, write_synced
 from tests.support.partitioned import make_gpt_disk
 
 pytestmark = [pytest.mark.mount, pytest.mark.ceph]
@@ -44,12 +44,7 @@ def test_mount_qcow2_in_rbd_read_and_write(ceph_cluster: Cluster, tmp_path: Path
         assert disk.read_bytes() == reference.read_bytes()
         tree = (mnt / "stats" / "mount-vm" / "tree").read_text()
         assert "qcow2" in tree and "rbd" in tree
-        fd = os.open(disk, os.O_RDWR)
-        try:
-            os.pwrite(fd, b"\x77" * 8192, 5 << 20)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_synced(disk, b"\x77" * 8192, 5 << 20)
     qemu_io(reference, "write -P 0x77 5M 8k", fmt="raw")
     run("qemu-img", "check", "-f", "qcow2", name)
     qemu_img("compare", "-f", "qcow2", "-F", "raw", name, reference)
@@ -129,12 +124,7 @@ def test_create_and_overlay_over_an_rbd_base(ceph_cluster: Cluster, tmp_path: Pa
     overlay = tmp_path / "top.qcow2"
     with mounted(base, mountpoint=tmp_path / "mnt",
                  options=("--format", "raw", "--overlay", str(overlay))) as mnt:
-        fd = os.open(mnt / "mount-base.raw", os.O_RDWR)
-        try:
-            os.pwrite(fd, b"\x44" * 4096, 1 << 20)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_synced(mnt / "mount-base.raw", b"\x44" * 4096, 1 << 20)
     assert json.loads(qemu_img("info", "--output=json", overlay))["backing-filename"] == base
     run("qemu-img", "check", overlay)
     view = reference_raw(overlay, tmp_path / "view.raw", fmt="qcow2").read_bytes()

@@ -123,3 +123,14 @@ def child_fs_mounted(module: str, args: list[str], mountpoint: Path,
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def write_synced(path: str | os.PathLike[str], data: bytes, offset: int) -> None:
+    """``data`` written into the (mounted) file at ``offset`` and fsync()ed: through the
+    mount's write and flush paths down to the image."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.pwrite(fd, data, offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,4 +1,7 @@
-"""The pyfuse3 request handlers: the FUSE boundary of the driver stack.
+"""The FUSE request handlers: the FUSE boundary of the driver stack.
+
+They take and return pyfuse3's types (its ``Operations`` interface), so that vdiskfs's own
+session (:mod:`.session`) and pyfuse3's serve the same handlers.
 
 This is one of the two places where the stack's errors leave it (the other is the virtio-blk
 device): a :class:`~vdiskfs.errors.VdiskError` becomes ``FUSEError(err.errno)`` here, once. Any
@@ -239,16 +242,27 @@ class VdiskOperations(pyfuse3.Operations):
             raise FUSEError(errno.ENOTDIR)
         return inode
 
+    def directory(self, fh: int, start_id: int) -> list[tuple[bytes, int, int]]:
+        """The entries of an open directory from ``start_id`` on: name, inode and the cookie
+        of the next one. Children keep their insertion order, so a position is a stable
+        cookie."""
+        directory = self._entry(fh)
+        if not isinstance(directory, DirEntry):
+            raise FUSEError(errno.ENOTDIR)
+        names = list(directory.children.items())
+        return [(os.fsencode(name), inode, position + 1)
+                for position, (name, inode) in enumerate(names) if position >= start_id]
+
+    @_boundary
+    async def attributes(self, inode: int) -> pyfuse3.EntryAttributes:
+        """The attributes of ``inode`` as a directory listing shows them."""
+        return await self._attributes_now(self._entry(inode))
+
     @_boundary
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        directory = self._entry(fh)
-        assert isinstance(directory, DirEntry)
-        # Children are in a fixed insertion order, so the position is a stable cookie.
-        names = list(directory.children.items())
-        for position in range(start_id, len(names)):
-            name, inode = names[position]
+        for name, inode, cookie in self.directory(fh, start_id):
             attr = await self._attributes_now(self.tree.entries[inode])
-            if not pyfuse3.readdir_reply(token, os.fsencode(name), attr, position + 1):
+            if not pyfuse3.readdir_reply(token, name, attr, cookie):
                 break
 
     async def releasedir(self, fh: int) -> None:

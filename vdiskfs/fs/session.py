@@ -256,6 +256,11 @@ class FuseSession:
             except BlockingIOError:
                 if self._waiter:
                     await self._idle.park()
+                    # Woken to read while the waiter handled a request; if that one is back
+                    # waiting already (its handler did not wait), nothing is queued that it
+                    # would not see: park again without a read.
+                    while self._waiter:
+                        await self._idle.park()
                     continue
                 self._waiter = True
                 try:

@@ -10,9 +10,10 @@ and run its handler to the end, without a task per request:
 
 - /dev/fuse is non-blocking. A worker reads until the kernel has nothing, then either waits for
   the descriptor (one worker at a time may: trio allows one waiter per descriptor) or parks.
-  The waiter, once woken, wakes one parked worker (or starts a new one, up to
-  :attr:`FuseSession.max_workers`) before handling what it reads, so that a handler that waits
-  for the disk or the network never keeps the next request from being read.
+  A worker that takes a request while no other worker is reading or waiting first wakes a
+  parked one (or starts a new one, up to :attr:`FuseSession.max_workers`), so that a handler
+  that waits for the disk or the network never keeps the next request from being read; a
+  handler that does not wait comes back and reads the next request itself.
 - The handlers are :class:`~vdiskfs.fs.operations.VdiskOperations`' own, called with the
   arguments pyfuse3 would pass, so the two sessions share every rule of the file system.
   pyfuse3's session stays available (``VDISKFS_FUSE=pyfuse3``) for comparisons.
@@ -145,6 +146,7 @@ class FuseSession:
         self._waiter = False
         self._idle = trio.lowlevel.ParkingLot()
         self._workers = 0
+        self._reading = 0
         self._nursery: trio.Nursery | None = None
         self._handlers: dict[int, Handler] = {
             Opcode.LOOKUP: self._lookup,
@@ -237,8 +239,7 @@ class FuseSession:
         """Answer requests until the file system is unmounted or :meth:`terminate` is called."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            self._workers = 1
-            nursery.start_soon(self._worker)
+            self._add_reader()
         self._nursery = None
 
     def terminate(self) -> None:
@@ -246,7 +247,23 @@ class FuseSession:
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
+    def _add_reader(self) -> None:
+        """Make one more worker read /dev/fuse: a parked one, or a new one."""
+        if self._idle:
+            self._reading += 1
+            self._idle.unpark()
+        elif self._workers < self.max_workers and self._nursery is not None:
+            self._workers += 1
+            self._reading += 1
+            self._nursery.start_soon(self._worker)
+
     async def _worker(self) -> None:
+        # Each worker is reading (counted in _reading: it will see the next request), parked,
+        # the one waiting for /dev/fuse (_waiter), or handling a request. Whoever takes a
+        # request while nobody else is reading or waiting adds a reader first, so a handler
+        # that waits for the disk or the network never keeps the next request unread; a
+        # handler that does not wait comes back and reads the next request itself, so a busy
+        # mount serves a queue with few wake-ups.
         buffer = mmap.mmap(-1, BUFFER_SIZE)
         view = memoryview(buffer)
         fd = self._fd
@@ -254,12 +271,13 @@ class FuseSession:
             try:
                 length = os.readv(fd, (buffer,))
             except BlockingIOError:
+                self._reading -= 1
                 if self._waiter:
                     await self._idle.park()
-                    # Woken to read while the waiter handled a request; if that one is back
-                    # waiting already (its handler did not wait), nothing is queued that it
-                    # would not see: park again without a read.
+                    # Unparked as a reader; if the waiter is back already, it sees whatever
+                    # comes: park again without a read.
                     while self._waiter:
+                        self._reading -= 1
                         await self._idle.park()
                     continue
                 self._waiter = True
@@ -267,12 +285,7 @@ class FuseSession:
                     await trio.lowlevel.wait_readable(fd)
                 finally:
                     self._waiter = False
-                # Someone else reads the next request while this worker handles what came.
-                if self._idle:
-                    self._idle.unpark()
-                elif self._workers < self.max_workers and self._nursery is not None:
-                    self._workers += 1
-                    self._nursery.start_soon(self._worker)
+                self._reading += 1
                 continue
             except (InterruptedError, FileNotFoundError):
                 continue  # a signal; a request that was interrupted before it was read
@@ -283,7 +296,11 @@ class FuseSession:
                 self._connected = False
                 self.terminate()
                 return
+            self._reading -= 1
+            if not self._reading and not self._waiter:
+                self._add_reader()
             await self._handle(view, length)
+            self._reading += 1
 
     async def _handle(self, view: memoryview, length: int) -> None:
         _, opcode, unique, nodeid, _, _, _, _, _ = abi.IN_HEADER.unpack_from(view)

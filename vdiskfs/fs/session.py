@@ -174,8 +174,14 @@ class FuseSession:
     def mount(self) -> None:
         """Mount; afterwards the kernel queues requests (INIT first) until :meth:`serve`."""
         source = f"vdiskfs:{os.getpid()}"
-        mode = os.stat(self.mountpoint).st_mode  # not ours yet: no request to answer
-        fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            mode = os.stat(self.mountpoint).st_mode  # not ours yet: no request to answer
+            fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError as exc:
+            where = exc.filename or self.mountpoint
+            raise VdiskError(f"{where}: {exc.strerror} (is the fuse module loaded?)"
+                             if where == "/dev/fuse" else f"{where}: {exc.strerror}",
+                             errno=exc.errno or errno.EIO) from None
         options = [f"fd={fd}", f"rootmode={stat.S_IFMT(mode):o}", f"user_id={os.getuid()}",
                    f"group_id={os.getgid()}", "default_permissions"]
         if self.allow_other:

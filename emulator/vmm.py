@@ -438,12 +438,13 @@ class Vmm:
         exports = [Export(name=d.name, node=d.node, writable=False, direct_io=True)
                    for d in self.disks]
         operations = VdiskOperations(exports, extra_stats=self.extra_stats())
-        assert self.config.mountpoint is not None
+        mountpoint = self.config.mountpoint
+        assert mountpoint is not None
         # A throttled disk's limits change through its control file: not a "ro" mount then
         # (the disks are read-only files all the same).
         throttled_disks = any(d.config.throttle is not None for d in self.disks)
         await nursery.start(lambda task_status: serve(
-            operations, self.config.mountpoint, read_only=not throttled_disks,
+            operations, mountpoint, read_only=not throttled_disks,
             task_status=task_status))
 
     async def _watch_signals(self) -> None:

@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import trio
 
@@ -315,9 +316,10 @@ _CREATE_OPTIONS = {
 }
 
 
-def _parse_create_options(texts: list[str], fmt: str) -> dict[str, object]:
+def _parse_create_options(texts: list[str], fmt: str) -> dict[str, Any]:
     allowed = _CREATE_OPTIONS if fmt == "qcow2" else {"preallocation": "str"}
-    out: dict[str, object] = {}
+    # Any: each value has the kind the table gives its key, which the keyword it becomes takes.
+    out: dict[str, Any] = {}
     for item in ",".join(texts).split(","):
         if not item:
             continue
@@ -369,13 +371,13 @@ def _cmd_create(args: argparse.Namespace) -> int:
     if args.fmt == "raw":
         from vdiskfs.drivers.format.raw import create_raw
 
-        trio.run(lambda: create_raw(args.file, size, **options))  # type: ignore[arg-type]
+        trio.run(lambda: create_raw(args.file, size, **options))
     else:
         from vdiskfs.drivers.format.qcow2.create import create_qcow2
 
         trio.run(lambda: create_qcow2(args.file, size, backing_file=args.backing,
                                       backing_format=backing_format,
-                                      **options))  # type: ignore[arg-type]
+                                      **options))
     return 0
 
 

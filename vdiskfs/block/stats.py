@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
@@ -91,7 +92,7 @@ class StatsSnapshot:
     max_in_flight: int
     wr_highest_offset: int
     idle_time_ns: int
-    driver: dict[str, int]
+    driver: dict[str, int | str]  # ints but for a few names (file: io_engine)
 
     def as_dict(self) -> dict[str, Any]:
         """Flat QEMU-style field names, then the driver's own counters."""
@@ -172,7 +173,7 @@ class NodeStats:
     def invalid_request(self, op: Op) -> None:
         self.invalid[op] += 1
 
-    def snapshot(self, driver: dict[str, int] | None = None) -> StatsSnapshot:
+    def snapshot(self, driver: Mapping[str, int | str] | None = None) -> StatsSnapshot:
         idle = 0 if self.in_flight else time.perf_counter_ns() - self._last_done_ns
         return StatsSnapshot(
             ops=tuple(self.ops),

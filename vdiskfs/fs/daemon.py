@@ -330,21 +330,21 @@ def spawn_daemon(argv: list[str], log_file: str | None, timeout: float | None, *
     rather than the command waiting for ever.
     """
     read_fd, write_fd = os.pipe()
-    stderr = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
+    log = open(log_file, "ab") if log_file else None  # noqa: SIM115
     try:
         proc = subprocess.Popen(
             [sys.executable, "-m", "vdiskfs", "mount", "--foreground",
              f"--ready-fd={write_fd}", *argv],
             stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
             stdout=subprocess.DEVNULL,
-            stderr=stderr,
+            stderr=subprocess.DEVNULL if log is None else log,
             pass_fds=(write_fd,),
             start_new_session=True,
         )
     finally:
         os.close(write_fd)
-        if stderr is not subprocess.DEVNULL:
-            stderr.close()
+        if log is not None:
+            log.close()
     if stdin is not None:
         assert proc.stdin is not None
         # Small: it fits the pipe, so this never waits for the daemon. A daemon that died

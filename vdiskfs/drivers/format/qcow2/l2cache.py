@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Protocol, TypeAlias
 
 from vdiskfs.drivers.format.qcow2.metadata_cache import MetadataCache
 
@@ -27,7 +27,8 @@ DEFAULT_MAX_BYTES = 32 * 1024 * 1024
 #: QEMU's MIN_L2_CACHE_SIZE: room for the slice in use and the one being loaded.
 MIN_SLICES = 2
 
-Slice = array  # array('Q') of decoded entries
+#: array('Q') of decoded entries (a string: array is subscriptable only from Python 3.12).
+Slice: TypeAlias = "array[int]"
 
 
 class CacheCounters(Protocol):

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Awaitable, Callable
-from typing import Protocol, TypeAlias
+from typing import TypeAlias
 
-from vdiskfs.drivers.format.qcow2.metadata_cache import MetadataCache
+from vdiskfs.drivers.format.qcow2.metadata_cache import MetadataCache, MetadataCacheCounters
 
 __all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_SLICE_BYTES", "L2SliceCache"]
 
@@ -31,12 +31,6 @@ MIN_SLICES = 2
 Slice: TypeAlias = "array[int]"
 
 
-class CacheCounters(Protocol):
-    l2_cache_hits: int
-    l2_cache_misses: int
-    l2_cache_evictions: int
-
-
 class L2SliceCache(MetadataCache[Slice]):
     """Decoded L2 slices by host offset, least recently used evicted first.
 
@@ -47,13 +41,13 @@ class L2SliceCache(MetadataCache[Slice]):
     def __init__(
         self,
         capacity: int,
-        counters: CacheCounters,
+        counters: MetadataCacheCounters,
         *,
         store: Callable[[int, bytes], Awaitable[None]] | None = None,
         encode: Callable[[Slice], bytes] | None = None,
         before_write_back: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        super().__init__(capacity, counters, name="l2_cache", store=store, encode=encode,
+        super().__init__(capacity, counters, store=store, encode=encode,
                          before_write_back=before_write_back, min_capacity=MIN_SLICES)
 
     @staticmethod

@@ -281,7 +281,7 @@ async def build_vmm(config: VmConfig) -> AsyncIterator[Vmm]:
     """
     async with contextlib.AsyncExitStack() as stack:
         stop = StopSignal()
-        #: The VM's throttle groups: disks share a budget only when they name one.
+        # The VM's throttle groups: disks share a budget only when they name one.
         throttle_groups = ThrottleGroups()
         opened = await _open_disks(config, throttle_groups, stack)
         # Closed last of the machine: the VM and the vCPU map it until they are closed.

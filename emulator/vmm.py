@@ -44,10 +44,17 @@ from emulator.devices.serial import Serial
 from emulator.devices.virtio.block.backend import BlockBackend
 from emulator.devices.virtio.block.device import BlockDevice
 from emulator.devices.virtio.mmio import MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET, MmioTransport
+from emulator.guestboot import BootChoice, find_boot
 from emulator.kvm import abi, pvm
 from emulator.kvm.vcpu import Vcpu, VcpuLoop, install_kick_handler
 from emulator.kvm.vm import IrqfdLine, Kvm, KvmFlavor, KvmIrqLine, Vm
-from emulator.loader import LoadedKernel, load_initrd, load_kernel
+from emulator.loader import (
+    LoadedKernel,
+    load_initrd,
+    load_initrd_bytes,
+    load_kernel,
+    load_kernel_image,
+)
 from emulator.loader.bootparams import BootConfig, write_boot_params
 from emulator.loader.cmdline import Cmdline
 from emulator.memory import GuestMemory
@@ -87,7 +94,9 @@ class DiskConfig:
 
 @dataclass
 class VmConfig:
-    kernel: str
+    #: The kernel file; None: the one the first disk would boot (emulator.guestboot), with
+    #: its initrd and command line (``append`` is added to that).
+    kernel: str | None = None
     initrd: str | None = None
     append: str = ""
     memory: int = 256 << 20
@@ -163,6 +172,8 @@ class Vmm:
         self.console: ConsoleMonitor | None = None
         self.kernel: LoadedKernel | None = None
         self.cmdline = ""
+        #: What was found on the disk when no --kernel was given.
+        self.boot_choice: BootChoice | None = None
         self.flavor = KvmFlavor("unknown")
         self._output_fd = -1
         self._close_output = False
@@ -179,6 +190,8 @@ class Vmm:
             "virtio_notify": self.config.virtio_notify,
             "virtio_irq": self.config.virtio_irq,
         }
+        if self.boot_choice is not None:
+            out["boot"] = self.boot_choice.stats()
         if self.loop is not None:
             out.update(self.loop.stats())
         if self.serial is not None:
@@ -245,8 +258,42 @@ class Vmm:
             # (Its warnings were logged as they arose: OpenOptions.tell.)
             self.disks.append(_Disk(name, disk, node))
 
+    async def _find_boot(self) -> None:
+        """No --kernel: read what the first disk boots, and say what was chosen (stderr)."""
+        if not self.disks:
+            raise UnsupportedError("no --kernel and no --disk to find one on")
+        disk = self.disks[0]
+        # Guest RAM bounds the initrd long before the kernel's initrd_addr_max does.
+        choice = self.boot_choice = await find_boot(
+            disk.node, redact_url(disk.config.path), initrd_limit=self.config.memory)
+        initrd = " + ".join(choice.initrd_names) or "none"
+        print(f"vdiskfs boot: booting {choice.reason}:\n  kernel  {choice.kernel_name}\n"
+              f"  initrd  {initrd}\n  cmdline {choice.cmdline}", file=sys.stderr)
+        for warning in choice.warnings:
+            print(f"vdiskfs boot: warning: {warning}", file=sys.stderr)
+
+    def _load_kernel(self, memory: GuestMemory) -> tuple[LoadedKernel, int, int]:
+        """The kernel and initrd in guest memory: (kernel, initrd address, initrd size)."""
+        config, choice = self.config, self.boot_choice
+        if choice is not None:
+            kernel = load_kernel_image(memory, choice.kernel, choice.kernel_name)
+            choice.kernel = b""  # its ELF is in guest memory now
+            if choice.initrd is None:
+                return kernel, 0, 0
+            address, size = load_initrd_bytes(memory, choice.initrd,
+                                              choice.initrd_names[0], kernel)
+            choice.initrd = None
+            return kernel, address, size
+        assert config.kernel is not None
+        kernel = load_kernel(memory, config.kernel)
+        if config.initrd:
+            return kernel, *load_initrd(memory, config.initrd, kernel)
+        return kernel, 0, 0
+
     def _build_cmdline(self, kernel: LoadedKernel) -> Cmdline:
         cmdline = Cmdline(kernel.cmdline_capacity)
+        if self.boot_choice is not None:
+            cmdline.append(self.boot_choice.cmdline)
         cmdline.append(self.config.append)
         defaults = [
             ("console", "console=ttyS0"),
@@ -295,10 +342,8 @@ class Vmm:
         vm.create_irqchip()
         vm.create_pit()
 
-        kernel = self.kernel = load_kernel(memory, config.kernel)
-        initrd_addr = initrd_size = 0
-        if config.initrd:
-            initrd_addr, initrd_size = load_initrd(memory, config.initrd, kernel)
+        kernel, initrd_addr, initrd_size = self._load_kernel(memory)
+        self.kernel = kernel
 
         pio, mmio = Bus("pio"), Bus("mmio")
         self._setup_console(vm, pio)
@@ -339,7 +384,8 @@ class Vmm:
         regs.setup_fpu(vcpu)
         regs.setup_lapic(vcpu)
         self.loop = VcpuLoop(vcpu, memory, pio, mmio, self.stop, pvm_fixups=self.flavor.is_pvm)
-        log.info("kernel %s (%s), entry %#x; command line: %s", config.kernel, kernel.kind,
+        name = config.kernel if self.boot_choice is None else self.boot_choice.kernel_name
+        log.info("kernel %s (%s), entry %#x; command line: %s", name, kernel.kind,
                  kernel.entry, self.cmdline)
 
     def _setup_console(self, vm: Vm, pio: Bus) -> None:
@@ -390,6 +436,8 @@ class Vmm:
         """Boot, run until the guest ends (or the run is stopped), tear down; the outcome."""
         try:
             await self._open_disks()
+            if self.config.kernel is None:
+                await self._find_boot()
             self._setup_machine()
             return await self._run_guest()
         finally:

@@ -178,6 +178,10 @@ class Vmm:
         self._output_fd = -1
         self._close_output = False
         self._run_started = 0.0
+        #: Seconds from run() to the vCPU's start (disks opened, kernel found and loaded), and
+        #: of those, finding and reading the kernel in the image (no --kernel).
+        self._setup_s: float | None = None
+        self._boot_find_s: float | None = None
 
     # -- statistics --------------------------------------------------------------------------------
 
@@ -199,6 +203,11 @@ class Vmm:
         if self.console is not None:
             out["console_milestones_s"] = dict(self.console.milestones)
             out["console_milestone_exits"] = dict(self.console.milestone_counts)
+            out["console_milestone_exits_by_kind"] = dict(self.console.milestone_breakdowns)
+        if self._setup_s is not None:
+            out["setup_s"] = self._setup_s
+        if self._boot_find_s is not None:
+            out["boot_find_s"] = self._boot_find_s
         if self._run_started:
             out["run_time_s"] = round(time.monotonic() - self._run_started, 3)
         outcome = self.stop.outcome
@@ -223,6 +232,15 @@ class Vmm:
 
     def _exits_total(self) -> int:
         return sum(self.loop.exits.values()) if self.loop is not None else 0
+
+    def _exits_by_kind(self) -> dict[str, int]:
+        """Exits by reason, and the port and MMIO accesses among them by device
+        (``pio:serial``, ``mmio:<disk>``): what each boot phase spent its exits on."""
+        if self.loop is None:
+            return {}
+        loop = self.loop
+        return {**loop.exits, **{f"pio:{k}": v for k, v in loop.pio.accesses.items()},
+                **{f"mmio:{k}": v for k, v in loop.mmio.accesses.items()}}
 
     def extra_stats(self) -> dict[str, Callable[[], dict[str, Any]]]:
         """Stats sources for the FUSE view beside the node files."""
@@ -401,7 +419,8 @@ class Vmm:
             with contextlib.suppress(OSError):
                 os.write(fd, data)
 
-        self.console = ConsoleMonitor(write_out, self.stop, counter=self._exits_total)
+        self.console = ConsoleMonitor(write_out, self.stop, counter=self._exits_total,
+                                      breakdown=self._exits_by_kind)
         self.serial = Serial(KvmIrqLine(vm, layout.SERIAL_IRQ), self.console.feed)
         pio.insert(layout.SERIAL_PORT, layout.SERIAL_PORT_COUNT, "serial", self.serial)
 
@@ -434,16 +453,19 @@ class Vmm:
 
     async def run(self) -> Outcome:
         """Boot, run until the guest ends (or the run is stopped), tear down; the outcome."""
+        started = time.monotonic()
         try:
             await self._open_disks()
             if self.config.kernel is None:
+                before = time.monotonic()
                 await self._find_boot()
+                self._boot_find_s = round(time.monotonic() - before, 3)
             self._setup_machine()
-            return await self._run_guest()
+            return await self._run_guest(started)
         finally:
             await self._teardown()
 
-    async def _run_guest(self) -> Outcome:
+    async def _run_guest(self, started: float) -> Outcome:
         assert self.loop is not None and self.console is not None
         install_kick_handler()
         token = trio.lowlevel.current_trio_token()
@@ -466,6 +488,7 @@ class Vmm:
                 if self.config.mountpoint is not None:
                     await self._start_mount(nursery)
                 self._run_started = time.monotonic()
+                self._setup_s = round(self._run_started - started, 3)
                 self.console.restart_clock()
                 thread.start()
                 try:

@@ -203,8 +203,9 @@ def _newest_kernel(disk: _Disk) -> GrubChoice | None:
     root_part = part
     if directory != "/boot":
         # A separate boot partition: the root is another file system, one with an /etc.
-        root_part = next((p for p in disk.parts if p != part and disk.volume(p) is not None
-                          and disk.volume(p).listdir("/etc")), None)  # type: ignore[union-attr]
+        root_part = next((p for p in disk.parts if p != part
+                          and (other := disk.volume(p)) is not None and other.listdir("/etc")),
+                         None)
         if root_part is None:
             raise FormatError(f"{kernel.path} is on a boot partition, and no other partition "
                               "holds a root file system (an /etc)", path=disk.describe(part))

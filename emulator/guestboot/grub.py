@@ -41,6 +41,8 @@ __all__ = ["Devices", "GrubChoice", "choose_entry"]
 MAX_DEPTH = 8
 #: Largest grub.cfg or grubenv read.
 MAX_CONFIG = 1 << 20
+#: Blocks and ifs nested in one another (grub-mkconfig writes 3 or 4).
+MAX_NESTING = 32
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[0-9]+|\?")
 _ASSIGNMENT = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)=(.*)", re.S)
@@ -260,6 +262,9 @@ def _parse(text: str, where: str) -> list[_Statement]:
     stack: list[tuple[_Block | _If | None, list[_Statement]]] = [(None, top)]
     for command in _lex(text, where):
         words = command.words
+        if len(stack) > MAX_NESTING:
+            raise FormatError(f"line {command.line}: blocks nested more than {MAX_NESTING} "
+                              "deep", path=where)
         while words:
             first = words[0].bare()
             construct, body = stack[-1]

@@ -66,6 +66,12 @@ class NodeFile(io.RawIOBase):
         return length
 
 
+    def readall(self) -> bytes:
+        # RawIOBase's would read the rest 8 KiB at a time, a loop round trip each.
+        data = bytearray(max(self.size - self._pos, 0))
+        return bytes(data[:self.readinto(data)])
+
+
 def open_node_file(node: BlockNode) -> io.BufferedReader:
     """``node`` as a buffered binary file, for a worker thread of the node's trio loop."""
     return io.BufferedReader(NodeFile(node), buffer_size=BUFFER_SIZE)

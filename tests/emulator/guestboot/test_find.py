@@ -213,11 +213,14 @@ LOOP_B = b"source /boot/grub/grub.cfg\n"
     ({"boot/grub/grub.cfg": b"menuentry 'x' {\n linux /boot/vmlinuz\n"}, FormatError,
      r"grub.cfg: line 1: block never closed"),
     ({"boot/grub/grub.cfg": b"menuentry 'x {\n"}, FormatError, r"unterminated ' quote"),
+    ({"boot/grub/grub.cfg": b"if true; then\n" * 5000}, FormatError,
+     r"grub.cfg: line 32: blocks nested more than 32 deep"),
     ({"boot/grub/grub.cfg": LOOP_A, "boot/grub/b.cfg": LOOP_B}, FormatError,
      r"configuration loops: disk.raw partition 1: /boot/grub/grub.cfg -> disk.raw partition "
      r"1: /boot/grub/b.cfg -> disk.raw partition 1: /boot/grub/grub.cfg"),
 ], ids=["no-kernel", "missing-kernel", "search-finds-nothing", "other-disk", "no-partition",
-        "no-linux", "no-entries", "unclosed", "unterminated-quote", "configfile-loop"])
+        "no-linux", "no-entries", "unclosed", "unterminated-quote", "nested",
+        "configfile-loop"])
 async def test_bad_images_say_what_is_wrong(tmp_path: Path, files: dict[str, bytes],
                                             error: type[VdiskError], message: str) -> None:
     disk = make_linux_disk(tmp_path / "disk.raw", [FsSpec(files=files)])

@@ -106,9 +106,11 @@ def vfat_files(seed: int) -> dict[str, bytes]:
 
 
 def make_ext4(path: Path, size: int, files: dict[str, bytes], label: str, *,
-              uuid: str | None = None, links: dict[str, str] | None = None) -> Path:
+              uuid: str | None = None, links: dict[str, str] | None = None,
+              options: Sequence[str] = ()) -> Path:
     """An ext4 image of ``size`` bytes holding ``files`` and symbolic ``links`` (name ->
-    target) (``mkfs.ext4 -d``), no root needed; ``uuid`` sets the file system's UUID."""
+    target) (``mkfs.ext4 -d``), no root needed; ``uuid`` sets the file system's UUID,
+    ``options`` go to mkfs (``-t ext2``, ``-b 4096``)."""
     tree = path.with_suffix(".tree")
     shutil.rmtree(tree, ignore_errors=True)
     tree.mkdir(parents=True)
@@ -121,7 +123,7 @@ def make_ext4(path: Path, size: int, files: dict[str, bytes], label: str, *,
         target.parent.mkdir(parents=True, exist_ok=True)
         target.symlink_to(link)
     run(MKFS_EXT4, "-q", "-F", "-L", label, "-E", "root_owner=0:0",
-        *(("-U", uuid) if uuid else ()), "-d", tree, path, f"{size // 1024}k")
+        *(("-U", uuid) if uuid else ()), *options, "-d", tree, path, f"{size // 1024}k")
     shutil.rmtree(tree)
     return path
 
@@ -257,11 +259,14 @@ class FsSpec:
     links: dict[str, str] = field(default_factory=dict)
     uuid: str | None = None
     size: int = 8 * MiB
+    #: More mkfs.ext4 options.
+    options: tuple[str, ...] = ()
 
 
 def _make_fs(path: Path, spec: FsSpec, label: str) -> Path | None:
     if spec.kind == "ext4":
-        return make_ext4(path, spec.size, spec.files, label, uuid=spec.uuid, links=spec.links)
+        return make_ext4(path, spec.size, spec.files, label, uuid=spec.uuid, links=spec.links,
+                         options=spec.options)
     if spec.kind == "vfat":
         return make_vfat(path, spec.size, spec.files, label)
     return None

@@ -4,6 +4,7 @@ fallback, and the bad inputs. No guest is started (the one boot is in test_cloud
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 
 from emulator.guestboot import BootChoice, find_boot
 from emulator.guestboot.find import version_key, with_serial_console
-from tests.support.images import qemu_img
+from tests.support.images import qemu_img, random_bytes
 from tests.support.partitioned import FsSpec, make_linux_disk
 from vdiskfs.block.context import OpenOptions, open_image
 from vdiskfs.errors import FormatError, UnsupportedError, VdiskError
@@ -55,6 +56,32 @@ async def find(path: Path) -> BootChoice:
         return await find_boot(node, path.name, initrd_limit=64 << 20)
     finally:
         await node.aclose()
+
+
+@pytest.mark.parametrize(("options", "features"), [
+    ((), {"extent", "64bit", "metadata_csum", "has_journal"}),  # Debian's mke2fs, 1 KiB blocks
+    (("-b", "4096"), {"extent", "64bit", "metadata_csum"}),
+    (("-t", "ext2"), {"filetype"}),  # block maps, no extents
+], ids=["ext4-1k", "ext4-4k", "ext2"])
+async def test_kernel_read_from_ext_variants(tmp_path: Path, options: tuple[str, ...],
+                                              features: set[str]) -> None:
+    # 3 MiB: with 1 KiB blocks, past ext2's direct and single-indirect blocks (12 KiB +
+    # 256 KiB) into double-indirect ones.
+    kernel = random_bytes(3, 3 << 20)
+    disk = make_linux_disk(tmp_path / "disk.raw", [FsSpec(
+        files={f"boot/vmlinuz-{NEW}": kernel, "etc/fstab": b""}, uuid=ROOT_UUID,
+        options=options)])
+    part = tmp_path / "p1"
+    with open(disk, "rb") as f:
+        f.seek(1 << 20)
+        part.write_bytes(f.read(8 << 20))
+    text = subprocess.run(["dumpe2fs", "-h", str(part)], capture_output=True, text=True,
+                          check=True).stdout
+    listed = re.search(r"^Filesystem features:\s+(.*)$", text, re.M)
+    assert listed is not None and features <= set(listed.group(1).split()), text
+    choice = await find(disk)
+    assert choice.kernel == kernel
+    assert choice.cmdline == "root=/dev/vda1 ro console=ttyS0"
 
 
 async def test_debian_grub_cfg_default_entry_through_qcow2(tmp_path: Path) -> None:

@@ -55,6 +55,8 @@ KERNEL_DIRS = ("/boot", "/")
 MAX_KERNEL = 1 << 30
 MAX_KERNEL_CONFIG = 8 << 20
 _INITRD_NAMES = ("initrd.img-{}", "initramfs-{}.img", "initrd-{}.img", "initrd-{}")
+#: Names beside the kernels that are not kernels to boot: backups and signatures.
+_NOT_KERNELS = (".old", ".bak", ".dpkg-bak", ".dpkg-old", ".dpkg-new", ".dpkg-tmp", ".sig")
 
 
 @dataclass
@@ -187,7 +189,7 @@ def _newest_kernel(disk: _Disk) -> GrubChoice | None:
             continue
         for directory in KERNEL_DIRS:
             for name in volume.listdir(directory):
-                if name.startswith("vmlinuz-") and \
+                if name.startswith("vmlinuz-") and not name.endswith(_NOT_KERNELS) and \
                         volume.is_file(posixpath.join(directory, name)):
                     version = name[len("vmlinuz-"):]
                     found.append((version_key(version), part, directory, version))

@@ -262,10 +262,10 @@ def _parse(text: str, where: str) -> list[_Statement]:
     stack: list[tuple[_Block | _If | None, list[_Statement]]] = [(None, top)]
     for command in _lex(text, where):
         words = command.words
-        if len(stack) > MAX_NESTING:
-            raise FormatError(f"line {command.line}: blocks nested more than {MAX_NESTING} "
-                              "deep", path=where)
         while words:
+            if len(stack) > MAX_NESTING:
+                raise FormatError(f"line {command.line}: blocks nested more than "
+                                  f"{MAX_NESTING} deep", path=where)
             first = words[0].bare()
             construct, body = stack[-1]
             if first == "}":

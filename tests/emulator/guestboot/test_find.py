@@ -153,6 +153,33 @@ async def test_separate_boot_partition_found_by_search(tmp_path: Path) -> None:
     assert choice.cmdline == f"root=UUID={ROOT_UUID} ro quiet console=ttyS0"
 
 
+UBUNTU_ENTRY = f"""
+set linux_gfx_mode=
+if [ "${{linux_gfx_mode}}" != "text" ]; then set vt_handoff=vt.handoff=7; else set vt_handoff=; fi
+menuentry 'Ubuntu' --class ubuntu $menuentry_id_option 'gnulinux-simple-x' {{
+    recordfail
+    gfxmode $linux_gfx_mode
+    search --no-floppy --label --set=root part1
+    if [ "${{initrdfail}}" = 1 ]; then
+      linux    /boot/vmlinuz-{OLD} root=LABEL=part1 ro console=tty1 panic=-1
+      initrd    /boot/initrd.img-{NEW}
+    else
+      linuxefi    /boot/vmlinuz-{NEW} root=LABEL=part1 ro console=tty1 console=ttyS0 $vt_handoff
+      if [ "${{initrdfail}}" = 1 ]; then initrdefi /nothing; fi
+    fi
+}}
+""".encode()
+
+
+async def test_ubuntu_style_entry_takes_the_branch_that_holds(tmp_path: Path) -> None:
+    # if/else inside the entry, a variable set by an earlier if, search by label, linuxefi.
+    disk = make_linux_disk(tmp_path / "disk.raw", [root_fs({"boot/grub/grub.cfg":
+                                                            UBUNTU_ENTRY})])
+    choice = await find(disk)
+    assert choice.kernel_name.endswith(f"/boot/vmlinuz-{NEW}") and choice.initrd is None
+    assert choice.cmdline == "root=LABEL=part1 ro console=tty1 console=ttyS0 vt.handoff=7"
+
+
 async def test_configfile_is_followed(tmp_path: Path) -> None:
     disk = make_linux_disk(tmp_path / "disk.raw", [root_fs({
         "boot/grub/grub.cfg": b"insmod ext2\nconfigfile ($root)/boot/grub/real.cfg\n"
@@ -177,7 +204,8 @@ async def test_newest_kernel_without_grub_cfg(tmp_path: Path) -> None:
 
 async def test_newest_kernel_without_initrd_names_the_device(tmp_path: Path) -> None:
     # The kernel alone cannot read UUIDs; /vmlinuz-style links are followed like files.
-    files = {f"boot/vmlinuz-{OLD}": b"old", "boot/vmlinuz-5.10.0-1-amd64": b"older"}
+    files = {f"boot/vmlinuz-{OLD}": b"old", "boot/vmlinuz-5.10.0-1-amd64": b"older",
+             f"boot/vmlinuz-{NEW}.dpkg-bak": b"a backup"}
     spec = FsSpec(files=files, links={f"boot/vmlinuz-{NEW}": f"vmlinuz-{OLD}",
                                       "vmlinuz": f"boot/vmlinuz-{NEW}"}, uuid=ROOT_UUID)
     disk = make_linux_disk(tmp_path / "disk.raw", [spec])
@@ -242,11 +270,13 @@ LOOP_B = b"source /boot/grub/grub.cfg\n"
     ({"boot/grub/grub.cfg": b"menuentry 'x {\n"}, FormatError, r"unterminated ' quote"),
     ({"boot/grub/grub.cfg": b"if true; then\n" * 5000}, FormatError,
      r"grub.cfg: line 32: blocks nested more than 32 deep"),
+    ({"boot/grub/grub.cfg": b"menuentry x { " * 5000}, FormatError,
+     r"grub.cfg: line 1: blocks nested more than 32 deep"),
     ({"boot/grub/grub.cfg": LOOP_A, "boot/grub/b.cfg": LOOP_B}, FormatError,
      r"configuration loops: disk.raw partition 1: /boot/grub/grub.cfg -> disk.raw partition "
      r"1: /boot/grub/b.cfg -> disk.raw partition 1: /boot/grub/grub.cfg"),
 ], ids=["no-kernel", "missing-kernel", "search-finds-nothing", "other-disk", "no-partition",
-        "no-linux", "no-entries", "unclosed", "unterminated-quote", "nested",
+        "no-linux", "no-entries", "unclosed", "unterminated-quote", "nested-if", "nested-braces",
         "configfile-loop"])
 async def test_bad_images_say_what_is_wrong(tmp_path: Path, files: dict[str, bytes],
                                             error: type[VdiskError], message: str) -> None:

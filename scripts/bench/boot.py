@@ -16,8 +16,9 @@ Debian cloud image, booted over a throwaway overlay). Printed per boot:
 - the milestones on the vCPU's clock -- kernel entry (the vCPU starts), console (the banner),
   devices found (vda attached), partitions read, a file system mounted, root mounted, init
   -- and per phase between two of them the seconds, the VM exits and what they were (by exit
-  reason, and port/MMIO accesses by device: ``pio:serial`` is the console's cost); a boot
-  that does not end within ``--timeout`` is stopped and reports how far it got;
+  reason, and port/MMIO accesses by device: ``pio:serial`` is the console's cost), the last
+  phase running to the end of the run; a boot that does not end within ``--timeout`` is
+  stopped and reports how far it got and what it did since;
 - the guest's read throughput, through the page cache and with O_DIRECT (timed by the VMM
   between the guest's start/end marks), the requests the device saw and their average size;
 - VM exits during the read, per MiB read (with ioeventfd and irqfd, a request costs the two
@@ -109,10 +110,18 @@ def _boot(args: list[str], timeout: float) -> tuple[dict[str, float], str, str, 
 
 def phases(vm: dict[str, Any]) -> list[dict[str, Any]]:
     """The time and exits between consecutive milestones, in the order they were reached."""
-    seconds: dict[str, float] = vm.get("console_milestones_s", {})
-    counts: dict[str, int] = vm.get("console_milestone_exits", {})
-    kinds: dict[str, dict[str, int]] = vm.get("console_milestone_exits_by_kind", {})
+    seconds: dict[str, float] = dict(vm.get("console_milestones_s", {}))
+    counts: dict[str, int] = dict(vm.get("console_milestone_exits", {}))
+    kinds: dict[str, dict[str, int]] = dict(vm.get("console_milestone_exits_by_kind", {}))
     order = sorted(seconds, key=lambda name: (seconds[name], counts.get(name, 0)))
+    if order and "run_time_s" in vm:
+        # The last phase runs to the end of the run: after the last milestone of a boot that
+        # was stopped, it is what the guest was doing when it was.
+        seconds["end"], counts["end"] = vm["run_time_s"], vm["exits_total"]
+        kinds["end"] = {**vm["exits"],
+                        **{f"pio:{k}": v for k, v in vm.get("pio_by_device", {}).items()},
+                        **{f"mmio:{k}": v for k, v in vm.get("mmio_by_device", {}).items()}}
+        order.append("end")
     out = []
     for first, second in itertools.pairwise(order):
         before, after = kinds.get(first, {}), kinds.get(second, {})

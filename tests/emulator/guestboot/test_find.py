@@ -11,10 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from emulator.arch.x86_64 import layout
 from emulator.guestboot import BootChoice, find_boot
 from emulator.guestboot.find import version_key, with_serial_console
+from emulator.loader import load_kernel_image
+from emulator.memory import GuestMemory
 from tests.support.images import qemu_img, random_bytes
-from tests.support.partitioned import FsSpec, make_linux_disk
+from tests.support.partitioned import FsSpec, MiB, make_linux_disk
 from vdiskfs.block.context import OpenOptions, open_image
 from vdiskfs.errors import FormatError, UnsupportedError, VdiskError
 
@@ -329,6 +332,45 @@ def test_cli_says_why_in_one_line(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "emulator", "--initrd", "x"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert (proc.returncode, proc.stderr) == (1, "vdiskfs boot: error: --initrd needs --kernel\n")
+
+
+@pytest.fixture(scope="module")
+def stock_kernel() -> Path:
+    """Debian's linux-image-cloud-amd64 vmlinuz, its config beside it
+    (scripts/guest/fetch-cloud-kernel.sh: apt-get download, cached)."""
+    proc = subprocess.run([str(REPO / "scripts/guest/fetch-cloud-kernel.sh")],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"fetch-cloud-kernel.sh: {proc.stderr.strip()[-300:]}")
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+async def test_stock_debian_kernel_is_found_and_loads(stock_kernel: Path, tmp_path: Path) -> None:
+    # The files as Debian installs them: /boot/vmlinuz-<version> (LZ4 bzImage) and
+    # /boot/config-<version> (ACPI=y, virtio as modules: no warning), found by grub.cfg.
+    version = "6.1.0-99-cloud-amd64"
+    config = (stock_kernel.parent / "config").read_bytes()
+    disk = make_linux_disk(tmp_path / "disk.raw", [root_fs({
+        f"boot/vmlinuz-{version}": stock_kernel.read_bytes(),
+        f"boot/config-{version}": config,
+        f"boot/initrd.img-{version}": b"07070100000000",
+        "boot/grub/grub.cfg": debian_cfg().replace(NEW.encode(), version.encode()),
+    }, size=48 * MiB)])
+    choice = await find(disk)
+    assert choice.kernel == stock_kernel.read_bytes() and choice.warnings == []
+    memory = GuestMemory.anonymous(layout.ram_regions(256 << 20))
+    try:
+        kernel = load_kernel_image(memory, choice.kernel, choice.kernel_name)
+    finally:
+        memory.close()
+    assert kernel.kind == "bzImage/lz4"
+    # The same kernel built without ACPI could not find the VMM's disks: said before booting.
+    assert b"CONFIG_ACPI=y\n" in config
+    no_acpi = make_linux_disk(tmp_path / "no-acpi.raw", [root_fs({
+        f"boot/config-{NEW}": config.replace(b"CONFIG_ACPI=y\n", b"")})])
+    (warning,) = (await find(no_acpi)).warnings
+    assert "without CONFIG_ACPI and without CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES" in warning
 
 
 def test_version_order_and_serial_console() -> None:

@@ -172,10 +172,11 @@ def run_boot(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="vdiskfs boot: %(message)s", stream=sys.stderr)
     if args.kernel is None and (args.initrd or not args.disk):
-        # Without --kernel the disk's own initrd comes with its kernel.
+        # Without --kernel the disk's own initrd comes with its kernel. A usage error: 2, as
+        # argparse's own (and as when --kernel was required).
         print("vdiskfs boot: error: " + ("--initrd needs --kernel" if args.initrd else
               "--kernel, or a --disk to boot the kernel of"), file=sys.stderr)
-        return 1
+        return 2
     config = VmConfig(
         kernel=args.kernel,
         initrd=args.initrd,

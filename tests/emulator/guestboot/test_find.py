@@ -331,7 +331,11 @@ def test_cli_says_why_in_one_line(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) == 1
     proc = subprocess.run([sys.executable, "-m", "emulator", "--initrd", "x"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
-    assert (proc.returncode, proc.stderr) == (1, "vdiskfs boot: error: --initrd needs --kernel\n")
+    assert (proc.returncode, proc.stderr) == (2, "vdiskfs boot: error: --initrd needs --kernel\n")
+    proc = subprocess.run([sys.executable, "-m", "emulator"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert (proc.returncode, proc.stderr) == (
+        2, "vdiskfs boot: error: --kernel, or a --disk to boot the kernel of\n")
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,9 @@
 default menu entry, as GRUB would choose them with no one at the keyboard.
 
 This is not a GRUB script interpreter. It reads the configurations that grub-mkconfig writes
-(Debian, Ubuntu, Fedora) and hand-written ones in the same style:
+(Debian, Ubuntu) and hand-written ones in the same style. Boot Loader Specification entries
+(``blscfg``, Fedora's /boot/loader/entries) are not read: such a grub.cfg has no menuentry,
+and says so. What it follows:
 
 - words, quotes (``'...'``, ``"..."`` with ``$var``), backslashes, ``#`` comments, ``;``;
 - ``set name=value`` and ``name=value``; ``load_env`` (the ``grubenv`` beside the config, for

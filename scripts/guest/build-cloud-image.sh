@@ -9,23 +9,32 @@
 # converted to qcow2. Prints "root_uuid=", "kernel_version=", "data_md5=" and "data_offset=".
 #
 #   scripts/guest/build-cloud-image.sh OUT.qcow2 KERNEL_DIR [ARGS]
-# KERNEL_DIR is a build-kernel.sh cache directory (bzImage, config, source).
+# KERNEL_DIR is a build-kernel.sh cache directory (bzImage, config, source: the version is
+# <upstream>-vdiskfs) or a fetch-cloud-kernel.sh one (vmlinuz, config; cloud-<version>: a
+# Debian kernel's own version); VERSION=<version> overrides either.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 
 out=${1:?usage: build-cloud-image.sh OUT.qcow2 KERNEL_DIR [ARGS]}
 kernel_dir=${2:?usage: build-cloud-image.sh OUT.qcow2 KERNEL_DIR [ARGS]}
 args=${3:-}
-# "linux-source-6.1 6.1.192-3" -> 6.1.192-vdiskfs: the shape of a Debian kernel's version.
-version=$(awk '{ sub(/-.*/, "", $2); print $2 "-vdiskfs" }' "$kernel_dir/source")
+if [[ -f $kernel_dir/bzImage ]]; then
+  kernel=$kernel_dir/bzImage
+  # "linux-source-6.1 6.1.192-3" -> 6.1.192-vdiskfs: the shape of a Debian kernel's version.
+  version=${VERSION:-$(awk '{ sub(/-.*/, "", $2); print $2 "-vdiskfs" }' "$kernel_dir/source")}
+else
+  kernel=$kernel_dir/vmlinuz
+  name=$(basename "$kernel_dir")
+  version=${VERSION:-${name#cloud-}}
+fi
 uuid=$(cat /proc/sys/kernel/random/uuid)
 
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 boot=$tmp/boot
 mkdir -p "$boot/grub"
-cp "$kernel_dir/bzImage" "$boot/vmlinuz-$version"
-cp "$kernel_dir/config" "$boot/config-$version"
+cp "$kernel" "$boot/vmlinuz-$version"
+[[ ! -f $kernel_dir/config ]] || cp "$kernel_dir/config" "$boot/config-$version"
 initrd_line=
 if [[ -n ${INITRD:-} ]]; then
   cp "$INITRD" "$boot/initrd.img-$version"
@@ -57,7 +66,9 @@ $initrd_line
 }
 CFG
 raw=$tmp/disk.raw
-ROOT_UUID=$uuid "$here/build-rootfs.sh" "$raw" 24 1 "$boot"
+# Busybox takes about 2 MiB of the default 24: room for the kernel and initrd on top.
+root_mib=$(( 24 + $(du -sm "$boot" | cut -f1) ))
+ROOT_UUID=$uuid "$here/build-rootfs.sh" "$raw" "$root_mib" 1 "$boot"
 qemu-img convert -f raw -O qcow2 "$raw" "$out"
 echo "root_uuid=$uuid"
 echo "kernel_version=$version"

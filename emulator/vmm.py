@@ -44,10 +44,17 @@ from emulator.devices.serial import Serial
 from emulator.devices.virtio.block.backend import BlockBackend
 from emulator.devices.virtio.block.device import BlockDevice
 from emulator.devices.virtio.mmio import MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET, MmioTransport
+from emulator.guestboot import BootChoice, find_boot
 from emulator.kvm import abi, pvm
 from emulator.kvm.vcpu import Vcpu, VcpuLoop, install_kick_handler
 from emulator.kvm.vm import IrqfdLine, Kvm, KvmFlavor, KvmIrqLine, Vm
-from emulator.loader import LoadedKernel, load_initrd, load_kernel
+from emulator.loader import (
+    LoadedKernel,
+    load_initrd,
+    load_initrd_bytes,
+    load_kernel,
+    load_kernel_image,
+)
 from emulator.loader.bootparams import BootConfig, write_boot_params
 from emulator.loader.cmdline import Cmdline
 from emulator.memory import GuestMemory
@@ -87,7 +94,9 @@ class DiskConfig:
 
 @dataclass
 class VmConfig:
-    kernel: str
+    #: The kernel file; None: the one the first disk would boot (emulator.guestboot), with
+    #: its initrd and command line (``append`` is added to that).
+    kernel: str | None = None
     initrd: str | None = None
     append: str = ""
     memory: int = 256 << 20
@@ -163,10 +172,16 @@ class Vmm:
         self.console: ConsoleMonitor | None = None
         self.kernel: LoadedKernel | None = None
         self.cmdline = ""
+        #: What was found on the disk when no --kernel was given.
+        self.boot_choice: BootChoice | None = None
         self.flavor = KvmFlavor("unknown")
         self._output_fd = -1
         self._close_output = False
         self._run_started = 0.0
+        #: Seconds from run() to the vCPU's start (disks opened, kernel found and loaded), and
+        #: of those, finding and reading the kernel in the image (no --kernel).
+        self._setup_s: float | None = None
+        self._boot_find_s: float | None = None
 
     # -- statistics --------------------------------------------------------------------------------
 
@@ -179,6 +194,8 @@ class Vmm:
             "virtio_notify": self.config.virtio_notify,
             "virtio_irq": self.config.virtio_irq,
         }
+        if self.boot_choice is not None:
+            out["boot"] = self.boot_choice.stats()
         if self.loop is not None:
             out.update(self.loop.stats())
         if self.serial is not None:
@@ -186,6 +203,11 @@ class Vmm:
         if self.console is not None:
             out["console_milestones_s"] = dict(self.console.milestones)
             out["console_milestone_exits"] = dict(self.console.milestone_counts)
+            out["console_milestone_exits_by_kind"] = dict(self.console.milestone_breakdowns)
+        if self._setup_s is not None:
+            out["setup_s"] = self._setup_s
+        if self._boot_find_s is not None:
+            out["boot_find_s"] = self._boot_find_s
         if self._run_started:
             out["run_time_s"] = round(time.monotonic() - self._run_started, 3)
         outcome = self.stop.outcome
@@ -210,6 +232,15 @@ class Vmm:
 
     def _exits_total(self) -> int:
         return sum(self.loop.exits.values()) if self.loop is not None else 0
+
+    def _exits_by_kind(self) -> dict[str, int]:
+        """Exits by reason, and the port and MMIO accesses among them by device
+        (``pio:serial``, ``mmio:<disk>``): what each boot phase spent its exits on."""
+        if self.loop is None:
+            return {}
+        loop = self.loop
+        return {**loop.exits, **{f"pio:{k}": v for k, v in loop.pio.accesses.items()},
+                **{f"mmio:{k}": v for k, v in loop.mmio.accesses.items()}}
 
     def extra_stats(self) -> dict[str, Callable[[], dict[str, Any]]]:
         """Stats sources for the FUSE view beside the node files."""
@@ -245,8 +276,42 @@ class Vmm:
             # (Its warnings were logged as they arose: OpenOptions.tell.)
             self.disks.append(_Disk(name, disk, node))
 
+    async def _find_boot(self) -> None:
+        """No --kernel: read what the first disk boots, and say what was chosen (stderr)."""
+        if not self.disks:
+            raise UnsupportedError("no --kernel and no --disk to find one on")
+        disk = self.disks[0]
+        # Guest RAM bounds the initrd long before the kernel's initrd_addr_max does.
+        choice = self.boot_choice = await find_boot(
+            disk.node, redact_url(disk.config.path), initrd_limit=self.config.memory)
+        initrd = " + ".join(choice.initrd_names) or "none"
+        print(f"vdiskfs boot: booting {choice.reason}:\n  kernel  {choice.kernel_name}\n"
+              f"  initrd  {initrd}\n  cmdline {choice.cmdline}", file=sys.stderr)
+        for warning in choice.warnings:
+            print(f"vdiskfs boot: warning: {warning}", file=sys.stderr)
+
+    def _load_kernel(self, memory: GuestMemory) -> tuple[LoadedKernel, int, int]:
+        """The kernel and initrd in guest memory: (kernel, initrd address, initrd size)."""
+        config, choice = self.config, self.boot_choice
+        if choice is not None:
+            kernel = load_kernel_image(memory, choice.kernel, choice.kernel_name)
+            choice.kernel = b""  # its ELF is in guest memory now
+            if choice.initrd is None:
+                return kernel, 0, 0
+            address, size = load_initrd_bytes(memory, choice.initrd,
+                                              choice.initrd_names[0], kernel)
+            choice.initrd = None
+            return kernel, address, size
+        assert config.kernel is not None
+        kernel = load_kernel(memory, config.kernel)
+        if config.initrd:
+            return kernel, *load_initrd(memory, config.initrd, kernel)
+        return kernel, 0, 0
+
     def _build_cmdline(self, kernel: LoadedKernel) -> Cmdline:
         cmdline = Cmdline(kernel.cmdline_capacity)
+        if self.boot_choice is not None:
+            cmdline.append(self.boot_choice.cmdline)
         cmdline.append(self.config.append)
         defaults = [
             ("console", "console=ttyS0"),
@@ -295,10 +360,8 @@ class Vmm:
         vm.create_irqchip()
         vm.create_pit()
 
-        kernel = self.kernel = load_kernel(memory, config.kernel)
-        initrd_addr = initrd_size = 0
-        if config.initrd:
-            initrd_addr, initrd_size = load_initrd(memory, config.initrd, kernel)
+        kernel, initrd_addr, initrd_size = self._load_kernel(memory)
+        self.kernel = kernel
 
         pio, mmio = Bus("pio"), Bus("mmio")
         self._setup_console(vm, pio)
@@ -339,7 +402,8 @@ class Vmm:
         regs.setup_fpu(vcpu)
         regs.setup_lapic(vcpu)
         self.loop = VcpuLoop(vcpu, memory, pio, mmio, self.stop, pvm_fixups=self.flavor.is_pvm)
-        log.info("kernel %s (%s), entry %#x; command line: %s", config.kernel, kernel.kind,
+        name = config.kernel if self.boot_choice is None else self.boot_choice.kernel_name
+        log.info("kernel %s (%s), entry %#x; command line: %s", name, kernel.kind,
                  kernel.entry, self.cmdline)
 
     def _setup_console(self, vm: Vm, pio: Bus) -> None:
@@ -355,7 +419,8 @@ class Vmm:
             with contextlib.suppress(OSError):
                 os.write(fd, data)
 
-        self.console = ConsoleMonitor(write_out, self.stop, counter=self._exits_total)
+        self.console = ConsoleMonitor(write_out, self.stop, counter=self._exits_total,
+                                      breakdown=self._exits_by_kind)
         self.serial = Serial(KvmIrqLine(vm, layout.SERIAL_IRQ), self.console.feed)
         pio.insert(layout.SERIAL_PORT, layout.SERIAL_PORT_COUNT, "serial", self.serial)
 
@@ -388,14 +453,19 @@ class Vmm:
 
     async def run(self) -> Outcome:
         """Boot, run until the guest ends (or the run is stopped), tear down; the outcome."""
+        started = time.monotonic()
         try:
             await self._open_disks()
+            if self.config.kernel is None:
+                before = time.monotonic()
+                await self._find_boot()
+                self._boot_find_s = round(time.monotonic() - before, 3)
             self._setup_machine()
-            return await self._run_guest()
+            return await self._run_guest(started)
         finally:
             await self._teardown()
 
-    async def _run_guest(self) -> Outcome:
+    async def _run_guest(self, started: float) -> Outcome:
         assert self.loop is not None and self.console is not None
         install_kick_handler()
         token = trio.lowlevel.current_trio_token()
@@ -418,6 +488,7 @@ class Vmm:
                 if self.config.mountpoint is not None:
                     await self._start_mount(nursery)
                 self._run_started = time.monotonic()
+                self._setup_s = round(self._run_started - started, 3)
                 self.console.restart_clock()
                 thread.start()
                 try:

@@ -44,10 +44,17 @@ from emulator.devices.serial import Serial
 from emulator.devices.virtio.block.backend import BlockBackend
 from emulator.devices.virtio.block.device import BlockDevice
 from emulator.devices.virtio.mmio import MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET, MmioTransport
+from emulator.guestboot import BootChoice, find_boot
 from emulator.kvm import abi, pvm
 from emulator.kvm.vcpu import Vcpu, VcpuLoop, install_kick_handler
 from emulator.kvm.vm import IrqfdLine, Kvm, KvmFlavor, KvmIrqLine, Vm
-from emulator.loader import LoadedKernel, load_initrd, load_kernel
+from emulator.loader import (
+    LoadedKernel,
+    load_initrd,
+    load_initrd_bytes,
+    load_kernel,
+    load_kernel_image,
+)
 from emulator.loader.bootparams import BootConfig, write_boot_params
 from emulator.loader.cmdline import Cmdline
 from emulator.memory import GuestMemory
@@ -87,7 +94,9 @@ class DiskConfig:
 
 @dataclass
 class VmConfig:
-    kernel: str
+    #: The kernel file; None: the one the first disk would boot (emulator.guestboot), with
+    #: its initrd and command line (``append`` is added to that).
+    kernel: str | None = None
     initrd: str | None = None
     append: str = ""
     memory: int = 256 << 20
@@ -194,9 +203,45 @@ def _close_memory(memory: GuestMemory) -> None:
         memory.close()
 
 
-def _build_cmdline(config: VmConfig, kernel: LoadedKernel, flavor: KvmFlavor,
-                   windows: list[tuple[int, int]]) -> Cmdline:
+async def _find_boot(config: VmConfig, disks: list[tuple[str, DiskConfig, BlockNode]]
+                     ) -> BootChoice:
+    """No --kernel: read what the first disk boots, and say what was chosen (stderr)."""
+    if not disks:
+        raise UnsupportedError("no --kernel and no --disk to find one on")
+    _, disk, node = disks[0]
+    # Guest RAM bounds the initrd long before the kernel's initrd_addr_max does.
+    choice = await find_boot(node, redact_url(disk.path), initrd_limit=config.memory)
+    initrd = " + ".join(choice.initrd_names) or "none"
+    print(f"vdiskfs boot: booting {choice.reason}:\n  kernel  {choice.kernel_name}\n"
+          f"  initrd  {initrd}\n  cmdline {choice.cmdline}", file=sys.stderr)
+    for warning in choice.warnings:
+        print(f"vdiskfs boot: warning: {warning}", file=sys.stderr)
+    return choice
+
+
+def _load_kernel(config: VmConfig, choice: BootChoice | None,
+                 memory: GuestMemory) -> tuple[LoadedKernel, int, int]:
+    """The kernel and initrd in guest memory: (kernel, initrd address, initrd size)."""
+    if choice is not None:
+        kernel = load_kernel_image(memory, choice.kernel, choice.kernel_name)
+        choice.kernel = b""  # its ELF is in guest memory now
+        if choice.initrd is None:
+            return kernel, 0, 0
+        address, size = load_initrd_bytes(memory, choice.initrd, choice.initrd_names[0], kernel)
+        choice.initrd = None
+        return kernel, address, size
+    assert config.kernel is not None  # no choice is made only when --kernel is given
+    kernel = load_kernel(memory, config.kernel)
+    if config.initrd:
+        return kernel, *load_initrd(memory, config.initrd, kernel)
+    return kernel, 0, 0
+
+
+def _build_cmdline(config: VmConfig, choice: BootChoice | None, kernel: LoadedKernel,
+                   flavor: KvmFlavor, windows: list[tuple[int, int]]) -> Cmdline:
     cmdline = Cmdline(kernel.cmdline_capacity)
+    if choice is not None:
+        cmdline.append(choice.cmdline)
     cmdline.append(config.append)
     defaults = [
         ("console", "console=ttyS0"),
@@ -279,11 +324,18 @@ async def build_vmm(config: VmConfig) -> AsyncIterator[Vmm]:
     Leaving the block tears it all down in the reverse order of building, after the disks'
     final flush and the ``--stats`` file. A step that fails undoes the steps before it.
     """
+    started = time.monotonic()
     async with contextlib.AsyncExitStack() as stack:
         stop = StopSignal()
         # The VM's throttle groups: disks share a budget only when they name one.
         throttle_groups = ThrottleGroups()
         opened = await _open_disks(config, throttle_groups, stack)
+        choice: BootChoice | None = None
+        boot_find_s: float | None = None
+        if config.kernel is None:
+            before = time.monotonic()
+            choice = await _find_boot(config, opened)
+            boot_find_s = round(time.monotonic() - before, 3)
         # Closed last of the machine: the VM and the vCPU map it until they are closed.
         memory = GuestMemory.anonymous(layout.ram_regions(config.memory))
         stack.callback(_close_memory, memory)
@@ -303,10 +355,7 @@ async def build_vmm(config: VmConfig) -> AsyncIterator[Vmm]:
         vm.create_irqchip()
         vm.create_pit()
 
-        kernel = load_kernel(memory, config.kernel)
-        initrd_addr = initrd_size = 0
-        if config.initrd:
-            initrd_addr, initrd_size = load_initrd(memory, config.initrd, kernel)
+        kernel, initrd_addr, initrd_size = _load_kernel(config, choice, memory)
 
         pio, mmio = Bus("pio"), Bus("mmio")
         output_fd = _open_console_output(config.serial, stack)
@@ -315,9 +364,10 @@ async def build_vmm(config: VmConfig) -> AsyncIterator[Vmm]:
             with contextlib.suppress(OSError):
                 os.write(output_fd, data)
 
-        # The console reads the exit count at each milestone: the loop is made below, before
-        # the vCPU runs and prints anything.
-        console = ConsoleMonitor(write_out, stop, counter=lambda: sum(loop.exits.values()))
+        # The console reads the exits at each milestone: the loop is made below, before the
+        # vCPU runs and prints anything.
+        console = ConsoleMonitor(write_out, stop, counter=lambda: sum(loop.exits.values()),
+                                 breakdown=lambda: _exits_by_kind(loop))
         serial = Serial(KvmIrqLine(vm, layout.SERIAL_IRQ), console.feed)
         pio.insert(layout.SERIAL_PORT, layout.SERIAL_PORT_COUNT, "serial", serial)
         pio.insert(layout.I8042_COMMAND_PORT, 1, "i8042",
@@ -335,7 +385,7 @@ async def build_vmm(config: VmConfig) -> AsyncIterator[Vmm]:
                            if sig != "RSDP"))
 
         flavor = kvm.flavor
-        cmdline = _build_cmdline(config, kernel, flavor, [(d.base, d.irq) for d in disks])
+        cmdline = _build_cmdline(config, choice, kernel, flavor, [(d.base, d.irq) for d in disks])
         raw = cmdline.as_bytes()
         memory.write(layout.CMDLINE_START, raw)
         write_boot_params(memory, layout.ZERO_PAGE_START, BootConfig(
@@ -356,14 +406,22 @@ async def build_vmm(config: VmConfig) -> AsyncIterator[Vmm]:
         regs.setup_fpu(vcpu)
         regs.setup_lapic(vcpu)
         loop = VcpuLoop(vcpu, memory, pio, mmio, stop, pvm_fixups=flavor.is_pvm)
-        log.info("kernel %s (%s), entry %#x; command line: %s", config.kernel, kernel.kind,
+        name = config.kernel if choice is None else choice.kernel_name
+        log.info("kernel %s (%s), entry %#x; command line: %s", name, kernel.kind,
                  kernel.entry, cmdline)
 
         vmm = Vmm(config=config, stop=stop, disks=disks, flavor=flavor, loop=loop, serial=serial,
-                  console=console)
+                  console=console, boot_choice=choice, started=started, boot_find_s=boot_find_s)
         # Runs first on the way out: flush, then the figures, while the nodes are open.
         stack.push_async_callback(vmm.finish)
         yield vmm
+
+
+def _exits_by_kind(loop: VcpuLoop) -> dict[str, int]:
+    """Exits by reason, and the port and MMIO accesses among them by device (``pio:serial``,
+    ``mmio:<disk>``): what each boot phase spent its exits on."""
+    return {**loop.exits, **{f"pio:{k}": v for k, v in loop.pio.accesses.items()},
+            **{f"mmio:{k}": v for k, v in loop.mmio.accesses.items()}}
 
 
 async def run_vmm(config: VmConfig) -> Outcome:
@@ -376,8 +434,9 @@ class Vmm:
     """One VM, built whole by :func:`build_vmm`: :meth:`run` runs it once."""
 
     def __init__(self, *, config: VmConfig, stop: StopSignal, disks: list[_Disk],
-                 flavor: KvmFlavor, loop: VcpuLoop, serial: Serial,
-                 console: ConsoleMonitor) -> None:
+                 flavor: KvmFlavor, loop: VcpuLoop, serial: Serial, console: ConsoleMonitor,
+                 boot_choice: BootChoice | None, started: float,
+                 boot_find_s: float | None) -> None:
         self.config = config
         self.stop = stop
         self.disks = disks
@@ -385,6 +444,12 @@ class Vmm:
         self.loop = loop
         self.serial = serial
         self.console = console
+        #: What was found on the disk when no --kernel was given.
+        self.boot_choice = boot_choice
+        #: When building began (time.monotonic()), and the seconds that finding and reading
+        #: the kernel in the image took of it (no --kernel).
+        self._started = started
+        self._boot_find_s = boot_find_s
         #: When the vCPU started (time.monotonic()); 0 before the run.
         self._run_started = 0.0
 
@@ -398,11 +463,19 @@ class Vmm:
             "memory_bytes": self.config.memory,
             "virtio_notify": self.config.virtio_notify,
             "virtio_irq": self.config.virtio_irq,
+            **({"boot": self.boot_choice.stats()} if self.boot_choice is not None else {}),
             **self.loop.stats(),
             "serial": self.serial.stats(),
             "console_milestones_s": dict(self.console.milestones),
             "console_milestone_exits": dict(self.console.milestone_counts),
+            "console_milestone_exits_by_kind": dict(self.console.milestone_breakdowns),
         }
+        if self._run_started:
+            # Seconds from the start of building to the vCPU's start (disks opened, kernel
+            # found and loaded), and of those, finding and reading the kernel (no --kernel).
+            out["setup_s"] = round(self._run_started - self._started, 3)
+        if self._boot_find_s is not None:
+            out["boot_find_s"] = self._boot_find_s
         if self._run_started:
             out["run_time_s"] = round(time.monotonic() - self._run_started, 3)
         outcome = self.stop.outcome

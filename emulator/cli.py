@@ -15,7 +15,7 @@ import trio
 from emulator.arch.x86_64 import layout
 from emulator.kvm.vm import KvmError
 from emulator.loader.cmdline import CmdlineError
-from emulator.vmm import DiskConfig, VmConfig, Vmm
+from emulator.vmm import DiskConfig, VmConfig, run_vmm
 from vdiskfs.block.registry import read_only_protocol, redact_url, url_scheme
 from vdiskfs.drivers.filter.throttle_buckets import parse_throttle
 from vdiskfs.errors import VdiskError
@@ -196,9 +196,8 @@ def run_boot(args: argparse.Namespace) -> int:
         print(f"vdiskfs boot: error: --disk: {len(config.disks)} disks, at most "
               f"{len(layout.VIRTIO_IRQS)} (one interrupt line each)", file=sys.stderr)
         return 1
-    vmm = Vmm(config)
     try:
-        outcome = trio.run(vmm.run)
+        outcome = trio.run(run_vmm, config)
     except (VdiskError, KvmError, CmdlineError) as exc:
         print(f"vdiskfs boot: error: {exc}", file=sys.stderr)
         return 1

@@ -71,7 +71,7 @@ def _damaged(where: str, exc: BaseException) -> FormatError:
 try:
     from dissect.extfs.exceptions import Error as _DissectError
 except ImportError:  # reported when a volume is opened
-    _DissectError = OSError  # type: ignore[assignment,misc]
+    _DissectError = OSError
 _PARSE_ERRORS = (_DissectError, EOFError, ValueError, IndexError, KeyError, OverflowError,
                  struct.error, RecursionError, NotImplementedError, UnicodeDecodeError)
 

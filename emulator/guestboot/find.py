@@ -266,8 +266,8 @@ def _find_sync(disk: _Disk, initrd_limit: int) -> BootChoice:
         config_path = posixpath.join(posixpath.dirname(choice.kernel.path),
                                      "config-" + base[len("vmlinuz-"):])
         if disk.is_file(choice.kernel.part, config_path):
-            config = disk.read(choice.kernel.part, config_path, MAX_KERNEL_CONFIG)
-            warnings = kernel_config_warnings(config.decode("utf-8", "replace"),
+            kernel_config = disk.read(choice.kernel.part, config_path, MAX_KERNEL_CONFIG)
+            warnings = kernel_config_warnings(kernel_config.decode("utf-8", "replace"),
                                               name(choice.kernel))
     return BootChoice(kernel, name(choice.kernel), initrd,
                       tuple(name(i) for i in choice.initrds),

@@ -12,10 +12,14 @@ work meanwhile. Used from any other thread it raises ``RuntimeError`` (trio's ow
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING
 
 import trio
 
 from vdiskfs.block.node import BlockNode
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 __all__ = ["NodeFile", "open_node_file"]
 
@@ -56,12 +60,13 @@ class NodeFile(io.RawIOBase):
         self._pos = pos
         return pos
 
-    def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]
-        length = min(len(buffer), self.size - self._pos)
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        view = memoryview(buffer).cast("B")
+        length = min(len(view), self.size - self._pos)
         if length <= 0:
             return 0
         data = trio.from_thread.run(self.node.pread, self._pos, length)
-        memoryview(buffer)[:length] = data
+        view[:length] = data
         self._pos += length
         return length
 

@@ -15,7 +15,7 @@ import trio
 from emulator.arch.x86_64 import layout
 from emulator.kvm.vm import KvmError
 from emulator.loader.cmdline import CmdlineError
-from emulator.vmm import DiskConfig, VmConfig, Vmm
+from emulator.vmm import DiskConfig, VmConfig, run_vmm
 from vdiskfs.block.registry import read_only_protocol, redact_url, url_scheme
 from vdiskfs.drivers.filter.throttle_buckets import parse_throttle
 from vdiskfs.errors import VdiskError
@@ -128,13 +128,16 @@ def _is_disk_option(item: str) -> bool:
 
 def add_boot_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``vdiskfs boot``."""
-    parser.add_argument("--kernel", required=True, metavar="VMLINUX_OR_BZIMAGE",
+    parser.add_argument("--kernel", metavar="VMLINUX_OR_BZIMAGE",
                         help="kernel to boot: an ELF vmlinux or a bzImage (gzip, xz, lzma, "
-                        "bzip2, zstd or lz4 payload)")
-    parser.add_argument("--initrd", metavar="FILE", help="initial ramdisk")
+                        "bzip2, zstd or lz4 payload); without it, the kernel, initrd and "
+                        "command line that the first --disk would boot (its grub.cfg's "
+                        "default entry, or its newest /boot/vmlinuz-*), read from its "
+                        "ext2/3/4 file system")
+    parser.add_argument("--initrd", metavar="FILE", help="initial ramdisk (with --kernel)")
     parser.add_argument("--append", default="", metavar="ARGS",
-                        help="kernel command line (console=ttyS0 and the virtio_mmio.device= "
-                        "arguments are added)")
+                        help="kernel command line, or what to add to the disk's (console=ttyS0 "
+                        "and the virtio_mmio.device= arguments are added)")
     parser.add_argument("--memory", "-m", type=parse_memory, default=256 << 20, metavar="SIZE",
                         help="guest RAM (default 256M)")
     parser.add_argument("--disk", type=parse_disk, action="append", default=[],
@@ -168,6 +171,12 @@ def run_boot(args: argparse.Namespace) -> int:
     """Boot the guest; the exit status (0 when the guest powered off or rebooted)."""
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="vdiskfs boot: %(message)s", stream=sys.stderr)
+    if args.kernel is None and (args.initrd or not args.disk):
+        # Without --kernel the disk's own initrd comes with its kernel. A usage error: 2, as
+        # argparse's own (and as when --kernel was required).
+        print("vdiskfs boot: error: " + ("--initrd needs --kernel" if args.initrd else
+              "--kernel, or a --disk to boot the kernel of"), file=sys.stderr)
+        return 2
     config = VmConfig(
         kernel=args.kernel,
         initrd=args.initrd,
@@ -187,9 +196,8 @@ def run_boot(args: argparse.Namespace) -> int:
         print(f"vdiskfs boot: error: --disk: {len(config.disks)} disks, at most "
               f"{len(layout.VIRTIO_IRQS)} (one interrupt line each)", file=sys.stderr)
         return 1
-    vmm = Vmm(config)
     try:
-        outcome = trio.run(vmm.run)
+        outcome = trio.run(run_vmm, config)
     except (VdiskError, KvmError, CmdlineError) as exc:
         print(f"vdiskfs boot: error: {exc}", file=sys.stderr)
         return 1

@@ -24,11 +24,21 @@ MAX_LINE = 4096
 PANIC_MARK = b"Kernel panic - not syncing: "
 PANIC_END_MARK = b"---[ end Kernel panic - not syncing"
 HALT_MARKS = (b"reboot: System halted", b"reboot: Power down")
-#: Console lines whose first appearance is timed (seconds since the vCPU started).
+#: Console lines whose first appearance is timed (seconds since the vCPU started, which is
+#: the milestone "kernel_entry"), in the order a boot reaches them. A phase between two is
+#: what the benchmark (scripts/bench/boot.py) reports: the kernel's early boot until its
+#: console registers and prints the banner, driver probing until the first disk attaches,
+#: the partition scan (the first reads through the stack), then the root file system.
 MILESTONES: dict[str, bytes] = {
+    "console": b"Linux version ",
+    "devices_found": b": [vda] ",
+    "partitions_read": b" vda:",
+    # "EXT4-fs (vda1): mounted filesystem": also a root that an initramfs mounts.
+    "fs_mounted": b"): mounted filesystem",
     "root_mounted": b"VFS: Mounted root",
     "run_init": b" as init process",
 }
+KERNEL_ENTRY = "kernel_entry"
 #: A guest may time its own phases: a line "VDISKFS-MARK <name>" is the milestone <name>.
 GUEST_MARK = b"VDISKFS-MARK "
 
@@ -38,12 +48,15 @@ class ConsoleMonitor:
 
     def __init__(self, sink: Callable[[bytes], None], stop: StopSignal,
                  clock: Callable[[], float] = time.monotonic,
-                 counter: Callable[[], int] | None = None) -> None:
+                 counter: Callable[[], int] | None = None,
+                 breakdown: Callable[[], dict[str, int]] | None = None) -> None:
         self.sink = sink
         self.stop = stop
         self.clock = clock
         #: Read at each milestone (the VM's exit count), to attribute exits to a phase.
         self.counter = counter
+        #: Read at each milestone too: the exits by reason and device, for phases.
+        self.breakdown = breakdown
         self.started = clock()
         self._line = bytearray()
         #: The panic message once one was printed.
@@ -52,11 +65,14 @@ class ConsoleMonitor:
         self.milestones: dict[str, float] = {}
         #: The counter's value at each milestone.
         self.milestone_counts: dict[str, int] = {}
+        #: The breakdown's value at each milestone.
+        self.milestone_breakdowns: dict[str, dict[str, int]] = {}
         self.lines = 0
 
     def restart_clock(self) -> None:
-        """Milestones count from now (when the vCPU starts)."""
+        """Milestones count from now: the vCPU starts at the kernel's entry point."""
         self.started = self.clock()
+        self._milestone(KERNEL_ENTRY, self.started)
 
     def feed(self, data: bytes) -> None:
         self.sink(data)
@@ -67,11 +83,14 @@ class ConsoleMonitor:
             elif len(self._line) < MAX_LINE:
                 self._line.append(byte)
 
-    def _milestone(self, name: str) -> None:
+    def _milestone(self, name: str, now: float | None = None) -> None:
         if name not in self.milestones:
-            self.milestones[name] = round(self.clock() - self.started, 3)
+            now = self.clock() if now is None else now
+            self.milestones[name] = round(now - self.started, 3)
             if self.counter is not None:
                 self.milestone_counts[name] = self.counter()
+            if self.breakdown is not None:
+                self.milestone_breakdowns[name] = self.breakdown()
 
     def _end_of_line(self, line: bytes) -> None:
         self.lines += 1

@@ -144,13 +144,16 @@ class GuestMemory:
             view[start : start + n] = chunk[:n]
 
     def read_u16(self, gpa: int) -> int:
-        return _U16.unpack(self.view(gpa, 2))[0]
+        value: int = _U16.unpack(self.view(gpa, 2))[0]
+        return value
 
     def read_u32(self, gpa: int) -> int:
-        return _U32.unpack(self.view(gpa, 4))[0]
+        value: int = _U32.unpack(self.view(gpa, 4))[0]
+        return value
 
     def read_u64(self, gpa: int) -> int:
-        return _U64.unpack(self.view(gpa, 8))[0]
+        value: int = _U64.unpack(self.view(gpa, 8))[0]
+        return value
 
     def write_u16(self, gpa: int, value: int) -> None:
         _U16.pack_into(self.view(gpa, 2), 0, value)

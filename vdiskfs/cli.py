@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import trio
 
@@ -24,9 +25,10 @@ from vdiskfs.block.registry import driver_names, redact_url, url_scheme
 from vdiskfs.drivers.filter.throttle_buckets import parse_throttle
 from vdiskfs.errors import VdiskError
 from vdiskfs.info import format_text, image_info
+from vdiskfs.mountargs import MountRequest
 from vdiskfs.partitions import scan_disk
 from vdiskfs.units import parse_size
-from vdiskfs.urlargs import RemoteOptions, add_remote_arguments, has_credentials, hide_credentials
+from vdiskfs.urlargs import RemoteOptions, add_remote_arguments, hide_credentials
 
 __all__ = ["main"]
 
@@ -55,38 +57,19 @@ def _build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         "statistics under MOUNTPOINT/stats/.",
     )
     mount.add_argument("paths", nargs="+", metavar="IMAGE... MOUNTPOINT")
+    # What the mount does: MountRequest's fields declare their options.
+    MountRequest.add_arguments(mount)
+    # How the command runs it.
     mount.add_argument("-f", "--foreground", action="store_true",
                        help="stay attached and log to stderr")
-    mode = mount.add_mutually_exclusive_group()
-    mode.add_argument("--rw", action="store_true", help="make the raw files writable; writes "
-                      "go into the images")
-    mode.add_argument("--overlay", metavar="NEW.qcow2", help="writes go into NEW.qcow2 (created "
-                      "over IMAGE if missing, continued if it exists); IMAGE stays untouched")
-    mount.add_argument("--format", metavar="FMT", choices=driver_names(),
-                       help="force the format of every IMAGE instead of probing it")
-    mount.add_argument("--no-partitions", dest="partitions", action="store_false",
-                       help="do not show partition files")
-    mount.add_argument("--snapshots", action=argparse.BooleanOptionalAction, default=None,
-                       help="show every internal snapshot as <stem>@<name>.raw, read-only "
-                       "(default: on read-only mounts, not with --rw or --overlay)")
-    mount.add_argument("--allow-other", action="store_true",
-                       help="let other users access the mount (FUSE allow_other)")
-    mount.add_argument("--no-follow-outside", dest="follow_outside", action="store_false",
-                       help="refuse backing files and extents outside the image's directory")
     mount.add_argument("--log-file", metavar="FILE", help="where the background daemon logs")
     mount.add_argument("--timeout", metavar="SECONDS", type=float, default=READY_TIMEOUT,
                        help="give up (and stop the daemon) when the images are not mounted "
                        f"after SECONDS (default {READY_TIMEOUT:g}; 0: wait for ever)")
-    mount.add_argument("--debug", action="store_true", help="log every FUSE request")
-    mount.add_argument("--throttle", metavar="LIMITS",
-                       help="keep each IMAGE's I/O within QEMU-style limits, e.g. "
-                       "bps-read=50M,iops-total=2000 (bps-{total,read,write}, "
-                       "iops-{total,read,write}, their -max and -max-length, iops-size); "
-                       "group=NAME: all the IMAGEs share one budget; changeable while mounted "
-                       "through stats/<stem>/throttle")
-    add_remote_arguments(mount)
+    # The background daemon's: where it reports, and its request as JSON on stdin (its
+    # MOUNTPOINT argument only names it in ps).
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
-    mount.add_argument("--paths-from-stdin", action="store_true", help=argparse.SUPPRESS)
+    mount.add_argument("--request-on-stdin", action="store_true", help=argparse.SUPPRESS)
 
     unmount = commands.add_parser(
         "unmount", aliases=["umount"], help="unmount and wait for the images to be closed"
@@ -176,41 +159,31 @@ def _setup_logging(debug: bool) -> None:
 def _cmd_mount(args: argparse.Namespace) -> int:
     # Lazy, as every command's own modules here: the daemon loads FUSE and, for --overlay, the
     # qcow2 driver; ``import vdiskfs.cli`` loads no format driver (tests/test_imports.py).
-    from vdiskfs.fs.daemon import MountRequest, run_foreground, spawn_daemon
+    from vdiskfs.fs.daemon import run_foreground, spawn_daemon
 
-    if args.paths_from_stdin:
-        # From a background mount (see daemon_arguments).
-        images, mountpoint = json.loads(sys.stdin.read()), args.paths[-1]
+    if args.request_on_stdin:
+        # A background mount's daemon (spawned below).
+        request = MountRequest.from_json(sys.stdin.read())
     elif len(args.paths) < 2:
         raise VdiskError("mount needs at least one IMAGE and a MOUNTPOINT")
     else:
         *images, mountpoint = args.paths
-    if args.throttle is not None:
+        request = MountRequest.from_args(args, images, mountpoint)
+    if request.throttle is not None:
         # Checked here, so that a bad option is an error on the terminal, not in a daemon.
-        spec = parse_throttle(args.throttle)
+        spec = parse_throttle(request.throttle)
         if spec.limits is None and spec.group is None:
             raise VdiskError("--throttle: give limits (e.g. bps-read=50M,iops-total=2000) "
                              "or group=NAME", errno=errno.EINVAL)
     if not args.foreground:
-        argv, stdin = daemon_arguments(args)
+        # The whole request on the daemon's stdin, not as arguments: every user can read a
+        # process's arguments (ps, /proc/PID/cmdline), and an IMAGE may be a URL with a
+        # password in it.
+        argv = ["--request-on-stdin", "--", os.path.abspath(request.mountpoint)]
         return spawn_daemon(argv, args.log_file, args.timeout or None,  # 0: no limit
-                            stdin=stdin)
+                            stdin=request.to_json().encode())
 
-    request = MountRequest(
-        images=images,
-        mountpoint=mountpoint,
-        format=args.format,
-        writable=args.rw,
-        overlay=args.overlay,
-        partitions=args.partitions,
-        snapshots=args.snapshots,
-        allow_other=args.allow_other,
-        follow_outside=args.follow_outside,
-        debug=args.debug,
-        remote=RemoteOptions.from_args(args),
-        throttle=args.throttle,
-    )
-    _setup_logging(args.debug)
+    _setup_logging(request.debug)
     report = os.fdopen(args.ready_fd, "w", buffering=1) if args.ready_fd is not None else None
 
     def send(kind: str, text: str) -> None:
@@ -236,55 +209,6 @@ def _cmd_mount(args: argparse.Namespace) -> int:
         if report is not None and not report.closed:
             report.close()
     return 0
-
-
-def daemon_arguments(args: argparse.Namespace) -> tuple[list[str], bytes | None]:
-    """The mount arguments to hand to the background daemon, and what to write on its stdin.
-
-    When an IMAGE is a URL with credentials (``https://user:password@host/...``), the IMAGE
-    arguments travel as JSON on the daemon's stdin instead of its argv, which every user can
-    read (``ps``, ``/proc/PID/cmdline``); so does its initial environment, to its owner.
-    """
-    argv = argv_of(args)
-    *images, mountpoint = args.paths
-    if not any(has_credentials(image) for image in images):
-        return argv, None
-    cut = argv.index("--")
-    paths = json.dumps([_daemon_path(image) for image in images]).encode()
-    return [*argv[:cut], "--paths-from-stdin", "--", _daemon_path(mountpoint)], paths
-
-
-def _daemon_path(path: str) -> str:
-    """Paths become absolute (the daemon must not depend on the caller's directory); URLs stay
-    as they are."""
-    return path if url_scheme(path) is not None else os.path.abspath(path)
-
-
-def argv_of(args: argparse.Namespace) -> list[str]:
-    """The mount arguments to hand to the background daemon."""
-    argv: list[str] = []
-    if args.rw:
-        argv.append("--rw")
-    if args.overlay:
-        argv += ["--overlay", os.path.abspath(args.overlay)]
-    if args.format:
-        argv += ["--format", args.format]
-    if not args.partitions:
-        argv.append("--no-partitions")
-    if args.snapshots is not None:
-        argv.append("--snapshots" if args.snapshots else "--no-snapshots")
-    if args.allow_other:
-        argv.append("--allow-other")
-    if not args.follow_outside:
-        argv.append("--no-follow-outside")
-    if args.debug:
-        argv.append("--debug")
-    argv += RemoteOptions.from_args(args).argv()
-    if args.throttle is not None:
-        argv += ["--throttle", args.throttle]
-    argv.append("--")
-    argv += [_daemon_path(p) for p in args.paths]
-    return argv
 
 
 def _cmd_boot(args: argparse.Namespace) -> int:
@@ -315,9 +239,10 @@ _CREATE_OPTIONS = {
 }
 
 
-def _parse_create_options(texts: list[str], fmt: str) -> dict[str, object]:
+def _parse_create_options(texts: list[str], fmt: str) -> dict[str, Any]:
     allowed = _CREATE_OPTIONS if fmt == "qcow2" else {"preallocation": "str"}
-    out: dict[str, object] = {}
+    # Any: each value has the kind the table gives its key, which the keyword it becomes takes.
+    out: dict[str, Any] = {}
     for item in ",".join(texts).split(","):
         if not item:
             continue
@@ -369,13 +294,13 @@ def _cmd_create(args: argparse.Namespace) -> int:
     if args.fmt == "raw":
         from vdiskfs.drivers.format.raw import create_raw
 
-        trio.run(lambda: create_raw(args.file, size, **options))  # type: ignore[arg-type]
+        trio.run(lambda: create_raw(args.file, size, **options))
     else:
         from vdiskfs.drivers.format.qcow2.create import create_qcow2
 
         trio.run(lambda: create_qcow2(args.file, size, backing_file=args.backing,
                                       backing_format=backing_format,
-                                      **options))  # type: ignore[arg-type]
+                                      **options))
     return 0
 
 

@@ -1,19 +1,21 @@
 """Command-line handling shared by every command that opens images by URL (``mount``, ``info``,
-``boot``): the options of remote images (TLS, the read cache), declared, read back and handed
-on in one place, and a URL's credentials kept out of the process title.
+``boot``): the options of remote images (TLS, the read cache), each declared once as a field of
+:class:`RemoteOptions` (:mod:`vdiskfs.cliopts`), and a URL's credentials kept out of the process
+title.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import dataclasses
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from vdiskfs.block.context import OpenOptions
 from vdiskfs.block.registry import redact_url, url_scheme
+from vdiskfs.cliopts import add_options, from_args, option
 
 __all__ = ["RemoteOptions", "add_remote_arguments", "has_credentials", "hide_credentials",
            "protocol_kind"]
@@ -21,53 +23,36 @@ __all__ = ["RemoteOptions", "add_remote_arguments", "has_credentials", "hide_cre
 
 def add_remote_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of images opened by URL: TLS verification, the read cache."""
-    parser.add_argument("--ca-file", metavar="FILE",
-                        help="https (and s3 over https): verify the server with the CA "
-                        "certificates in FILE (PEM) instead of the system's")
-    parser.add_argument("--no-verify-tls", dest="verify_tls", action="store_false",
-                        help="https (and s3 over https): do not verify the server's "
-                        "certificate")
-    parser.add_argument("--no-cache", dest="cache", action="store_false",
-                        help="URLs: no read cache over the remote image (every read goes to "
-                        "the server)")
-    parser.add_argument("--cache-dir", metavar="DIR",
-                        help="URLs: keep the blocks read from http(s) and s3 images in DIR "
-                        "too, for the next open of the same URL")
+    add_options(parser, RemoteOptions)
 
 
 @dataclass(frozen=True)
 class RemoteOptions:
     """What :func:`add_remote_arguments` parsed: the part of :class:`OpenOptions` that only
-    images opened by URL use."""
+    images opened by URL use (each field is the :class:`OpenOptions` field of its name)."""
 
-    ca_file: str | None = None
-    verify_tls: bool = True
-    cache: bool = True
-    cache_dir: str | None = None
+    ca_file: str | None = field(default=None, metadata=option(
+        "--ca-file", metavar="FILE", path=True,
+        help="https (and s3 over https): verify the server with the CA certificates in FILE "
+        "(PEM) instead of the system's"))
+    verify_tls: bool = field(default=True, metadata=option(
+        "--no-verify-tls", action="store_false",
+        help="https (and s3 over https): do not verify the server's certificate"))
+    cache: bool = field(default=True, metadata=option(
+        "--no-cache", action="store_false",
+        help="URLs: no read cache over the remote image (every read goes to the server)"))
+    cache_dir: str | None = field(default=None, metadata=option(
+        "--cache-dir", metavar="DIR", path=True,
+        help="URLs: keep the blocks read from http(s) and s3 images in DIR too, for the next "
+        "open of the same URL"))
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RemoteOptions:
-        return cls(ca_file=args.ca_file, verify_tls=args.verify_tls, cache=args.cache,
-                   cache_dir=args.cache_dir)
-
-    def argv(self) -> list[str]:
-        """The same options as arguments for another process (a background daemon), with
-        absolute paths: it must not depend on the caller's directory."""
-        argv: list[str] = []
-        if self.ca_file:
-            argv += ["--ca-file", os.path.abspath(self.ca_file)]
-        if not self.verify_tls:
-            argv.append("--no-verify-tls")
-        if not self.cache:
-            argv.append("--no-cache")
-        if self.cache_dir:
-            argv += ["--cache-dir", os.path.abspath(self.cache_dir)]
-        return argv
+        return from_args(cls, args)
 
     def open_options(self, **options: Any) -> OpenOptions:
         """:class:`OpenOptions` with these and the other ``options`` (read_only, format...)."""
-        return OpenOptions(ca_file=self.ca_file, verify_tls=self.verify_tls, cache=self.cache,
-                           cache_dir=self.cache_dir, **options)
+        return OpenOptions(**dataclasses.asdict(self), **options)
 
 
 def protocol_kind(path: str) -> str:

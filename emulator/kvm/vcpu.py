@@ -66,7 +66,8 @@ class Vcpu:
         except InterruptedError:
             self.state.immediate_exit = 0
             return abi.KVM_EXIT_INTR
-        return self.state.exit_reason
+        reason: int = self.state.exit_reason  # a ctypes field: untyped
+        return reason
 
     def kick(self) -> None:
         """Make the vCPU leave KVM_RUN soon (any thread)."""
@@ -118,7 +119,8 @@ class Vcpu:
         msrs.entries[0].index = index
         if ioctl(self.fd, ioctls.KVM_GET_MSRS, msrs) != 1:
             raise OSError(f"cannot read MSR {index:#x}")
-        return msrs.entries[0].data
+        value: int = msrs.entries[0].data  # a ctypes field: untyped
+        return value
 
     def set_guest_debug(self, control: int, breakpoints: tuple[int, ...] = ()) -> None:
         """Debug exits: ``control`` is KVM_GUESTDBG_* flags; ``breakpoints`` are instruction

@@ -12,9 +12,13 @@ import ctypes
 import fcntl
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from emulator.kvm import abi, ioctls
 from emulator.memory import GuestMemory
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 __all__ = [
     "KVM_DEVICE",
@@ -62,7 +66,7 @@ _libc.ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong)
 _libc.ioctl.restype = ctypes.c_int
 
 
-def ioctl(fd: int, request: int, arg: object = 0) -> int:
+def ioctl(fd: int, request: int, arg: int | WriteableBuffer = 0) -> int:
     """``fcntl.ioctl`` with an int, or with a ctypes object the kernel may read and write.
 
     An int argument too large for a C ``int`` (fcntl's limit) goes through libc directly as
@@ -71,12 +75,14 @@ def ioctl(fd: int, request: int, arg: object = 0) -> int:
     if isinstance(arg, int):
         if arg <= 0x7FFFFFFF:
             return fcntl.ioctl(fd, request, arg)
-        result = _libc.ioctl(fd, request, arg)
+        result: int = _libc.ioctl(fd, request, arg)
         if result < 0:
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err))
         return result
-    return fcntl.ioctl(fd, request, arg, True)  # type: ignore[call-overload]
+    # With a writable buffer and mutate_flag True fcntl returns the ioctl's int result.
+    mutated: int = fcntl.ioctl(fd, request, arg, True)
+    return mutated
 
 
 class Kvm:

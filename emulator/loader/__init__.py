@@ -12,7 +12,7 @@ from emulator.loader.elf import ELF_MAGIC, load_elf
 from emulator.memory import GuestMemory
 from vdiskfs.errors import FormatError, HostIOError
 
-__all__ = ["LoadedKernel", "load_initrd", "load_kernel"]
+__all__ = ["LoadedKernel", "load_initrd", "load_initrd_bytes", "load_kernel", "load_kernel_image"]
 
 #: Largest kernel file read (a bzImage is ~10 MiB, an unstripped vmlinux up to ~500 MiB).
 MAX_KERNEL_FILE = 1 << 30
@@ -45,7 +45,11 @@ def _read_file(path: str, limit: int, what: str) -> bytes:
 
 def load_kernel(memory: GuestMemory, path: str) -> LoadedKernel:
     """Load ``path`` (vmlinux or bzImage) into guest memory at its physical addresses."""
-    image = _read_file(path, MAX_KERNEL_FILE, "kernel")
+    return load_kernel_image(memory, _read_file(path, MAX_KERNEL_FILE, "kernel"), path)
+
+
+def load_kernel_image(memory: GuestMemory, image: bytes, path: str) -> LoadedKernel:
+    """Load a kernel file's bytes (vmlinux or bzImage; ``path`` names it in errors)."""
     if image.startswith(ELF_MAGIC):
         elf = load_elf(memory, image, path=path)
         return LoadedKernel(elf.entry, elf.start, elf.end, "elf", None, DEFAULT_CMDLINE_SIZE,
@@ -67,9 +71,19 @@ def load_kernel(memory: GuestMemory, path: str) -> LoadedKernel:
 
 def load_initrd(memory: GuestMemory, path: str, kernel: LoadedKernel) -> tuple[int, int]:
     """Place the initrd as high as the kernel allows, page aligned; ``(address, size)``."""
-    low = memory.regions[0]
-    top = min(low.guest_end, kernel.initrd_addr_max + 1)
-    data = _read_file(path, top, "initrd")
+    return load_initrd_bytes(memory, _read_file(path, initrd_limit(memory, kernel), "initrd"),
+                             path, kernel)
+
+
+def initrd_limit(memory: GuestMemory, kernel: LoadedKernel) -> int:
+    """The most initrd bytes the kernel can reach in ``memory``."""
+    return min(memory.regions[0].guest_end, kernel.initrd_addr_max + 1)
+
+
+def load_initrd_bytes(memory: GuestMemory, data: bytes, path: str,
+                      kernel: LoadedKernel) -> tuple[int, int]:
+    """:func:`load_initrd` of bytes already read (``path`` names them in errors)."""
+    top = initrd_limit(memory, kernel)
     address = (top - len(data)) & ~(layout.PAGE_SIZE - 1)
     if address < kernel.end:
         raise FormatError(

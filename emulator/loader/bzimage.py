@@ -50,7 +50,7 @@ def is_bzimage(image: bytes) -> bool:
     if len(image) < _HEADER_END:
         return False
     header = SetupHeader.from_buffer_copy(image, SETUP_HEADER_OFFSET)
-    return header.boot_flag == BOOT_FLAG and header.header == SETUP_HEADER_MAGIC
+    return bool(header.boot_flag == BOOT_FLAG and header.header == SETUP_HEADER_MAGIC)
 
 
 def parse_bzimage(image: bytes, *, path: str = "bzImage") -> BzImage:

@@ -1,37 +1,59 @@
 #!/usr/bin/env python3
-"""Benchmark of ``vdiskfs boot``: how long the test kernel takes to reach init, and how fast the
-guest kernel reads a virtio-blk disk served by the vdiskfs stack.
+"""Benchmark of ``vdiskfs boot``: how long a kernel takes to reach each boot milestone, what
+each phase costs in VM exits, and how fast the guest kernel reads a virtio-blk disk served by
+the vdiskfs stack.
 
-One boot of the test guest (scripts/guest/) with two disks: vda, the GPT/ext4 root (mounted
-read-only), and vdb, a data disk of random bytes that the guest's init reads sequentially with
-``dd bs=1M`` (``vdiskfs.readbench=/dev/vdb``) before powering off. Printed:
+One boot per kernel (the test guest's, scripts/guest/, unless ``--kernel`` names others) with
+two disks: vda, the GPT/ext4 root (mounted read-only), and vdb, a data disk of random bytes
+that the guest's init reads sequentially with ``dd bs=1M`` (``vdiskfs.readbench=/dev/vdb``)
+before powering off. ``--cloud-image`` adds a boot without ``--kernel``: the kernel, initrd
+and command line read from the image itself (by default the test disk with the test kernel
+and a grub.cfg in its /boot, scripts/guest/build-cloud-image.sh; or a given IMAGE such as a
+Debian cloud image, booted over a throwaway overlay). Printed per boot:
 
 - host seconds from starting the VMM to "VFS: Mounted root" and to "Run /sbin/init";
+- the VMM's setup (disks opened, kernel found in the image and loaded) before the vCPU runs;
+- the milestones on the vCPU's clock -- kernel entry (the vCPU starts), console (the banner),
+  devices found (vda attached), partitions read, a file system mounted, root mounted, init
+  -- and per phase between two of them the seconds, the VM exits and what they were (by exit
+  reason, and port/MMIO accesses by device: ``pio:serial`` is the console's cost), the last
+  phase running to the end of the run; a boot that does not end within ``--timeout`` is
+  stopped and reports how far it got and what it did since;
 - the guest's read throughput, through the page cache and with O_DIRECT (timed by the VMM
   between the guest's start/end marks), the requests the device saw and their average size;
 - VM exits during the read, per MiB read (with ioeventfd and irqfd, a request costs the two
   MMIO exits of the interrupt acknowledgement).
 
+The exits tell what a phase would cost on hardware KVM, where an exit costs microseconds;
+where KVM is emulated (kvm_pvm) most of the time is instructions emulated, not exits.
 No peer: QEMU 7.2 cannot boot this kernel where KVM is emulated (it stops at the first
 emulation failure), so the figures are absolute. Usage:
 
     scripts/bench/boot.py [--data-mib 8] [--format raw|qcow2] [--memory 64M] [--json]
+                          [--kernel K]... [--cloud-image [IMAGE]] [--timeout S]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 GUEST = REPO / "scripts" / "guest"
 MiB = 1 << 20
+#: Exit kinds shown per phase, the largest first.
+TOP_KINDS = 4
 
 
 def _script(name: str, *args: str) -> str:
@@ -41,90 +63,113 @@ def _script(name: str, *args: str) -> str:
     return proc.stdout
 
 
-def _boot(args: list[str], timeout: float) -> tuple[dict[str, float], str, int]:
-    """Run the VMM, timestamping console lines on the host; (marks, output, status)."""
+def _boot(args: list[str], timeout: float) -> tuple[dict[str, float], str, str, int]:
+    """Run the VMM, timestamping console lines on the host; (marks, output, stderr, status).
+    Past ``timeout`` it is stopped with SIGTERM, so that it still writes its statistics."""
     cmd = [sys.executable, "-m", "emulator", *args]
     start = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE, start_new_session=True)
     marks: dict[str, float] = {}
     lines: list[str] = []
-    assert proc.stdout is not None
-    for raw in proc.stdout:
-        line = raw.decode(errors="replace").rstrip()
-        lines.append(line)
-        now = time.monotonic() - start
-        for name, pattern in (("root_mounted", "VFS: Mounted root"),
-                              ("run_init", " as init process")):
-            if pattern in line:
-                marks.setdefault(name, now)
-        if time.monotonic() - start > timeout:
-            proc.kill()
-            break
-    status = proc.wait()
+    errors: list[bytes] = []
+
+    def read_console() -> None:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            lines.append(line)
+            now = time.monotonic() - start
+            for name, pattern in (("root_mounted", "VFS: Mounted root"),
+                                  ("run_init", " as init process")):
+                if pattern in line:
+                    marks.setdefault(name, now)
+
+    def read_errors() -> None:
+        assert proc.stderr is not None
+        errors.append(proc.stderr.read())
+
+    # Threads: a guest that stops printing must not keep the deadline from being seen.
+    readers = [threading.Thread(target=read_console), threading.Thread(target=read_errors)]
+    for reader in readers:
+        reader.start()
+    try:
+        status = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            status = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            status = proc.wait()
+    for reader in readers:
+        reader.join()
     marks["end"] = time.monotonic() - start
-    if status != 0:
-        sys.stderr.write(proc.stderr.read().decode() if proc.stderr else "")
-    return marks, "\n".join(lines), status
+    return marks, "\n".join(lines), b"".join(errors).decode(errors="replace"), status
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-mib", type=int, default=8, help="size of the disk read (MiB)")
-    parser.add_argument("--format", choices=("raw", "qcow2"), default="raw",
-                        help="format of the data disk")
-    parser.add_argument("--memory", default="64M")
-    parser.add_argument("--kernel", help="kernel to boot (default: the test kernel)")
-    parser.add_argument("--timeout", type=float, default=600)
-    parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    args = parser.parse_args()
+def phases(vm: dict[str, Any]) -> list[dict[str, Any]]:
+    """The time and exits between consecutive milestones, in the order they were reached."""
+    seconds: dict[str, float] = dict(vm.get("console_milestones_s", {}))
+    counts: dict[str, int] = dict(vm.get("console_milestone_exits", {}))
+    kinds: dict[str, dict[str, int]] = dict(vm.get("console_milestone_exits_by_kind", {}))
+    order = sorted(seconds, key=lambda name: (seconds[name], counts.get(name, 0)))
+    if order and "run_time_s" in vm:
+        # The last phase runs to the end of the run: after the last milestone of a boot that
+        # was stopped, it is what the guest was doing when it was.
+        seconds["end"], counts["end"] = vm["run_time_s"], vm["exits_total"]
+        kinds["end"] = {**vm["exits"],
+                        **{f"pio:{k}": v for k, v in vm.get("pio_by_device", {}).items()},
+                        **{f"mmio:{k}": v for k, v in vm.get("mmio_by_device", {}).items()}}
+        order.append("end")
+    out = []
+    for first, second in itertools.pairwise(order):
+        before, after = kinds.get(first, {}), kinds.get(second, {})
+        # "io" and "mmio" exits are shown by device instead (pio:serial, mmio:<disk>).
+        spent = {k: after[k] - before.get(k, 0) for k in after
+                 if after[k] > before.get(k, 0) and k not in ("io", "mmio")}
+        top = dict(sorted(spent.items(), key=lambda kv: -kv[1])[:TOP_KINDS])
+        out.append({"phase": f"{first} -> {second}",
+                    "s": round(seconds[second] - seconds[first], 3),
+                    "exits": counts.get(second, 0) - counts.get(first, 0),
+                    "exits_by_kind": top})
+    return out
 
-    kernel = args.kernel or _script("build-kernel.sh").strip().splitlines()[-1]
-    with tempfile.TemporaryDirectory(prefix="vdiskfs-bench-boot-") as tmp:
-        work = Path(tmp)
-        root = work / "root.raw"
-        _script("build-rootfs.sh", str(root))
-        data = work / "data.raw"
-        with open(data, "wb") as f, open("/dev/urandom", "rb") as rnd:
-            for _ in range(args.data_mib):
-                f.write(rnd.read(MiB))
-        if args.format == "qcow2":
-            converted = work / "data.qcow2"
-            subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(data),
-                            str(converted)], check=True)
-            data = converted
-        stats_path = work / "stats.json"
-        marks, output, status = _boot([
-            "--kernel", kernel, "--memory", args.memory,
-            "--disk", f"{root},format=raw,readonly=on",
-            "--disk", f"{data},format={args.format},readonly=on",
-            "--append", "root=/dev/vda1 ro vdiskfs.readbench=/dev/vdb",
-            "--stats", str(stats_path),
-        ], args.timeout)
-        if status != 0 or not stats_path.exists():
-            print(output[-3000:])
-            return 1
-        stats = json.loads(stats_path.read_text())
 
+def boot_report(stats: dict[str, Any], marks: dict[str, float], status: int) -> dict[str, Any]:
+    """What every boot reports: milestones and phases, whether or not it reached init."""
     vm = stats["vm"]
-    seconds = vm["console_milestones_s"]
-    exits_at = vm.get("console_milestone_exits", {})
-    blk = stats["data"]["virtio-blk"]
-    read_bytes = args.data_mib * MiB
-    dd_line = re.search(r"VDISKFS-GUEST: readbench (\d.*)", output)
-    result: dict[str, object] = {
+    seconds = vm.get("console_milestones_s", {})
+    reached = max(seconds, key=lambda n: seconds[n]) if seconds else None
+    return {
         "kvm_module": vm["kvm_module"],
-        "kernel": kernel,
-        "memory": args.memory,
-        "data_disk": f"{args.data_mib} MiB {args.format}",
+        "status": status,
+        "outcome": (vm.get("outcome") or {}).get("reason"),
         "host_s_to_root_mounted": round(marks.get("root_mounted", float("nan")), 2),
         "host_s_to_run_init": round(marks.get("run_init", float("nan")), 2),
         "vcpu_s_to_run_init": seconds.get("run_init"),
         "host_s_total": round(marks["end"], 2),
-        "guest_dd_records": dd_line.group(1).strip() if dd_line else None,
-        "exits_to_run_init": exits_at.get("run_init"),
+        "vmm_setup_s": vm.get("setup_s"),
+        "boot_find_s": vm.get("boot_find_s"),
+        "reached": f"{reached} at {seconds[reached]} s" if reached else "nothing",
+        "milestones_vcpu_s": seconds,
+        "phases": phases(vm),
+        "exits_to_run_init": vm.get("console_milestone_exits", {}).get("run_init"),
         "exits_total": vm["exits_total"],
         "exits_by_reason": vm["exits"],
+    }
+
+
+def read_report(stats: dict[str, Any], output: str, data_mib: int) -> dict[str, Any]:
+    """The data disk's figures: what the guest read, at what rate, for how many exits."""
+    vm = stats["vm"]
+    seconds = vm["console_milestones_s"]
+    exits_at = vm.get("console_milestone_exits", {})
+    blk = stats["data"]["virtio-blk"]
+    read_bytes = data_mib * MiB
+    dd_line = re.search(r"VDISKFS-GUEST: readbench (\d.*)", output)
+    result: dict[str, Any] = {
+        "guest_dd_records": dd_line.group(1).strip() if dd_line else None,
         "read_requests": blk["read_requests"],
         "avg_request_kib": round(blk["read_bytes"] / max(blk["read_requests"], 1) / 1024, 1),
         "interrupts": blk["interrupts"],
@@ -140,13 +185,107 @@ def main() -> int:
             result[f"{label}_mib_per_s"] = round(read_bytes / MiB / elapsed, 3)
             result[f"{label}_exits"] = exits
             result[f"{label}_exits_per_mib"] = round(exits / (read_bytes / MiB), 1)
+    return result
+
+
+def run_one(work: Path, name: str, boot_args: list[str], data: Path,
+            args: argparse.Namespace) -> dict[str, Any] | None:
+    stats_path = work / f"stats-{name}.json"
+    marks, output, stderr, status = _boot([
+        *boot_args, "--memory", args.memory,
+        "--disk", f"{data},format={args.format},readonly=on",
+        "--stats", str(stats_path),
+    ], args.timeout)
+    if not stats_path.exists():
+        print(output[-3000:])
+        sys.stderr.write(stderr[-3000:])
+        return None
+    stats = json.loads(stats_path.read_text())
+    if status != 0:
+        sys.stderr.write(stderr[-3000:])
+    chosen = stats["vm"].get("boot")
+    result: dict[str, Any] = {
+        "kernel": chosen["kernel"] if chosen else boot_args[boot_args.index("--kernel") + 1],
+        "memory": args.memory,
+        "data_disk": f"{args.data_mib} MiB {args.format}",
+    }
+    if chosen:
+        result["chosen_by"] = chosen["chosen_by"]
+        result["cmdline"] = chosen["cmdline"]
+    result.update(boot_report(stats, marks, status))
+    if "data" in stats:
+        result.update(read_report(stats, output, args.data_mib))
+    return result
+
+
+def print_text(result: dict[str, Any]) -> None:
+    shown = {k: v for k, v in result.items() if k not in ("phases", "milestones_vcpu_s")}
+    width = max(len(k) for k in shown)
+    for key, value in shown.items():
+        print(f"{key:<{width}}  {value}")
+    print("milestones (vCPU seconds):", ", ".join(
+        f"{k} {v}" for k, v in result["milestones_vcpu_s"].items()))
+    for phase in result["phases"]:
+        kinds = ", ".join(f"{k} {v}" for k, v in phase["exits_by_kind"].items())
+        print(f"  {phase['phase']:<48} {phase['s']:>9.3f} s {phase['exits']:>9} exits"
+              f"{f' ({kinds})' if kinds else ''}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-mib", type=int, default=8, help="size of the disk read (MiB)")
+    parser.add_argument("--format", choices=("raw", "qcow2"), default="raw",
+                        help="format of the data disk")
+    parser.add_argument("--memory", default="64M")
+    parser.add_argument("--kernel", action="append",
+                        help="kernel to boot (default: the test kernel); repeatable")
+    parser.add_argument("--cloud-image", nargs="?", const="", metavar="IMAGE",
+                        help="also boot without --kernel, the kernel found in the image: IMAGE "
+                        "(over a throwaway overlay), or the test disk with the test kernel "
+                        "and a grub.cfg in /boot")
+    parser.add_argument("--timeout", type=float, default=600,
+                        help="stop a boot after this many seconds and report how far it got")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = parser.parse_args()
+
+    test_kernel = _script("build-kernel.sh").strip().splitlines()[-1]
+    kernels = args.kernel or [test_kernel]
+    results: list[dict[str, Any] | None] = []
+    with tempfile.TemporaryDirectory(prefix="vdiskfs-bench-boot-") as tmp:
+        work = Path(tmp)
+        root = work / "root.raw"
+        _script("build-rootfs.sh", str(root))
+        data = work / "data.raw"
+        with open(data, "wb") as f, open("/dev/urandom", "rb") as rnd:
+            for _ in range(args.data_mib):
+                f.write(rnd.read(MiB))
+        if args.format == "qcow2":
+            converted = work / "data.qcow2"
+            subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(data),
+                            str(converted)], check=True)
+            data = converted
+        for index, kernel in enumerate(kernels):
+            results.append(run_one(work, f"k{index}", [
+                "--kernel", kernel, "--disk", f"{root},format=raw,readonly=on",
+                "--append", "root=/dev/vda1 ro vdiskfs.readbench=/dev/vdb"], data, args))
+        if args.cloud_image is not None:
+            image = args.cloud_image
+            if not image:
+                image = str(work / "cloud.qcow2")
+                _script("build-cloud-image.sh", image, str(Path(test_kernel).parent))
+            results.append(run_one(work, "cloud", [
+                "--disk", f"{image},overlay={work / 'cloud-run.qcow2'}",
+                "--append", "vdiskfs.readbench=/dev/vdb"], data, args))
+
+    done = [r for r in results if r is not None]
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(done[0] if len(results) == 1 else done, indent=2))
     else:
-        width = max(len(k) for k in result)
-        for key, value in result.items():
-            print(f"{key:<{width}}  {value}")
-    return 0
+        for index, result in enumerate(done):
+            if len(results) > 1:
+                print(f"{'' if index == 0 else chr(10)}== {result['kernel']}")
+            print_text(result)
+    return 0 if len(done) == len(results) and all(r["status"] == 0 for r in done) else 1
 
 
 if __name__ == "__main__":

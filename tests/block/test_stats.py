@@ -5,6 +5,7 @@ import json
 
 from vdiskfs.block.registry import driver_names
 from vdiskfs.block.stats import HISTOGRAM_BOUNDARIES_NS, Counters, NodeStats, Op, _bin
+from vdiskfs.drivers.format.qcow2 import Qcow2Counters
 
 
 def test_histogram_bins_follow_boundaries() -> None:
@@ -63,5 +64,20 @@ def test_driver_counters_never_shadow_the_node_counters() -> None:
     classes = [c for c in _counter_classes(Counters) if dataclasses.is_dataclass(c)]
     assert len(classes) > 5
     for cls in classes:
-        clash = {f.name for f in dataclasses.fields(cls)} & node_keys
+        clash = set(cls().snapshot()) & node_keys
         assert not clash, (cls.__qualname__, clash)
+
+
+def test_a_group_of_counters_is_shown_flat_under_its_field_name() -> None:
+    """qcow2 counts each cache in a group of typed fields; the statistics keep QEMU-style flat
+    names (``l2_cache_hits``), in field order."""
+    counters = Qcow2Counters()
+    counters.l2_cache.hits += 2
+    counters.refcount_cache.writebacks += 1
+    counters.refcount_rebuilds += 1
+    snap = counters.snapshot()
+    assert snap["l2_cache_hits"] == 2 and snap["l2_cache_misses"] == 0
+    assert snap["refcount_cache_writebacks"] == 1 and snap["refcount_rebuilds"] == 1
+    assert "l2_cache" not in snap and all(isinstance(v, int) for v in snap.values())
+    keys = list(snap)
+    assert keys.index("l2_cache_hits") < keys.index("compressed_clusters_read")

@@ -67,6 +67,16 @@ def build_rootfs(path: Path) -> RootDisk:
     return RootDisk(path, values["data_md5"], int(values["data_offset"]))
 
 
+def build_cloud_image(path: Path, kernel: Path, args: str = "") -> dict[str, str]:
+    """The test disk as qcow2 with ``kernel``'s bzImage, config and a grub.cfg in /boot
+    (scripts/guest/build-cloud-image.sh); its root_uuid, kernel_version and data_md5."""
+    proc = subprocess.run([str(GUEST_SCRIPTS / "build-cloud-image.sh"), str(path),
+                           str(kernel.parent), args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"build-cloud-image.sh failed:\n{proc.stderr[-3000:]}")
+    return dict(re.findall(r"^(\w+)=(\S+)$", proc.stdout, re.M))
+
+
 @dataclass
 class BootResult:
     returncode: int

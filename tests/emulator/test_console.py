@@ -65,3 +65,29 @@ def test_guest_marks_are_milestones_with_counts() -> None:
     monitor.feed(b"VDISKFS-MARK readbench-start\r\nnoise\nVDISKFS-MARK readbench-end\n")
     assert set(monitor.milestones) == {"readbench-start", "readbench-end"}
     assert monitor.milestone_counts == {"readbench-start": 10, "readbench-end": 25}
+
+
+def test_boot_milestones_snapshot_the_exits_by_kind() -> None:
+    out = bytearray()
+    exits = {"io": 0}
+    times = iter(range(100))
+
+    def count() -> int:
+        exits["io"] += 5
+        return exits["io"]
+
+    monitor = ConsoleMonitor(out.extend, StopSignal(), clock=lambda: float(next(times)),
+                             counter=count, breakdown=lambda: dict(exits))
+    monitor.restart_clock()
+    monitor.feed(b"[ 0.0] Linux version 6.1.0 (x@y)\n"
+                 b"[ 1.0] virtio_blk virtio0: [vda] 51200 512-byte logical blocks\n"
+                 b"[ 1.1]  vda: vda1 vda2\n"
+                 b"[ 2.0] EXT4-fs (vda1): mounted filesystem with ordered data mode.\n"
+                 b"[ 2.1] VFS: Mounted root (ext4 filesystem) readonly on device 254:1.\n"
+                 b"[ 3.0] Run /sbin/init as init process\n")
+    assert list(monitor.milestones) == ["kernel_entry", "console", "devices_found",
+                                        "partitions_read", "fs_mounted", "root_mounted",
+                                        "run_init"]
+    assert monitor.milestones["kernel_entry"] == 0.0
+    assert monitor.milestone_counts["kernel_entry"] == 5
+    assert monitor.milestone_breakdowns["run_init"] == {"io": 35}

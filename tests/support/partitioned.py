@@ -105,16 +105,25 @@ def vfat_files(seed: int) -> dict[str, bytes]:
     }
 
 
-def make_ext4(path: Path, size: int, files: dict[str, bytes], label: str) -> Path:
-    """An ext4 image of ``size`` bytes holding ``files`` (``mkfs.ext4 -d``), no root needed."""
+def make_ext4(path: Path, size: int, files: dict[str, bytes], label: str, *,
+              uuid: str | None = None, links: dict[str, str] | None = None,
+              options: Sequence[str] = ()) -> Path:
+    """An ext4 image of ``size`` bytes holding ``files`` and symbolic ``links`` (name ->
+    target) (``mkfs.ext4 -d``), no root needed; ``uuid`` sets the file system's UUID,
+    ``options`` go to mkfs (``-t ext2``, ``-b 4096``)."""
     tree = path.with_suffix(".tree")
     shutil.rmtree(tree, ignore_errors=True)
+    tree.mkdir(parents=True)
     for name, data in files.items():
         target = tree / name
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(data)
-    run(MKFS_EXT4, "-q", "-F", "-L", label, "-E", "root_owner=0:0", "-d", tree, path,
-        f"{size // 1024}k")
+    for name, link in (links or {}).items():
+        target = tree / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(link)
+    run(MKFS_EXT4, "-q", "-F", "-L", label, "-E", "root_owner=0:0",
+        *(("-U", uuid) if uuid else ()), *options, "-d", tree, path, f"{size // 1024}k")
     shutil.rmtree(tree)
     return path
 
@@ -238,6 +247,50 @@ def make_mbr_disk(directory: str | os.PathLike[str], name: str = "mbr.img") -> P
         5: PartitionContents(5, "ext4", data, "data"),
         6: PartitionContents(6, None),
     })
+
+
+@dataclass(frozen=True)
+class FsSpec:
+    """One partition of :func:`make_linux_disk`: ``kind`` ``"ext4"`` (``files``, symbolic
+    ``links``, ``uuid``), ``"vfat"`` (``files``) or ``"empty"`` (zeros)."""
+
+    kind: str = "ext4"
+    files: dict[str, bytes] = field(default_factory=dict)
+    links: dict[str, str] = field(default_factory=dict)
+    uuid: str | None = None
+    size: int = 8 * MiB
+    #: More mkfs.ext4 options.
+    options: tuple[str, ...] = ()
+
+
+def _make_fs(path: Path, spec: FsSpec, label: str) -> Path | None:
+    if spec.kind == "ext4":
+        return make_ext4(path, spec.size, spec.files, label, uuid=spec.uuid, links=spec.links,
+                         options=spec.options)
+    if spec.kind == "vfat":
+        return make_vfat(path, spec.size, spec.files, label)
+    return None
+
+
+def make_linux_disk(path: Path, specs: Sequence[FsSpec], *, table: bool = True) -> Path:
+    """A raw disk with a GPT (``sfdisk``) whose partitions 1, 2... hold ``specs`` in order;
+    ``table=False``: the one file system of ``specs`` is the whole disk."""
+    if not table:
+        (spec,) = specs
+        image = _make_fs(path, spec, "disk")
+        assert image is not None
+        return image
+    size = MiB + sum(s.size for s in specs) + MiB
+    disk = _new_disk(path, size)
+    _sfdisk_script(disk, ["label: gpt", "unit: sectors", ""] + [
+        f"{'start=2048, ' if i == 0 else ''}size={s.size // 512}, type={LINUX_FS_GUID}"
+        for i, s in enumerate(specs)])
+    ref = {p.number: p for p in reference_partitions(disk)}
+    for number, spec in enumerate(specs, 1):
+        image = _make_fs(path.with_name(f"{path.name}.p{number}"), spec, f"part{number}")
+        if image is not None:
+            _write_at(disk, ref[number].start, image)
+    return disk
 
 
 def _fdisk_script(disk: Path, sector_size: int, commands: Sequence[str]) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import urllib.parse
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -278,12 +278,13 @@ def _flatten(value: dict[str, Any], prefix: str,
     out: dict[str, Any] = {}
     for key, item in value.items():
         name = prefix + key
+        pairs: Iterable[tuple[str, Any]]
         if not key:
             raise bad(f"an empty key in {prefix[:-1] or 'the top-level object'!r}")
         if isinstance(item, dict):
             pairs = _flatten(item, name + ".", bad).items()
         elif isinstance(item, (str, int, float, bool)):
-            pairs = [(name, item)]  # type: ignore[assignment]
+            pairs = [(name, item)]
         else:
             raise bad(f"{name!r} must be a string, number, boolean or object, not "
                       f"{_type_name(item)}")
@@ -336,4 +337,5 @@ def _type_name(value: Any) -> str:
         return "a boolean"
     if isinstance(value, (int, float)):
         return "a number"
-    return {str: "a string", list: "an array", dict: "an object"}.get(type(value), "?")
+    names: dict[type, str] = {str: "a string", list: "an array", dict: "an object"}
+    return names.get(type(value), "?")

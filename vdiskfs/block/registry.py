@@ -90,15 +90,15 @@ class FormatDriver(Protocol):
 
 _FORMATS: dict[str, FormatDriver] = {}
 
-T = TypeVar("T")
+D = TypeVar("D", bound=FormatDriver)
 
 
-def register(cls: T) -> T:
+def register(cls: D) -> D:
     """Class decorator: make a format driver known by its ``driver`` name."""
-    name = cls.driver  # type: ignore[attr-defined]
+    name = cls.driver
     if name in _FORMATS:
         raise RuntimeError(f"format driver {name!r} registered twice")
-    _FORMATS[name] = cls  # type: ignore[assignment]
+    _FORMATS[name] = cls
     return cls
 
 

@@ -21,7 +21,6 @@ import sys
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 
 import trio
 
@@ -35,9 +34,9 @@ from vdiskfs.errors import VdiskError
 from vdiskfs.fs.mount import serve, terminate
 from vdiskfs.fs.operations import VdiskOperations
 from vdiskfs.fs.tree import Export, snapshot_file_names
+from vdiskfs.mountargs import MountRequest
 from vdiskfs.overlay import open_overlay
 from vdiskfs.partitions import open_window, scan_disk
-from vdiskfs.urlargs import RemoteOptions
 
 __all__ = ["MountRequest", "image_stem", "open_exports", "run_foreground", "spawn_daemon"]
 
@@ -48,34 +47,6 @@ log = logging.getLogger(__name__)
 CLOSE_TIMEOUT = 5.0
 #: Seconds the daemon gets to end after SIGTERM before it is killed.
 TERM_GRACE = 3.0
-
-
-@dataclass
-class MountRequest:
-    images: list[str]
-    mountpoint: str
-    format: str | None = None
-    writable: bool = False
-    #: A qcow2 file that takes the writes; the single IMAGE becomes its read-only backing file.
-    overlay: str | None = None
-    partitions: bool = True
-    allow_other: bool = False
-    follow_outside: bool = True
-    debug: bool = False
-    #: URLs: TLS (``--ca-file``, ``--no-verify-tls``) and the read cache (``--no-cache``,
-    #: ``--cache-dir``).
-    remote: RemoteOptions = field(default_factory=RemoteOptions)
-    #: Show every internal snapshot as ``<stem>@<name>.raw`` (``--snapshots``/
-    #: ``--no-snapshots``); None: on read-only mounts only (:attr:`show_snapshots`).
-    snapshots: bool | None = None
-    #: ``--throttle``: limits over each image (its own budget, or a shared ``group=``).
-    throttle: str | None = None
-
-    @property
-    def show_snapshots(self) -> bool:
-        if self.snapshots is not None:
-            return self.snapshots
-        return not (self.writable or self.overlay is not None)
 
 
 def image_stem(path: str) -> str:
@@ -330,21 +301,21 @@ def spawn_daemon(argv: list[str], log_file: str | None, timeout: float | None, *
     rather than the command waiting for ever.
     """
     read_fd, write_fd = os.pipe()
-    stderr = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
+    log = open(log_file, "ab") if log_file else None  # noqa: SIM115
     try:
         proc = subprocess.Popen(
             [sys.executable, "-m", "vdiskfs", "mount", "--foreground",
              f"--ready-fd={write_fd}", *argv],
             stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
             stdout=subprocess.DEVNULL,
-            stderr=stderr,
+            stderr=subprocess.DEVNULL if log is None else log,
             pass_fds=(write_fd,),
             start_new_session=True,
         )
     finally:
         os.close(write_fd)
-        if stderr is not subprocess.DEVNULL:
-            stderr.close()
+        if log is not None:
+            log.close()
     if stdin is not None:
         assert proc.stdin is not None
         # Small: it fits the pipe, so this never waits for the daemon. A daemon that died

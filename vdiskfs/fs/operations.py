@@ -30,7 +30,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
@@ -71,7 +71,7 @@ FALLOC_FL_ZERO_RANGE = 0x10
 _FALLOC_SUPPORTED = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE
 
 
-def _boundary(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+def _boundary(handler: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
     """Translate the stack's errors to errnos for the kernel; never let a handler raise."""
 
     @functools.wraps(handler)
@@ -311,6 +311,8 @@ class VdiskOperations(pyfuse3.Operations):
         if off + size > end:
             size = end - off
         try:
+            # pyfuse3 declares bytes, but its read handler takes any contiguous buffer
+            # (PyObject_GetBuffer): a node's bytearray or memoryview reaches the kernel uncopied.
             return await node.pread(off, size)  # type: ignore[return-value]
         except VdiskError as exc:
             log.warning("read %s at %d+%d: %s", entry.name, off, size, exc)

@@ -42,6 +42,7 @@ __all__ = [
     "ImageEntry",
     "StatsEntry",
     "node_stats_entries",
+    "node_stats_sources",
     "render_json",
     "snapshot_file_names",
 ]
@@ -174,7 +175,17 @@ def render_json(obj: Mapping[str, Any]) -> bytes:
 
 
 def node_stats_entries(root: BlockNode) -> list[tuple[str, Callable[[], bytes]]]:
-    """Stats files for a node tree: ``tree`` plus ``<n>-<driver>`` per node, pre-order.
+    """Stats files for a node tree: ``tree`` plus ``<n>-<driver>`` per node, pre-order."""
+    tree, nodes = node_stats_sources(root)
+    return [("tree", lambda: tree().encode()),
+            *((name, _source_renderer(source)) for name, source in nodes)]
+
+
+def node_stats_sources(
+    root: BlockNode,
+) -> tuple[Callable[[], str], list[tuple[str, StatsSource]]]:
+    """What :func:`node_stats_entries` renders: the ``tree`` text, and each node's statistics
+    as a dict by file name (``vdiskfs boot --stats`` renders them into one JSON document).
 
     Only edges the tree owns are followed: a partition window does not repeat its disk's nodes.
     """
@@ -190,14 +201,14 @@ def node_stats_entries(root: BlockNode) -> list[tuple[str, Callable[[], bytes]]]
         if parent is not None:
             children.setdefault(parent, []).append(names[i])
 
-    def tree_text() -> bytes:
+    def tree_text() -> str:
         lines = []
         for i, (depth, role, node, _) in enumerate(order):
             what = f"({role}) " if role else ""
             lines.append(f"{'  ' * depth}{names[i]}  {what}{node.label}  size={node.size}")
-        return ("\n".join(lines) + "\n").encode()
+        return "\n".join(lines) + "\n"
 
-    entries: list[tuple[str, Callable[[], bytes]]] = [("tree", tree_text)]
+    sources: list[tuple[str, StatsSource]] = []
     for i, (_depth, role, node, parent) in enumerate(order):
         identity = {
             "node": names[i],
@@ -209,15 +220,12 @@ def node_stats_entries(root: BlockNode) -> list[tuple[str, Callable[[], bytes]]]
             "filename": node.label,
             "size": node.size,
         }
-        entries.append((names[i], _stats_renderer(identity, node)))
-    return entries
+        sources.append((names[i], _node_stats(identity, node)))
+    return tree_text, sources
 
 
-def _stats_renderer(identity: dict[str, Any], node: BlockNode) -> Callable[[], bytes]:
-    def render() -> bytes:
-        return render_json({**identity, "size": node.size, **node.stats_snapshot().as_dict()})
-
-    return render
+def _node_stats(identity: dict[str, Any], node: BlockNode) -> StatsSource:
+    return lambda: {**identity, "size": node.size, **node.stats_snapshot().as_dict()}
 
 
 def _walk_owned(root: BlockNode) -> list[tuple[int, str, BlockNode]]:

@@ -76,12 +76,12 @@ async def _scan(node: BlockNode, forced_size: int | None, diag: Diagnostics) -> 
         return await _gpt_table(node, size, diag)
 
     if record is None:
-        size = forced_size if forced_size is not None else await _find_gpt_sector_size(node)
-        if size is None or not await _has_gpt_signature(node, size):
+        found = forced_size if forced_size is not None else await _find_gpt_sector_size(node)
+        if found is None or not await _has_gpt_signature(node, found):
             return PartitionTable(None, sector_size=default_size)
         diag.warn("GPT found on a disk without a protective MBR (no 0x55AA signature at byte "
                   "510): GPT used (Linux needs the 'gpt' boot option for this)")
-        return await _gpt_table(node, size, diag)
+        return await _gpt_table(node, found, diag)
 
     bad = record.invalid_boot_indicator()
     if bad is not None:

@@ -26,6 +26,7 @@ from vdiskfs.drivers.format.qcow2.mapping import (
     OFLAG_ZERO,
     Geometry,
 )
+from vdiskfs.drivers.format.qcow2.metadata_cache import MetadataCacheCounters
 from vdiskfs.drivers.format.runs import Run, RunKind
 from vdiskfs.errors import FormatError
 
@@ -225,10 +226,7 @@ async def test_concurrent_misses_load_a_slice_once(qcow2_images: Qcow2Images) ->
 
 
 async def test_failed_slice_load_is_retried_by_waiters() -> None:
-    class Counts:
-        l2_cache_hits = l2_cache_misses = l2_cache_evictions = 0
-
-    cache = L2SliceCache(4, Counts())
+    cache = L2SliceCache(4, MetadataCacheCounters())
     calls = 0
 
     async def flaky(key: int) -> array[int]:

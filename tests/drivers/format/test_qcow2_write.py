@@ -44,7 +44,7 @@ from vdiskfs.drivers.format.qcow2.mapping import (
     OFLAG_ZERO,
     Geometry,
 )
-from vdiskfs.drivers.format.qcow2.metadata_cache import MetadataCache
+from vdiskfs.drivers.format.qcow2.metadata_cache import MetadataCache, MetadataCacheCounters
 from vdiskfs.drivers.format.qcow2.refcount_codec import RefcountCodec
 from vdiskfs.drivers.format.runs import RunKind
 from vdiskfs.errors import FormatError, NoSpaceError
@@ -737,9 +737,6 @@ def test_inflight_list_waits_or_cuts() -> None:
 
 
 async def test_metadata_cache_writes_dependencies_first() -> None:
-    class Counters:
-        test_hits = test_misses = test_evictions = test_writebacks = 0
-
     log: list[str] = []
 
     async def store(key: int, data: bytes) -> None:
@@ -752,7 +749,7 @@ async def test_metadata_cache_writes_dependencies_first() -> None:
         return array("Q", [key])
 
     cache: MetadataCache[array[int]] = MetadataCache(
-        2, Counters(), name="test", store=store, encode=lambda a: a.tobytes(),
+        2, MetadataCacheCounters(), store=store, encode=lambda a: a.tobytes(),
         before_write_back=before)
     await cache.get(1, load)
     cache.mark_dirty(1)

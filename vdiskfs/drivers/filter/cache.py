@@ -148,11 +148,11 @@ class CacheNode(FilterNode):
 
     async def open(self) -> None:
         await super().open()
-        key = self.file.content_key() if self.cache_dir is not None else None
-        if key is not None and self.file.read_only:
+        cache_dir = self.cache_dir
+        key = self.file.content_key() if cache_dir is not None else None
+        if cache_dir is not None and key is not None and self.file.read_only:
             try:
-                self._disk = await BlockFile.open(self.cache_dir, key,  # type: ignore[arg-type]
-                                                  self.size, self.block_size)
+                self._disk = await BlockFile.open(cache_dir, key, self.size, self.block_size)
             except OSError as exc:
                 self.warnings.append(f"{self.label}: no on-disk cache in {self.cache_dir}: "
                                      f"{exc.strerror or exc}")

@@ -276,14 +276,18 @@ class _Bucket:
 class ThrottleState:
     """The six buckets of one group (QEMU's ``ThrottleState``), driven by the caller's clock."""
 
+    limits: ThrottleLimits
+    _buckets: list[_Bucket]
+    _previous_leak: int
+
     def __init__(self, limits: ThrottleLimits, now_ns: int) -> None:
-        self.limits = limits
-        self._buckets = [_Bucket(limit) for limit in limits.buckets]
-        self._previous_leak = now_ns
+        self.configure(limits, now_ns)
 
     def configure(self, limits: ThrottleLimits, now_ns: int) -> None:
         """New limits; every bucket starts empty, as QEMU's ``throttle_config`` does."""
-        self.__init__(limits, now_ns)  # type: ignore[misc]
+        self.limits = limits
+        self._buckets = [_Bucket(limit) for limit in limits.buckets]
+        self._previous_leak = now_ns
 
     def levels(self) -> tuple[float, ...]:
         """Each bucket's level, in :data:`BUCKETS` order (for tests and statistics)."""

@@ -631,8 +631,8 @@ class QedNode(FormatNode):
         # A page being loaded now is not cached: it may predate this change.
         with self._l2_cache.updating():
             for i in range(count):
-                page, in_page = divmod(first + i, page_entries)
-                update.pages[(update.l2_offset, page)][in_page] = value + i * step
+                number, in_page = divmod(first + i, page_entries)
+                update.pages[(update.l2_offset, number)][in_page] = value + i * step
             for key, page in update.pages.items():
                 self._l2_cache.put(key, page)
                 number = key[1]

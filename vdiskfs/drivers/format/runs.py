@@ -30,7 +30,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 import trio
 
@@ -48,6 +48,7 @@ __all__ = [
     "Run",
     "RunCounters",
     "RunKind",
+    "RunNode",
     "coalesce",
     "fan_out",
     "le_bytes",
@@ -233,7 +234,24 @@ class RunCounters(Counters):
     max_fanout: int = 0
 
 
-async def read_runs(node: FormatNode, runs: Sequence[Run], file: BlockNode | None = None) -> Buffer:
+class RunNode(Protocol):
+    """What :func:`read_runs` uses of a format node: :class:`FormatNode`'s hooks, and counters
+    that are :class:`RunCounters`."""
+
+    @property
+    def counters(self) -> RunCounters: ...
+
+    @property
+    def file(self) -> BlockNode: ...
+
+    def backing_length(self, offset: int, length: int) -> int: ...
+
+    async def read_backing(self, offset: int, length: int) -> Buffer: ...
+
+    async def read_compressed(self, run: Run) -> Buffer: ...
+
+
+async def read_runs(node: RunNode, runs: Sequence[Run], file: BlockNode | None = None) -> Buffer:
     """Serve ``runs`` (contiguous, in guest order, as :func:`coalesce` leaves them) into one
     buffer; DATA runs without a ``child`` read from ``file`` (default: ``node.file``).
 
@@ -243,7 +261,7 @@ async def read_runs(node: FormatNode, runs: Sequence[Run], file: BlockNode | Non
     concurrently once one has had to wait (:func:`fan_out`): a cold request spanning clusters
     scattered on the host waits for about two of them, not for the sum of them.
     """
-    counters: RunCounters = node.counters  # type: ignore[assignment]
+    counters = node.counters
     if file is None:
         file = node.file
     if len(runs) == 1:
@@ -294,7 +312,7 @@ async def read_runs(node: FormatNode, runs: Sequence[Run], file: BlockNode | Non
     return buf
 
 
-def _count_backing(node: FormatNode, counters: RunCounters, run: Run) -> None:
+def _count_backing(node: RunNode, counters: RunCounters, run: Run) -> None:
     present = node.backing_length(run.offset, run.length)
     if present:
         counters.backing_reads += 1

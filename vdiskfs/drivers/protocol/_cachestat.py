@@ -27,6 +27,8 @@ class _Range(ctypes.Structure):
 
 
 class _Stat(ctypes.Structure):
+    # Declared for the type checker (ctypes fields are untyped); _fields_ makes them.
+    nr_cache: int
     _fields_ = (
         ("nr_cache", ctypes.c_uint64),
         ("nr_dirty", ctypes.c_uint64),

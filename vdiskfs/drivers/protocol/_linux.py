@@ -33,7 +33,8 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 
 def blk_logical_sector_size(fd: int) -> int:
     """BLKSSZGET: the block device's logical sector size in bytes."""
-    return _INT.unpack(fcntl.ioctl(fd, BLKSSZGET, bytes(_INT.size)))[0]
+    size: int = _INT.unpack(fcntl.ioctl(fd, BLKSSZGET, bytes(_INT.size)))[0]
+    return size
 
 
 def blk_range_ioctl(fd: int, request: int, offset: int, length: int) -> None:
@@ -55,4 +56,4 @@ def ofd_conflicts(fd: int, offset: int) -> bool:
     """Whether another open file description holds any lock on one byte (F_OFD_GETLK)."""
     answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK,
                          _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0))
-    return _FLOCK.unpack(answer)[0] != fcntl.F_UNLCK
+    return bool(_FLOCK.unpack(answer)[0] != fcntl.F_UNLCK)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import struct
+from typing import Any
 
 from vdiskfs.drivers.protocol._syscall import syscall_function
 
@@ -138,7 +139,7 @@ def io_uring_enter(fd: int, to_submit: int, min_complete: int, flags: int) -> in
     return _enter(SYS_IO_URING_ENTER, fd, to_submit, min_complete, flags, None, 0)
 
 
-def io_uring_register(fd: int, opcode: int, arg: ctypes._Pointer | None,  # type: ignore[type-arg]
+def io_uring_register(fd: int, opcode: int, arg: ctypes._CArgObject | ctypes.Array[Any] | None,
                       nr_args: int) -> int:
     return _register(SYS_IO_URING_REGISTER, fd, opcode, arg, nr_args)
 

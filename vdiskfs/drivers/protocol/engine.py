@@ -373,8 +373,7 @@ class ThreadEngine(IoEngine):
             else:
                 self.stats.abandoned += 1
 
-    async def _run(self, kind: int, nbytes: int, call: Callable[..., Any],
-                   *args: Any) -> Any:
+    async def _run(self, kind: int, nbytes: int, call: Callable[..., T], *args: Any) -> T:
         job = _Job(kind, await self._admit(nbytes))
         job.call, job.args = call, args
         with self._spare_lock:
@@ -387,7 +386,9 @@ class ThreadEngine(IoEngine):
             self._threads.append(thread)
             thread.start()
         self._jobs.put(job)
-        return await trio.lowlevel.wait_task_rescheduled(_abort_for(job))
+        # _deliver reschedules the task with the outcome of call(*args).
+        result: T = await trio.lowlevel.wait_task_rescheduled(_abort_for(job))
+        return result
 
     async def _read(self, f: HostFile, view: memoryview, offset: int, cold: bool) -> int:
         return await self._run(_READ, len(view), os.preadv, f.fd, (view,), offset)
@@ -536,7 +537,9 @@ class UringEngine(IoEngine):
         self._reap(job)
         res = job.result
         if res is None:
-            return await trio.lowlevel.wait_task_rescheduled(_abort_for(job))
+            # _reap reschedules the task with the request's result (or its OSError).
+            done: int = await trio.lowlevel.wait_task_rescheduled(_abort_for(job))
+            return done
         if kind == _READ:
             f.counters.inline_reads += 1
         if res < 0:

@@ -28,7 +28,7 @@ import struct
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, assert_never
 
 import trio
 
@@ -132,17 +132,33 @@ class BlockCounters(VirtioCounters):
     #: Requests finished after a device reset: their answers were dropped, not written.
     completions_discarded: int = 0
 
+    def count_request(self, kind: RequestType) -> None:
+        match kind:
+            case RequestType.IN:
+                self.read_requests += 1
+            case RequestType.OUT:
+                self.write_requests += 1
+            case RequestType.FLUSH:
+                self.flush_requests += 1
+            case RequestType.GET_ID:
+                self.get_id_requests += 1
+            case RequestType.DISCARD:
+                self.discard_requests += 1
+            case RequestType.WRITE_ZEROES:
+                self.write_zeroes_requests += 1
+            case _:  # the type checker fails here when RequestType gains a member
+                assert_never(kind)
 
-_REQUEST_COUNTER = {
-    RequestType.IN: "read_requests",
-    RequestType.OUT: "write_requests",
-    RequestType.FLUSH: "flush_requests",
-    RequestType.GET_ID: "get_id_requests",
-    RequestType.DISCARD: "discard_requests",
-    RequestType.WRITE_ZEROES: "write_zeroes_requests",
-}
-_STATUS_COUNTER = {Status.OK: "status_ok", Status.IOERR: "status_ioerr",
-                   Status.UNSUPP: "status_unsupp"}
+    def count_status(self, status: Status) -> None:
+        match status:
+            case Status.OK:
+                self.status_ok += 1
+            case Status.IOERR:
+                self.status_ioerr += 1
+            case Status.UNSUPP:
+                self.status_unsupp += 1
+            case _:
+                assert_never(status)
 
 
 class _ResetBeforeIO(Exception):
@@ -357,8 +373,7 @@ class BlockDevice(VirtioDevice):
     def _started(self, state: _QueueState, request: Request) -> None:
         # Counted here, not when parsed: a chain given back for lack of room is parsed again.
         counters = self.counters
-        counter = _REQUEST_COUNTER[RequestType(request.type)]
-        setattr(counters, counter, getattr(counters, counter) + 1)
+        counters.count_request(RequestType(request.type))
         size = request.data_length
         state.in_flight += 1
         state.in_flight_bytes += size
@@ -417,8 +432,7 @@ class BlockDevice(VirtioDevice):
         """Write the status byte (the caller holds the state lock, generation checked); the
         used length: data bytes written plus the status byte."""
         memory.view(status_addr, 1)[0] = status
-        counter = _STATUS_COUNTER[status]
-        setattr(self.counters, counter, getattr(self.counters, counter) + 1)
+        self.counters.count_status(status)
         return written + 1
 
     async def _execute(self, request: Request, generation: int) -> int:

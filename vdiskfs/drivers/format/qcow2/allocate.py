@@ -190,6 +190,7 @@ class Allocator:
         g = state.geometry
         cluster_size = g.cluster_size
         await self._wb.mark_dirty()
+        content: bytes | bytearray
         if old_offset:
             state.check_l2_offset(old_offset, l1_index)
             content = bytearray(await state.read_metadata(old_offset, cluster_size, "L2 table"))

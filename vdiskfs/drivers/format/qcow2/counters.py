@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from vdiskfs.drivers.format.qcow2.metadata_cache import MetadataCacheCounters
 from vdiskfs.drivers.format.runs import RunCounters
 
 __all__ = ["Qcow2Counters"]
@@ -13,12 +14,9 @@ __all__ = ["Qcow2Counters"]
 class Qcow2Counters(RunCounters):
     """The run counters (``data_reads``, ``backing_reads``, ``zero_bytes_read``...) and qcow2's."""
 
-    #: L2 slice lookups served from the cache (a task that waited for another's load counts).
-    l2_cache_hits: int = 0
-    #: L2 slices read from the image.
-    l2_cache_misses: int = 0
-    #: Slices dropped to make room (the cache holds at most 32 MiB of L2 entries).
-    l2_cache_evictions: int = 0
+    #: The L2 slice cache (``l2_cache_hits``, ``_misses``, ``_evictions``, ``_writebacks``): it
+    #: holds at most 32 MiB of L2 entries; the read fast path counts its hits here too.
+    l2_cache: MetadataCacheCounters = field(default_factory=MetadataCacheCounters)
     #: Compressed clusters read and decompressed.
     compressed_clusters_read: int = 0
     # -- writing (all zero on a read-only node) --
@@ -49,10 +47,7 @@ class Qcow2Counters(RunCounters):
     #: order them.
     metadata_writebacks: int = 0
     metadata_flushes: int = 0
-    l2_cache_writebacks: int = 0
-    refcount_cache_hits: int = 0
-    refcount_cache_misses: int = 0
-    refcount_cache_evictions: int = 0
-    refcount_cache_writebacks: int = 0
+    #: The refcount block cache (``refcount_cache_hits``...).
+    refcount_cache: MetadataCacheCounters = field(default_factory=MetadataCacheCounters)
     #: Dirty images whose refcounts were rebuilt when opened for writing.
     refcount_rebuilds: int = 0

@@ -295,7 +295,7 @@ class Qcow2Node(FormatNode):
             data = state.data
             if host >= 0 and host + length <= data.size:
                 counters = self.counters
-                counters.l2_cache_hits += 1
+                counters.l2_cache.hits += 1
                 counters.data_reads += 1
                 counters.data_bytes += length
                 writer = self.writer

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import TypeAlias
 
-from vdiskfs.drivers.format.qcow2.metadata_cache import MetadataCache
+from vdiskfs.drivers.format.qcow2.metadata_cache import MetadataCache, MetadataCacheCounters
 
 __all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_SLICE_BYTES", "L2SliceCache"]
 
@@ -27,13 +27,8 @@ DEFAULT_MAX_BYTES = 32 * 1024 * 1024
 #: QEMU's MIN_L2_CACHE_SIZE: room for the slice in use and the one being loaded.
 MIN_SLICES = 2
 
-Slice = array  # array('Q') of decoded entries
-
-
-class CacheCounters(Protocol):
-    l2_cache_hits: int
-    l2_cache_misses: int
-    l2_cache_evictions: int
+#: array('Q') of decoded entries (a string: array is subscriptable only from Python 3.12).
+Slice: TypeAlias = "array[int]"
 
 
 class L2SliceCache(MetadataCache[Slice]):
@@ -46,13 +41,13 @@ class L2SliceCache(MetadataCache[Slice]):
     def __init__(
         self,
         capacity: int,
-        counters: CacheCounters,
+        counters: MetadataCacheCounters,
         *,
         store: Callable[[int, bytes], Awaitable[None]] | None = None,
         encode: Callable[[Slice], bytes] | None = None,
         before_write_back: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        super().__init__(capacity, counters, name="l2_cache", store=store, encode=encode,
+        super().__init__(capacity, counters, store=store, encode=encode,
                          before_write_back=before_write_back, min_capacity=MIN_SLICES)
 
     @staticmethod

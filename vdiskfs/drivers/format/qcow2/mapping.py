@@ -190,8 +190,8 @@ class Geometry:
             if not self.has_data_file and end < last:
                 # Skip the all-zero entries at C speed: a mostly empty L2 table would otherwise
                 # cost a Python loop over thousands of entries per block-status call.
-                following = memoryview(table)[end:last].tobytes()
-                end += (len(following) - len(following.lstrip(b"\0"))) // table.itemsize
+                rest = memoryview(table)[end:last].tobytes()
+                end += (len(rest) - len(rest.lstrip(b"\0"))) // table.itemsize
             while end < last and not self._allocated(table[end]):
                 end += 1
             kind, host_offset = _BACKING, -1

@@ -29,11 +29,14 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from typing import Any, Generic, TypeVar
+from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import trio
 
-__all__ = ["MetadataCache"]
+from vdiskfs.block.stats import Counters
+
+__all__ = ["MetadataCache", "MetadataCacheCounters"]
 
 T = TypeVar("T")
 
@@ -42,20 +45,34 @@ T = TypeVar("T")
 _CLEAN_VICTIM_SCAN = 8
 
 
+@dataclass(slots=True)
+class MetadataCacheCounters(Counters):
+    """The counters of one cache: a group field of its node's counters (``l2_cache``), which
+    the node's statistics show as ``l2_cache_hits``, ``l2_cache_misses``...."""
+
+    #: Lookups served from the cache (a task that waited for another's load counts).
+    hits: int = 0
+    #: Entries read from the image.
+    misses: int = 0
+    #: Entries dropped to make room.
+    evictions: int = 0
+    #: Dirty entries written to the image.
+    writebacks: int = 0
+
+
 class MetadataCache(Generic[T]):
     """Entries of type ``T`` by host offset, least recently used evicted first.
 
-    ``name`` prefixes the counters bumped on ``counters`` (``{name}_hits``, ``_misses``,
-    ``_evictions``, ``_writebacks``). ``encode`` turns an entry into the bytes written at its
-    key by ``store``; a cache without ``store`` never holds dirty entries.
+    ``counters`` is the group the cache counts its hits, misses, evictions and write-backs in.
+    ``encode`` turns an entry into the bytes written at its key by ``store``; a cache without
+    ``store`` never holds dirty entries.
     """
 
     def __init__(
         self,
         capacity: int,
-        counters: Any,
+        counters: MetadataCacheCounters,
         *,
-        name: str,
         store: Callable[[int, bytes], Awaitable[None]] | None = None,
         encode: Callable[[T], bytes] | None = None,
         before_write_back: Callable[[], Awaitable[None]] | None = None,
@@ -67,11 +84,7 @@ class MetadataCache(Generic[T]):
         self.slices: OrderedDict[int, T] = OrderedDict()
         #: Keys of dirty entries, in the order they first became dirty.
         self.dirty: dict[int, None] = {}
-        self._counters = counters
-        self._hits = f"{name}_hits"
-        self._misses = f"{name}_misses"
-        self._evictions = f"{name}_evictions"
-        self._writebacks = f"{name}_writebacks"
+        self.counters = counters
         self._store = store
         self._encode = encode
         self.before_write_back = before_write_back
@@ -87,11 +100,6 @@ class MetadataCache(Generic[T]):
         self._store = store
         self._encode = encode
         self.before_write_back = before_write_back
-
-    def _bump(self, attribute: str, n: int = 1) -> None:
-        counters = self._counters
-        if hasattr(counters, attribute):
-            setattr(counters, attribute, getattr(counters, attribute) + n)
 
     # -- lookups ----------------------------------------------------------------------------------
 
@@ -110,14 +118,14 @@ class MetadataCache(Generic[T]):
             found = self.slices.get(key)
             if found is not None:
                 self.slices.move_to_end(key)
-                self._bump(self._hits)
+                self.counters.hits += 1
                 return found
             pending = self._loading.get(key)
             if pending is None:
                 break
             # Another task is loading this entry: wait for it rather than load it twice.
             await pending.wait()
-        self._bump(self._misses)
+        self.counters.misses += 1
         done = self._loading[key] = trio.Event()
         try:
             loaded = await load(key)
@@ -154,7 +162,7 @@ class MetadataCache(Generic[T]):
             victim = self._clean_victim()
             if victim is not None:
                 del self.slices[victim]
-                self._bump(self._evictions)
+                self.counters.evictions += 1
                 continue
             if not write_back or not self.dirty:
                 return  # a reader's clean overflow: dropped at the next eviction
@@ -196,7 +204,7 @@ class MetadataCache(Generic[T]):
                 self.dirty.setdefault(key, None)
                 raise
             written += 1
-        self._bump(self._writebacks, written)
+        self.counters.writebacks += written
         return written
 
     def invalidate(self, key: int | None = None) -> None:

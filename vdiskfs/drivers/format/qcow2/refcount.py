@@ -26,6 +26,7 @@ from __future__ import annotations
 from array import array
 from collections.abc import Awaitable, Callable
 
+from vdiskfs.drivers.format.qcow2.counters import Qcow2Counters
 from vdiskfs.drivers.format.qcow2.header import QCOW_MAX_REFTABLE_SIZE
 from vdiskfs.drivers.format.qcow2.metadata_cache import MetadataCache
 from vdiskfs.drivers.format.qcow2.refcount_codec import RefcountCodec
@@ -58,7 +59,7 @@ class Refcounts:
         table_clusters: int,
         cache: MetadataCache[bytearray],
         load_block: Callable[[int], Awaitable[bytearray]],
-        counters: object,
+        counters: Qcow2Counters,
         label: str,
         guard: Callable[[int, int], None] | None = None,
     ) -> None:
@@ -257,7 +258,7 @@ class Refcounts:
         self.table[table_index] = offset
         self.block_offsets.add(offset)
         self.dirty_entries.add(table_index)
-        self._bump("refcount_blocks_allocated")
+        self._counters.refcount_blocks_allocated += 1
         return offset
 
     async def _grow_table(self, min_entries: int) -> None:
@@ -315,7 +316,7 @@ class Refcounts:
         for index, block in fresh.items():
             self.block_offsets.add(table[index])
             await self.cache.insert(table[index], block)
-            self._bump("refcount_blocks_allocated")
+            self._counters.refcount_blocks_allocated += 1
         self.retired_tables.append((self.table_offset, self.table_clusters))
         self.table = table
         self.table_offset = start << self.cluster_bits
@@ -323,8 +324,4 @@ class Refcounts:
         self.relocated = True
         self.dirty_entries.clear()
         self.free_cluster_index = max(self.free_cluster_index, start + used)
-        self._bump("refcount_table_growths")
-
-    def _bump(self, name: str) -> None:
-        if hasattr(self._counters, name):
-            setattr(self._counters, name, getattr(self._counters, name) + 1)
+        self._counters.refcount_table_growths += 1

@@ -105,7 +105,8 @@ class Qcow2State:
         # As QEMU: room for every L2 entry of the disk, up to 32 MiB of them.
         clusters = -(-self.size >> g.cluster_bits)
         self.l2_cache = L2SliceCache(
-            L2SliceCache.capacity_for(clusters * g.entry_size, g.slice_bytes), self.counters)
+            L2SliceCache.capacity_for(clusters * g.entry_size, g.slice_bytes),
+            self.counters.l2_cache)
         self.decompressed = LruCache(max(1, _DECOMPRESSED_CACHE_BYTES // g.cluster_size))
         self._slices = self.l2_cache.slices
         self._cluster_bits = g.cluster_bits

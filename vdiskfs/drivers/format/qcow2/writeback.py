@@ -164,7 +164,7 @@ class ChildWrites:
         self._unsynced_file = False
         self._unsynced_data = False
 
-    async def store_metadata(self, offset: int, data: bytes) -> None:
+    async def store_metadata(self, offset: int, data: Buffer) -> None:
         self._unsynced_file = True
         self._state.counters.metadata_writebacks += 1
         await self._state.file.pwrite(offset, data)

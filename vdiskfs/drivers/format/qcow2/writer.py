@@ -71,8 +71,7 @@ class Qcow2Writer:
         io = ChildWrites(state)
         cache: MetadataCache[bytearray] = MetadataCache(
             max(_MIN_REFCOUNT_BLOCKS, _REFCOUNT_CACHE_BYTES // header.cluster_size),
-            state.counters,
-            name="refcount_cache",
+            state.counters.refcount_cache,
             store=io.store_metadata,
             encode=bytes,
             min_capacity=_MIN_REFCOUNT_BLOCKS,

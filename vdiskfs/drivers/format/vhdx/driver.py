@@ -300,7 +300,7 @@ class VhdxNode(FormatNode):
                       "entries into the file")
 
     async def _read_region_table(self, log_range: tuple[int, int] | None) -> RegionTable:
-        problems = []
+        problems: list[str] = []
         for copy, offset in enumerate(REGION_TABLE_OFFSETS):
             data = await self.read_metadata(offset, REGION_TABLE_SIZE, "region_table")
             problem = region_table_problem(data)
@@ -326,11 +326,11 @@ class VhdxNode(FormatNode):
                                                       item.length, item.name)
         params = parse_disk_parameters(contents, label=self.label)
         if params.has_parent:
-            item = items.get(PARENT_LOCATOR)
-            if item is None:
+            locator = items.get(PARENT_LOCATOR)
+            if locator is None:
                 raise self.format_error("a differencing file without a parent locator",
                                         field="parent_locator")
-            data = await self.read_metadata(region.file_offset + item.offset, item.length,
+            data = await self.read_metadata(region.file_offset + locator.offset, locator.length,
                                             "parent_locator")
             self.parent_locator = parse_parent_locator(data, label=self.label)
         return params

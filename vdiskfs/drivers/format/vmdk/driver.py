@@ -257,11 +257,11 @@ class VmdkNode(FormatNode):
             if line.filename is None:
                 resolved.append(None)
                 continue
-            real = await self.ctx.realpath(
+            found = await self.ctx.realpath(
                 line.filename, field_name=f"extent {index + 1} (line {line.line_no})")
-            resolved.append(real)
+            resolved.append(found)
             if line.access == "RW":
-                writable_files.add(real)
+                writable_files.add(found)
         opened: dict[str, BlockNode] = {}
         for index, line in enumerate(descriptor.extents):
             field_name = f"extent {index + 1} (line {line.line_no})"

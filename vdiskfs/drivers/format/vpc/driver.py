@@ -343,9 +343,9 @@ class VpcNode(FormatNode):
 
     async def _block_status(self, offset: int, length: int) -> tuple[BlockStatus, int]:
         if self.disk_type is DiskType.FIXED:
-            status, run = await self.file.block_status(offset, length)
-            kind = BlockStatus.ZERO if status & BlockStatus.ZERO else BlockStatus.DATA
-            return kind | BlockStatus.ALLOCATED, run
+            file_status, file_run = await self.file.block_status(offset, length)
+            kind = BlockStatus.ZERO if file_status & BlockStatus.ZERO else BlockStatus.DATA
+            return kind | BlockStatus.ALLOCATED, file_run
         end = offset + length
         status: BlockStatus | None = None
         total = 0

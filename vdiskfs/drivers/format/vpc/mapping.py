@@ -63,7 +63,7 @@ def check_bat(bat: Sequence[int], geometry: BlockGeometry, file_size: int, bat_o
             )
 
 
-def map_block(geometry: BlockGeometry, entry: int, bitmap: bytes | None, offset: int,
+def map_block(geometry: BlockGeometry, entry: int, bitmap: bytes | bytearray | None, offset: int,
               length: int) -> list[Run]:
     """Runs for guest ``[offset, offset + length)``, which lies in the block of BAT ``entry``.
 

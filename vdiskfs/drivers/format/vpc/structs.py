@@ -20,6 +20,7 @@ import sys
 import uuid
 from array import array
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from vdiskfs.errors import FormatError, UnsupportedError
@@ -126,7 +127,7 @@ class Footer:
         return self.cylinders * self.heads * self.sectors_per_track
 
 
-def _raw_footer(raw: bytes) -> tuple[object, ...] | None:
+def _raw_footer(raw: bytes) -> tuple[Any, ...] | None:
     if len(raw) < FOOTER_SIZE or raw[:8] != FOOTER_COOKIE:
         return None
     return _FOOTER.unpack_from(raw)

@@ -305,6 +305,9 @@ class ConnectionPool:
             event = conn.h11.next_event()
             if event is h11.NEED_DATA:
                 data = await conn.stream.receive_some(RECEIVE_SIZE)
-                conn.h11.receive_data(data)  # b"": the server closed its side
+                # b"": the server closed its side. h11 declares bytes, yet only appends the
+                # data to its bytearray buffer: a bytearray from an SSL stream is taken as it
+                # is rather than copied.
+                conn.h11.receive_data(data)  # type: ignore[arg-type]
                 continue
             return event

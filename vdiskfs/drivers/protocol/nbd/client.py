@@ -40,7 +40,7 @@ from vdiskfs.drivers.protocol.nbd.uri import NbdAddress
 from vdiskfs.drivers.protocol.nbd.wire import ExportInfo, NbdProtocolError
 from vdiskfs.errors import HostIOError, NoSpaceError, VdiskError
 
-__all__ = ["ConnectionLost", "NbdConnection", "NbdRequestError"]
+__all__ = ["ConnectionLost", "NbdConnection", "NbdRequest", "NbdRequestError"]
 
 #: Requests one connection keeps in flight; more wait for a slot. QEMU's nbd client: 16.
 MAX_IN_FLIGHT = 32
@@ -60,7 +60,9 @@ class NbdRequestError(HostIOError):
 
 
 @dataclass(eq=False, slots=True)
-class _Request:
+class NbdRequest:
+    """One request of a connection, and its reply as the reader fills it in."""
+
     command: int
     offset: int
     length: int
@@ -117,7 +119,7 @@ class NbdConnection:
         self._send_lock = trio.Lock()
         self._slots = trio.Semaphore(MAX_IN_FLIGHT)
         self._cookies = itertools.count(1)
-        self._pending: dict[int, _Request] = {}
+        self._pending: dict[int, NbdRequest] = {}
         self._broken: VdiskError | None = None
         self._closed = False
         self._reader_scope = trio.CancelScope()
@@ -164,13 +166,13 @@ class NbdConnection:
     # -- requests --------------------------------------------------------------------------------
 
     async def request(self, command: int, offset: int = 0, length: int = 0, *, flags: int = 0,
-                      data: bytes | bytearray | memoryview | None = None) -> _Request:
+                      data: bytes | bytearray | memoryview | None = None) -> NbdRequest:
         """Send one request and wait for its whole reply; raises on an error reply
         (:class:`NbdRequestError`) or a lost connection (:class:`ConnectionLost`)."""
         if self._broken is not None:
             raise _fresh(self._broken)
         async with self._slots:
-            req = _Request(command, offset, length)
+            req = NbdRequest(command, offset, length)
             if command == wire.CMD_READ:
                 req.buffer = bytearray(length)
             try:
@@ -198,7 +200,7 @@ class NbdConnection:
             raise cls(text, path=self.label, offset=offset if at is None else at, errno=err)
         return req
 
-    async def _send(self, req: _Request, flags: int,
+    async def _send(self, req: NbdRequest, flags: int,
                     data: bytes | bytearray | memoryview | None) -> None:
         """Register ``req`` under a new cookie and send it. Waiting for the socket can be
         cancelled (nothing is sent yet); the send itself is shielded, because a half-sent
@@ -304,7 +306,7 @@ class NbdConnection:
                 raise NbdProtocolError("block status reply without base:allocation extents")
             self._finish(cookie, req)
 
-    def _chunk(self, req: _Request, kind: int, payload: bytes) -> None:
+    def _chunk(self, req: NbdRequest, kind: int, payload: bytes) -> None:
         if kind & wire.REPLY_TYPE_FLAG_ERROR:
             if req.error is None:
                 req.error = wire.parse_error_chunk(kind, payload)
@@ -342,7 +344,7 @@ class NbdConnection:
             return
         raise NbdProtocolError(f"unknown structured reply type {kind}")
 
-    async def _receive_data(self, req: _Request, start: int, size: int) -> None:
+    async def _receive_data(self, req: NbdRequest, start: int, size: int) -> None:
         """Read ``size`` bytes of read data into the request's buffer at ``start``."""
         buffer = req.buffer
         if buffer is None:  # its caller was cancelled: read and drop
@@ -352,7 +354,7 @@ class NbdConnection:
         # Chunks must not overlap, so their sizes add up to the request when it is whole.
         req.covered += size
 
-    def _finish(self, cookie: int, req: _Request) -> None:
+    def _finish(self, cookie: int, req: NbdRequest) -> None:
         del self._pending[cookie]
         req.done.set()
 
@@ -490,10 +492,10 @@ async def _negotiate(stream: trio.abc.Stream, reader: _Reader, address: NbdAddre
     if final == wire.REP_ERR_UNSUP:
         # An old server: NBD_OPT_EXPORT_NAME, which ends the handshake without a reply header.
         await stream.send_all(wire.pack_export_name(address.export))
-        size, tflags = wire.parse_export_name_reply(await reader.read(10))
+        old_size, old_flags = wire.parse_export_name_reply(await reader.read(10))
         if not no_zeroes:
             await reader.read(124)
-        return stream, reader, ExportInfo(size, tflags), structured, context_id
+        return stream, reader, ExportInfo(old_size, old_flags), structured, context_id
     if final & wire.REP_FLAG_ERROR:
         text = wire.option_error_text(final, payload)
         export = f"export {address.export!r}"

@@ -32,7 +32,7 @@ from vdiskfs.block.node import BlockNode, BlockStatus, Buffer, NodeKind
 from vdiskfs.block.registry import register_protocol
 from vdiskfs.block.stats import Counters
 from vdiskfs.drivers.protocol.nbd import wire
-from vdiskfs.drivers.protocol.nbd.client import ConnectionLost, NbdConnection
+from vdiskfs.drivers.protocol.nbd.client import ConnectionLost, NbdConnection, NbdRequest
 from vdiskfs.drivers.protocol.nbd.uri import NbdAddress, parse_uri
 from vdiskfs.errors import HostIOError, ReadOnlyError
 
@@ -128,7 +128,7 @@ class NbdNode(BlockNode):
         return bool(self.info_.flags & flag)
 
     async def _call(self, command: int, offset: int = 0, length: int = 0, *, flags: int = 0,
-                    data: Buffer | None = None) -> Any:
+                    data: Buffer | None = None) -> NbdRequest:
         conn = self._conn
         assert conn is not None, "NbdNode used before open()"
         self.counters.requests += 1
@@ -194,14 +194,18 @@ class NbdNode(BlockNode):
     async def _read_aligned(self, offset: int, length: int) -> bytearray:
         step = self._max_payload()
         if length <= step:
-            req = await self._call(wire.CMD_READ, offset, length)
-            return req.buffer
+            return await self._read_one(offset, length)
         out = bytearray(length)
         for at in range(0, length, step):
             n = min(step, length - at)
-            req = await self._call(wire.CMD_READ, offset + at, n)
-            out[at : at + n] = req.buffer
+            out[at : at + n] = await self._read_one(offset + at, n)
         return out
+
+    async def _read_one(self, offset: int, length: int) -> bytearray:
+        req = await self._call(wire.CMD_READ, offset, length)
+        # A read that succeeded has the buffer its reply filled (request() gives it one).
+        assert req.buffer is not None
+        return req.buffer
 
     @contextlib.contextmanager
     def _changing(self) -> Iterator[None]:
@@ -298,12 +302,15 @@ class NbdNode(BlockNode):
         start, span = self._aligned(offset, min(length, _MAX_EFFECT))
         changes, quiet = self._changes, self._writing == 0
         req = await self._call(wire.CMD_BLOCK_STATUS, start, span)
+        extents = req.extents
+        # request() refuses a block status reply without base:allocation extents.
+        assert extents is not None
         if quiet and self._writing == 0 and self._changes == changes:
             # No write ran during the request: the server's extents (all of them, not only
             # the first) describe the export until the next write. A walk over a sparse
             # export (SEEK_DATA, a copy) then costs a request per reply, not per extent.
-            self._remember(start, req.extents)
-        extent_length, state = req.extents[0]
+            self._remember(start, extents)
+        extent_length, state = extents[0]
         run = min(length, start + extent_length - offset)
         if run <= 0:  # an extent that ends inside the block before offset: one block, as data
             run = min(length, start + span - offset)

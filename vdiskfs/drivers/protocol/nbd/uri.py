@@ -64,7 +64,9 @@ def parse_uri(url: str) -> NbdAddress:
     query = urllib.parse.parse_qs(parts.query, keep_blank_values=True, strict_parsing=False)
     socket: str | None = None
     timeout = DEFAULT_TIMEOUT
-    tls_options: dict[str, object] = {}
+    tls_hostname: str | None = None
+    tls_verify_peer = True
+    tls_certificates: str | None = None
     for key, values in query.items():
         value = values[-1]
         if key == "socket":
@@ -83,32 +85,33 @@ def parse_uri(url: str) -> NbdAddress:
             if key == "tls-type" and value != "x509":
                 raise UnsupportedError(f"tls-type={value}: only x509 is supported", path=url)
             if key == "tls-hostname":
-                tls_options["tls_hostname"] = value
+                tls_hostname = value
             elif key == "tls-verify-peer":
                 if value not in ("0", "1"):
                     raise bad(f"tls-verify-peer={value!r} is not 0 or 1")
-                tls_options["tls_verify_peer"] = value == "1"
+                tls_verify_peer = value == "1"
             elif key == "tls-certificates":
-                tls_options["tls_certificates"] = value
+                tls_certificates = value
         else:
             raise bad(f"unknown query parameter {key!r}")
     if parts.username is not None:
         raise UnsupportedError("a user name is only used by TLS-PSK, which is not supported",
                                path=url)
+    host: str | None = None
+    port: int | None = None
     if scheme.endswith("+unix"):
         if not socket:
             raise bad("nbd+unix needs ?socket=PATH")
         if parts.netloc:
             raise bad(f"{scheme} takes no host ({scheme}:///export?socket=PATH)")
-        return NbdAddress(export=export, socket=socket, timeout=timeout, tls=tls,
-                          **tls_options)  # type: ignore[arg-type]
-    if socket is not None:
-        raise bad("socket= is only for nbd+unix and nbds+unix")
-    try:
-        port = parts.port
-    except ValueError:
-        raise bad("port is not a number from 0 to 65535") from None
-    host = parts.hostname or "localhost"
-    return NbdAddress(export=export, host=host,
-                      port=NBD_DEFAULT_PORT if port is None else port, timeout=timeout, tls=tls,
-                      **tls_options)  # type: ignore[arg-type]
+    else:
+        if socket is not None:
+            raise bad("socket= is only for nbd+unix and nbds+unix")
+        try:
+            port = parts.port
+        except ValueError:
+            raise bad("port is not a number from 0 to 65535") from None
+        host = parts.hostname or "localhost"
+    return NbdAddress(export=export, host=host, port=NBD_DEFAULT_PORT if port is None else port,
+                      socket=socket, timeout=timeout, tls=tls, tls_hostname=tls_hostname,
+                      tls_verify_peer=tls_verify_peer, tls_certificates=tls_certificates)

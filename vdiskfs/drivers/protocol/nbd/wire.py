@@ -194,7 +194,7 @@ def parse_greeting(data: bytes) -> int:
         raise NbdProtocolError(f"unknown NBD handshake (magic {second:#x})")
     if not flags & FLAG_FIXED_NEWSTYLE:
         raise NbdProtocolError("the server does not speak the fixed newstyle handshake")
-    return flags
+    return int(flags)
 
 
 def pack_client_flags(handshake_flags: int) -> bytes:

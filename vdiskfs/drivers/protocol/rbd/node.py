@@ -337,7 +337,7 @@ class RbdNode(BlockNode):
     # -- librbd's asynchronous requests ----------------------------------------------------------
 
     async def _submit(self, what: str, offset: int, start: Callable[[Callable[..., None]], Any]
-                      ) -> Any:
+                      ) -> tuple[int, Any]:
         """Start a librbd request (``start(oncomplete)``) and wait for its completion: the
         ``(return value, data)`` it gave. A negative return value raises naming ``what``."""
         token = self._token
@@ -403,6 +403,7 @@ class RbdNode(BlockNode):
             deliver(result)
 
     async def _pread(self, offset: int, length: int) -> Buffer:
+        data: bytes | None  # what librbd hands a read's callback
         _, data = await self._submit(
             "read", offset, lambda cb: self._image.aio_read(offset, length, cb))
         if data is None or len(data) != length:

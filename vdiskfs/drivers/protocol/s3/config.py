@@ -173,7 +173,7 @@ class _Profile:
         credentials_file = env.get("AWS_SHARED_CREDENTIALS_FILE") \
             or os.path.join(home, ".aws", "credentials")
         config_file = env.get("AWS_CONFIG_FILE") or os.path.join(home, ".aws", "config")
-        sections = []
+        sections: list[tuple[str, Mapping[str, str]]] = []
         for path, section in ((credentials_file, name),
                               (config_file, name if name == "default" else f"profile {name}")):
             parser = _read(os.path.expanduser(path))

@@ -101,7 +101,7 @@ class S3Node(HttpNode):
                 body = b""
         return self._s3_error(response, method, body, offset)
 
-    def _s3_error(self, response: Response, method: str, body: bytes,
+    def _s3_error(self, response: Response, method: str, body: bytes | bytearray,
                   offset: int | None) -> S3Error:
         status = response.status
         match = _CODE.search(body)

@@ -32,7 +32,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 import pyfuse3
 import trio
@@ -91,6 +91,19 @@ def _boundary(handler: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, 
             raise FUSEError(errno.EIO) from None
 
     return wrapper
+
+
+class SetattrChanges(Protocol):
+    """What a SETATTR changes: pyfuse3's ``SetattrFields``, or the own session's."""
+
+    @property
+    def update_mode(self) -> bool: ...
+    @property
+    def update_uid(self) -> bool: ...
+    @property
+    def update_gid(self) -> bool: ...
+    @property
+    def update_size(self) -> bool: ...
 
 
 @dataclass(slots=True)
@@ -202,9 +215,9 @@ class VdiskOperations(pyfuse3.Operations):
         self,
         inode: int,
         attr: pyfuse3.EntryAttributes,
-        fields: pyfuse3.SetattrFields,
+        fields: SetattrChanges,
         fh: int | None,
-        ctx: pyfuse3.RequestContext,
+        ctx: pyfuse3.RequestContext | None = None,
     ) -> Any:
         entry = self._entry(inode)
         if fields.update_mode or fields.update_uid or fields.update_gid:
@@ -223,7 +236,7 @@ class VdiskOperations(pyfuse3.Operations):
         return await self._attributes_now(entry)
 
     @_boundary
-    async def statfs(self, ctx: pyfuse3.RequestContext) -> Any:
+    async def statfs(self, ctx: pyfuse3.RequestContext | None = None) -> Any:
         stat = pyfuse3.StatvfsData()
         total = sum(e.export.node.size for e in self.tree.images())
         stat.f_bsize = stat.f_frsize = 4096
@@ -237,7 +250,7 @@ class VdiskOperations(pyfuse3.Operations):
     # -- directories ------------------------------------------------------------------------------
 
     @_boundary
-    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> int:
         if not isinstance(self._entry(inode), DirEntry):
             raise FUSEError(errno.ENOTDIR)
         return inode
@@ -271,7 +284,8 @@ class VdiskOperations(pyfuse3.Operations):
     # -- files ------------------------------------------------------------------------------------
 
     @_boundary
-    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> Any:
+    async def open(self, inode: int, flags: int,
+                   ctx: pyfuse3.RequestContext | None = None) -> Any:
         entry = self._entry(inode)
         if isinstance(entry, DirEntry):
             raise FUSEError(errno.EISDIR)

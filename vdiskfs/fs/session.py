@@ -396,12 +396,12 @@ class FuseSession:
         attr = pyfuse3.EntryAttributes()
         attr.st_size = size
         handle = fh if valid & abi.FATTR_FH else None
-        result = await self.operations.setattr(nodeid, attr, fields, handle, None)  # type: ignore[arg-type]
+        result = await self.operations.setattr(nodeid, attr, fields, handle, None)
         return (_attr_out(result),)
 
     async def _open(self, nodeid: int, body: Payload) -> tuple[Reply, ...]:
         flags, _ = abi.OPEN_IN.unpack_from(body)
-        info = await self.operations.open(nodeid, flags, None)  # type: ignore[arg-type]
+        info = await self.operations.open(nodeid, flags, None)
         open_flags = (abi.FOPEN_DIRECT_IO if info.direct_io else 0) | (
             abi.FOPEN_KEEP_CACHE if info.keep_cache else 0)
         return (abi.OPEN_OUT.pack(info.fh, open_flags, 0),)
@@ -416,7 +416,7 @@ class FuseSession:
         return (abi.WRITE_OUT.pack(written, 0),)
 
     async def _statfs(self, nodeid: int, body: Payload) -> tuple[Reply, ...]:
-        st = await self.operations.statfs(None)  # type: ignore[arg-type]
+        st = await self.operations.statfs(None)
         return (abi.STATFS_OUT.pack(st.f_blocks, st.f_bfree, st.f_bavail, st.f_files,
                                     st.f_ffree, st.f_bsize, st.f_namemax, st.f_frsize, 0),)
 
@@ -436,7 +436,7 @@ class FuseSession:
         return ()
 
     async def _opendir(self, nodeid: int, body: Payload) -> tuple[Reply, ...]:
-        fh = await self.operations.opendir(nodeid, None)  # type: ignore[arg-type]
+        fh = await self.operations.opendir(nodeid, None)
         return (abi.OPEN_OUT.pack(fh, 0, 0),)
 
     async def _readdir(self, nodeid: int, body: Payload) -> tuple[Reply, ...]:

@@ -1,6 +1,8 @@
-"""Mounting and unmounting: the pyfuse3 session around a :class:`VdiskOperations`.
+"""Mounting and unmounting: the FUSE session around a :class:`VdiskOperations`.
 
-pyfuse3 keeps one session per process, so one process serves one mount. The source field of the
+vdiskfs's own session (:mod:`.session`) serves by default; ``VDISKFS_FUSE=pyfuse3`` serves
+through pyfuse3's instead, for comparisons. One process serves one mount (pyfuse3 keeps one
+session per process; the daemon never needs more). The source field of the
 mount (``fsname``) is ``vdiskfs:<pid>``: ``vdiskfs unmount`` reads it from
 ``/proc/self/mountinfo`` to wait for that daemon to finish closing the images (flushes, the
 qcow2 dirty bit) before it returns.
@@ -22,6 +24,7 @@ import trio
 from vdiskfs.errors import VdiskError
 from vdiskfs.fs.capabilities import pyfuse3_has_init_limits, pyfuse3_has_lseek_fallocate
 from vdiskfs.fs.operations import VdiskOperations
+from vdiskfs.fs.session import FuseSession
 
 __all__ = ["MountInfo", "find_mount", "process_alive", "serve", "unmount"]
 
@@ -51,6 +54,8 @@ FUSECTL = "/sys/fs/fuse/connections"
 #: (scripts/bench/read.py): 401 MB/s at 128 KiB, 637 at 1 MiB, 772 at 4 MiB. Random readers
 #: are not affected: the kernel stops reading ahead for them.
 READAHEAD_KB = 4096
+#: The session being served (one per process), for :func:`terminate`.
+_session: FuseSession | None = None
 
 
 async def serve(
@@ -68,6 +73,38 @@ async def serve(
     ``await nursery.start(serve, ...)`` returns when the files can be opened. On return or
     cancellation the file system is unmounted (lazily if it is still busy).
     """
+    global _session
+    mountpoint = os.path.abspath(mountpoint)  # no stat: see _raise_readahead
+    if os.environ.get("VDISKFS_FUSE") == "pyfuse3":
+        await _serve_with_pyfuse3(operations, mountpoint, read_only=read_only,
+                                  allow_other=allow_other, debug=debug, task_status=task_status)
+        return
+    session = FuseSession(operations, mountpoint, read_only=read_only, allow_other=allow_other,
+                          debug=debug)
+    session.max_workers = MAX_TASKS
+    session.mount()
+    _session = session
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_tune_after_init, operations, mountpoint, True)
+            task_status.started()
+            await session.serve()
+            nursery.cancel_scope.cancel()
+    finally:
+        _session = None
+        session.close()
+
+
+async def _serve_with_pyfuse3(
+    operations: VdiskOperations,
+    mountpoint: str,
+    *,
+    read_only: bool,
+    allow_other: bool,
+    debug: bool,
+    task_status: trio.TaskStatus[None],
+) -> None:
+    """:func:`serve` through pyfuse3's session (libfuse's loop): kept for comparisons."""
     options = set(pyfuse3.default_options)
     options |= {f"fsname=vdiskfs:{os.getpid()}", "subtype=vdiskfs", "noatime"}
     if read_only:
@@ -76,13 +113,13 @@ async def serve(
         options.add("allow_other")
     if debug:
         options.add("debug")
-    mountpoint = os.path.abspath(mountpoint)  # no stat: see _raise_readahead
     if not pyfuse3_has_lseek_fallocate():
         _note_unpatched_pyfuse3()
     pyfuse3.init(operations, mountpoint, options)
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_tune_after_init, operations, mountpoint)
+            nursery.start_soon(_tune_after_init, operations, mountpoint,
+                               pyfuse3_has_init_limits())
             task_status.started()
             await pyfuse3.main(min_tasks=1, max_tasks=MAX_TASKS)
             nursery.cancel_scope.cancel()
@@ -90,7 +127,8 @@ async def serve(
         pyfuse3.close(unmount=True)
 
 
-async def _tune_after_init(operations: VdiskOperations, mountpoint: str) -> None:
+async def _tune_after_init(operations: VdiskOperations, mountpoint: str,
+                           limits_set_at_init: bool) -> None:
     # The kernel's FUSE INIT reply sets the readahead (to at most what the kernel proposed, its
     # 128 KiB default) and the connection's limits; pyfuse3 calls Operations.init() while
     # handling INIT and sends the reply before any other task runs, so by the time this task
@@ -100,7 +138,7 @@ async def _tune_after_init(operations: VdiskOperations, mountpoint: str) -> None
     if info is None or info.device is None:
         return
     _raise_readahead(info.device)
-    if not pyfuse3_has_init_limits():
+    if not limits_set_at_init:
         _raise_max_background(info.device, operations)
 
 
@@ -153,7 +191,10 @@ def _raise_max_background(device: str, operations: VdiskOperations) -> None:
 
 def terminate() -> None:
     """End :func:`serve` gracefully from the trio thread (a signal handler task)."""
-    pyfuse3.terminate()
+    if _session is not None:
+        _session.terminate()
+    else:
+        pyfuse3.terminate()
 
 
 @dataclass(frozen=True)

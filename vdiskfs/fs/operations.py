@@ -1,4 +1,7 @@
-"""The pyfuse3 request handlers: the FUSE boundary of the driver stack.
+"""The FUSE request handlers: the FUSE boundary of the driver stack.
+
+They take and return pyfuse3's types (its ``Operations`` interface), so that vdiskfs's own
+session (:mod:`.session`) and pyfuse3's serve the same handlers.
 
 This is one of the two places where the stack's errors leave it (the other is the virtio-blk
 device): a :class:`~vdiskfs.errors.VdiskError` becomes ``FUSEError(err.errno)`` here, once. Any
@@ -29,7 +32,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 import pyfuse3
 import trio
@@ -88,6 +91,19 @@ def _boundary(handler: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, 
             raise FUSEError(errno.EIO) from None
 
     return wrapper
+
+
+class SetattrChanges(Protocol):
+    """What a SETATTR changes: pyfuse3's ``SetattrFields``, or the own session's."""
+
+    @property
+    def update_mode(self) -> bool: ...
+    @property
+    def update_uid(self) -> bool: ...
+    @property
+    def update_gid(self) -> bool: ...
+    @property
+    def update_size(self) -> bool: ...
 
 
 @dataclass(slots=True)
@@ -199,9 +215,9 @@ class VdiskOperations(pyfuse3.Operations):
         self,
         inode: int,
         attr: pyfuse3.EntryAttributes,
-        fields: pyfuse3.SetattrFields,
+        fields: SetattrChanges,
         fh: int | None,
-        ctx: pyfuse3.RequestContext,
+        ctx: pyfuse3.RequestContext | None = None,
     ) -> Any:
         entry = self._entry(inode)
         if fields.update_mode or fields.update_uid or fields.update_gid:
@@ -220,7 +236,7 @@ class VdiskOperations(pyfuse3.Operations):
         return await self._attributes_now(entry)
 
     @_boundary
-    async def statfs(self, ctx: pyfuse3.RequestContext) -> Any:
+    async def statfs(self, ctx: pyfuse3.RequestContext | None = None) -> Any:
         stat = pyfuse3.StatvfsData()
         total = sum(e.export.node.size for e in self.tree.images())
         stat.f_bsize = stat.f_frsize = 4096
@@ -234,21 +250,32 @@ class VdiskOperations(pyfuse3.Operations):
     # -- directories ------------------------------------------------------------------------------
 
     @_boundary
-    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> int:
         if not isinstance(self._entry(inode), DirEntry):
             raise FUSEError(errno.ENOTDIR)
         return inode
 
+    def directory(self, fh: int, start_id: int) -> list[tuple[bytes, int, int]]:
+        """The entries of an open directory from ``start_id`` on: name, inode and the cookie
+        of the next one. Children keep their insertion order, so a position is a stable
+        cookie."""
+        directory = self._entry(fh)
+        if not isinstance(directory, DirEntry):
+            raise FUSEError(errno.ENOTDIR)
+        names = list(directory.children.items())
+        return [(os.fsencode(name), inode, position + 1)
+                for position, (name, inode) in enumerate(names) if position >= start_id]
+
+    @_boundary
+    async def attributes(self, inode: int) -> pyfuse3.EntryAttributes:
+        """The attributes of ``inode`` as a directory listing shows them."""
+        return await self._attributes_now(self._entry(inode))
+
     @_boundary
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        directory = self._entry(fh)
-        assert isinstance(directory, DirEntry)
-        # Children are in a fixed insertion order, so the position is a stable cookie.
-        names = list(directory.children.items())
-        for position in range(start_id, len(names)):
-            name, inode = names[position]
+        for name, inode, cookie in self.directory(fh, start_id):
             attr = await self._attributes_now(self.tree.entries[inode])
-            if not pyfuse3.readdir_reply(token, os.fsencode(name), attr, position + 1):
+            if not pyfuse3.readdir_reply(token, name, attr, cookie):
                 break
 
     async def releasedir(self, fh: int) -> None:
@@ -257,7 +284,8 @@ class VdiskOperations(pyfuse3.Operations):
     # -- files ------------------------------------------------------------------------------------
 
     @_boundary
-    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> Any:
+    async def open(self, inode: int, flags: int,
+                   ctx: pyfuse3.RequestContext | None = None) -> Any:
         entry = self._entry(inode)
         if isinstance(entry, DirEntry):
             raise FUSEError(errno.EISDIR)

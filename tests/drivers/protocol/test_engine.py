@@ -309,3 +309,38 @@ async def test_a_cold_read_goes_to_the_engine_and_a_cached_one_does_not(
         assert f.counters.engine_submitted == 1 and f.counters.inline_reads == 1
         engine.close()
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("name", ["io_uring", "threads"])
+async def test_after_a_cached_read_the_next_is_tried_without_asking(
+        name: str, data_file: tuple[int, bytes]) -> None:
+    if PageCacheProbe.create() is None:  # pragma: no cover - a kernel before 6.5
+        pytest.skip("no cachestat(2) here")
+    fd, data = data_file
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.pread(fd, 4096, 0)  # the first page hot, the rest cold
+    async with trio.open_nursery() as nursery:
+        engine = _make(name, nursery=nursery)
+        counters = IoCounters()
+        f = HostFile(fd, counters)
+        buf = bytearray(4096)
+        # Cold file state: asked (cachestat) and read inline: two system calls.
+        assert await engine.read(f, memoryview(buf), 0) == 4096
+        assert (counters.syscalls, counters.inline_reads) == (2, 1)
+        # Hot: tried at once, one system call.
+        assert await engine.read(f, memoryview(buf), 0) == 4096
+        assert (counters.syscalls, counters.inline_reads) == (3, 2)
+        # A read the page cache cannot answer (asked: this file's state is cold again) goes
+        # to the engine...
+        cold = HostFile(fd, counters)
+        os.posix_fadvise(fd, 3 << 20, 1 << 20, os.POSIX_FADV_DONTNEED)
+        assert await engine.read(cold, memoryview(buf), 3 << 20) == 4096
+        assert buf == data[3 << 20:(3 << 20) + 4096]
+        assert counters.engine_submitted == 1
+        # ...and the next read of that file asks again first (cachestat, then the read).
+        before = counters.syscalls
+        assert await engine.read(cold, memoryview(buf), 0) == 4096
+        assert counters.syscalls == before + 2 and counters.engine_submitted == 1
+        engine.close()
+        nursery.cancel_scope.cancel()

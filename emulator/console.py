@@ -24,10 +24,21 @@ MAX_LINE = 4096
 PANIC_MARK = b"Kernel panic - not syncing: "
 PANIC_END_MARK = b"---[ end Kernel panic - not syncing"
 HALT_MARKS = (b"reboot: System halted", b"reboot: Power down")
-#: Console lines whose first appearance is timed (seconds since the vCPU started).
+#: Console lines whose first appearance is timed (seconds since the vCPU started), in the order
+#: a boot reaches them: the kernel's own lines, and those of the initramfs that
+#: scripts/guest/build-stock-initramfs.sh builds (scripts/guest/initramfs-init.sh). Without an
+#: initramfs the kernel mounts the root itself ("VFS: Mounted root"); with one, "Run /init"
+#: comes before the disk is found and the initramfs mounts the root.
 MILESTONES: dict[str, bytes] = {
-    "root_mounted": b"VFS: Mounted root",
+    "kernel_entry": b"Linux version ",
     "run_init": b" as init process",
+    "initramfs_modules_loaded": b"vdiskfs-initramfs: modules loaded",
+    "disk_attached": b": [vda] ",
+    "root_partition": b" vda: vda",
+    "root_mounted": b"VFS: Mounted root",
+    "initramfs_root_found": b"vdiskfs-initramfs: found root ",
+    "initramfs_switch_root": b"vdiskfs-initramfs: switching root",
+    "user_space": b"VDISKFS-GUEST: init running",
 }
 #: A guest may time its own phases: a line "VDISKFS-MARK <name>" is the milestone <name>.
 GUEST_MARK = b"VDISKFS-MARK "

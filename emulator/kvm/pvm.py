@@ -40,11 +40,16 @@ __all__ = ["CMDLINE_MASKS", "Fixup", "SyscallCompleter", "classify"]
 #: (158) and RDSEED (306). kvm-here.md's "noxsave" and "nopti" are left out: clearcpuid=154 and
 #: mitigations=off do the same, and the kernel hands arguments it does not register on to
 #: init (``init=/bin/sh`` would try to run a script called "noxsave").
+#: Then the SIMD extensions that select vector code in the kernel -- SSSE3 (137), SSE4.1 (147),
+#: SSE4.2 (148), AES (153), PCLMULQDQ (129): the emulator runs little SSE beyond moves, and a
+#: distribution kernel's built-in BLAKE2s (the random pool) takes its SSSE3 path when the CPU
+#: has it, entering it with ``kernel_fpu_begin``'s ``ldmxcsr``, an emulation failure (Debian's
+#: 6.1 cloud kernel stopped there, at "ldmxcsr 0x4(%rsp)", after ~11 minutes of boot).
 CMDLINE_MASKS: tuple[str, ...] = (
     "nopku",
     "nofsgsbase",
     "mitigations=off",
-    "clearcpuid=308,295,288,145,298,141,154,151,158,306",
+    "clearcpuid=308,295,288,145,298,141,154,151,158,306,137,147,148,153,129",
 )
 
 #: Breakpoint exception vector.

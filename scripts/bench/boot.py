@@ -26,7 +26,7 @@ No peer: QEMU 7.2 cannot boot this kernel where KVM is emulated (it stops at the
 emulation failure), so the figures are absolute. Usage:
 
     scripts/bench/boot.py [--data-mib 8] [--format raw|qcow2] [--memory 64M] [--json]
-    scripts/bench/boot.py --stock [--until root_partition] [--timeout 900]
+    scripts/bench/boot.py --stock [--until root_partition] [--timeout 900] [--log FILE]
     scripts/bench/boot.py --kernel VMLINUX --initramfs-from DEB_OR_MODULES_DIR
 """
 
@@ -81,8 +81,8 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def _boot(args: list[str], timeout: float, until: str | None,
-          quiet: bool) -> tuple[dict[str, float], str, int]:
+def _boot(args: list[str], timeout: float, until: str | None, quiet: bool,
+          log: Path | None) -> tuple[dict[str, float], str, int]:
     """Run the VMM, timestamping console lines on the host; (marks, output, status). Stops the
     guest at milestone ``until`` or at the deadline, whichever comes first; a line arrives or
     not, the deadline holds (a reader thread feeds a queue)."""
@@ -101,6 +101,7 @@ def _boot(args: list[str], timeout: float, until: str | None,
     threading.Thread(target=read, daemon=True).start()
     marks: dict[str, float] = {}
     lines: list[str] = []
+    log_file = open(log, "w") if log is not None else None  # noqa: SIM115 (closed below)
     try:
         while (left := timeout - (time.monotonic() - start)) > 0:
             try:
@@ -111,6 +112,9 @@ def _boot(args: list[str], timeout: float, until: str | None,
                 break
             now = time.monotonic() - start
             lines.append(raw.decode(errors="replace").rstrip())
+            if log_file is not None:
+                log_file.write(f"{now:8.1f} {lines[-1]}\n")
+                log_file.flush()
             for name, pattern in MILESTONES.items():
                 if pattern in raw and name not in marks:
                     marks[name] = now
@@ -120,6 +124,8 @@ def _boot(args: list[str], timeout: float, until: str | None,
                 break
     finally:
         _stop(proc)
+        if log_file is not None:
+            log_file.close()
     status = proc.wait()
     marks["end"] = time.monotonic() - start
     if status != 0 and until not in marks:
@@ -144,6 +150,9 @@ def main() -> int:
                         f"{', '.join(MILESTONES)})")
     parser.add_argument("--timeout", type=float, default=600,
                         help="stop the guest after this many seconds (default 600)")
+    parser.add_argument("--log", type=Path, metavar="FILE",
+                        help="write the console to FILE as it comes, each line after its host "
+                        "time in seconds")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args()
     if args.stock and (args.kernel or args.initramfs_from):
@@ -180,7 +189,7 @@ def main() -> int:
             "--disk", f"{data},format={args.format},readonly=on",
             "--append", f"{root_arg} ro vdiskfs.readbench=/dev/vdb",
             "--stats", str(stats_path),
-        ], args.timeout, args.until, args.json)
+        ], args.timeout, args.until, args.json, args.log)
         stats = json.loads(stats_path.read_text()) if stats_path.exists() else None
 
     reached_until = args.until is not None and args.until in marks

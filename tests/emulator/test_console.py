@@ -72,7 +72,7 @@ def test_an_initramfs_boot_is_timed_at_each_step() -> None:
         b"VDISKFS-GUEST: init running as pid 1\n",
     ])
     assert list(monitor.milestones) == [
-        "kernel_entry", "run_init", "initramfs_modules_loaded", "disk_attached",
+        "console", "run_init", "initramfs_modules_loaded", "disk_attached",
         "root_partition", "initramfs_root_found", "initramfs_switch_root", "user_space"]
 
 

@@ -25,18 +25,25 @@ PANIC_MARK = b"Kernel panic - not syncing: "
 PANIC_END_MARK = b"---[ end Kernel panic - not syncing"
 HALT_MARKS = (b"reboot: System halted", b"reboot: Power down")
 #: Console lines whose first appearance is timed (seconds since the vCPU started, which is
-#: the milestone "kernel_entry"), in the order a boot reaches them. A phase between two is
-#: what the benchmark (scripts/bench/boot.py) reports: the kernel's early boot until its
-#: console registers and prints the banner, driver probing until the first disk attaches,
-#: the partition scan (the first reads through the stack), then the root file system.
+#: the milestone "kernel_entry"), in the order a boot without an initramfs reaches them: the
+#: kernel's early boot until its console registers and prints the banner (the kernel replays
+#: its log then), driver probing until the first disk attaches, the partition scan (the first
+#: reads through the stack), then the root file system. With an initramfs (the one
+#: scripts/guest/build-stock-initramfs.sh builds, scripts/guest/initramfs-init.sh), "Run /init"
+#: comes first and the initramfs's own lines time its steps. A phase between two is what the
+#: benchmark (scripts/bench/boot.py) reports.
 MILESTONES: dict[str, bytes] = {
     "console": b"Linux version ",
+    "initramfs_modules_loaded": b"vdiskfs-initramfs: modules loaded",
     "devices_found": b": [vda] ",
     "partitions_read": b" vda:",
     # "EXT4-fs (vda1): mounted filesystem": also a root that an initramfs mounts.
     "fs_mounted": b"): mounted filesystem",
+    "initramfs_root_found": b"vdiskfs-initramfs: found root ",
+    "initramfs_switch_root": b"vdiskfs-initramfs: switching root",
     "root_mounted": b"VFS: Mounted root",
     "run_init": b" as init process",
+    "user_space": b"VDISKFS-GUEST: init running",
 }
 KERNEL_ENTRY = "kernel_entry"
 #: A guest may time its own phases: a line "VDISKFS-MARK <name>" is the milestone <name>.

@@ -11,6 +11,8 @@ from hardware KVM (measured, see ``/work/shared/notes/kvm-here.md`` and ``emulat
   ``int3`` (the kernel's self-test and its live text patching), ``fwait``, and the fences. The
   VMM completes them itself (:func:`classify`): skip a no-op, or skip ``int3`` and inject the
   breakpoint exception the guest expects. Re-entering without a fix-up fails again.
+  ``ldmxcsr``/``stmxcsr`` (``kernel_fpu_begin``) it runs for the guest
+  (:func:`complete_mxcsr`: decode the operand, move MXCSR through ``KVM_GET/SET_FPU``).
 - A ``syscall`` from guest user mode is only half done: RCX, R11 and RIP (= LSTAR) are set,
   but the vCPU stays in user mode, so fetching the kernel's entry point faults. The VMM
   finishes the job (:class:`SyscallCompleter`): a hardware breakpoint on the guest's
@@ -32,7 +34,8 @@ if TYPE_CHECKING:
     from emulator.kvm.vcpu_protocol import VcpuRegisters
     from emulator.memory import GuestMemory
 
-__all__ = ["CMDLINE_MASKS", "Fixup", "SyscallCompleter", "classify"]
+__all__ = ["CMDLINE_MASKS", "Fixup", "MxcsrAccess", "SyscallCompleter", "classify",
+           "complete_mxcsr", "decode_mxcsr"]
 
 #: Kernel arguments hiding what PVM's emulator lacks: PKU, FSGSBASE, the mitigations (page
 #: table isolation among them), and via clearcpuid the bits for SMAP (308), SMEP (295),
@@ -40,11 +43,16 @@ __all__ = ["CMDLINE_MASKS", "Fixup", "SyscallCompleter", "classify"]
 #: (158) and RDSEED (306). kvm-here.md's "noxsave" and "nopti" are left out: clearcpuid=154 and
 #: mitigations=off do the same, and the kernel hands arguments it does not register on to
 #: init (``init=/bin/sh`` would try to run a script called "noxsave").
+#: Then the SIMD extensions that select vector code in the kernel -- SSSE3 (137), SSE4.1 (147),
+#: SSE4.2 (148), AES (153), PCLMULQDQ (129): the emulator runs little SSE beyond moves, and a
+#: distribution kernel's built-in BLAKE2s (the random pool) takes its SSSE3 path when the CPU
+#: has it, entering it with ``kernel_fpu_begin``'s ``ldmxcsr``, an emulation failure (Debian's
+#: 6.1 cloud kernel stopped there, at "ldmxcsr 0x4(%rsp)", after ~11 minutes of boot).
 CMDLINE_MASKS: tuple[str, ...] = (
     "nopku",
     "nofsgsbase",
     "mitigations=off",
-    "clearcpuid=308,295,288,145,298,141,154,151,158,306",
+    "clearcpuid=308,295,288,145,298,141,154,151,158,306,137,147,148,153,129",
 )
 
 #: Breakpoint exception vector.
@@ -79,6 +87,103 @@ def classify(instruction: bytes) -> Fixup | None:
     if fence is not None:
         return Fixup(fence, 3)
     return None
+
+
+#: The general registers in ModRM/SIB numbering (REX.B/X/R add 8).
+_GPRS = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
+         "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
+_SEGMENT_PREFIXES = {0x64: "fs", 0x65: "gs"}
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class MxcsrAccess:
+    """``ldmxcsr m32`` (0F AE /2) or ``stmxcsr m32`` (0F AE /3), decoded (64-bit mode)."""
+
+    store: bool
+    #: Register names added into the address (base, then index with its scale).
+    base: str | None
+    index: str | None
+    scale: int
+    displacement: int
+    rip_relative: bool
+    segment: str | None
+    #: Of the whole instruction.
+    length: int
+
+    def address(self, regs: abi.KvmRegs, sregs: abi.KvmSregs) -> int:
+        address = self.displacement
+        if self.base is not None:
+            address += getattr(regs, self.base)
+        if self.index is not None:
+            address += getattr(regs, self.index) * self.scale
+        if self.rip_relative:
+            address += regs.rip + self.length
+        if self.segment is not None:
+            address += getattr(sregs, self.segment).base
+        return address & _MASK64
+
+
+def decode_mxcsr(code: bytes) -> MxcsrAccess | None:
+    """The MXCSR load or store at the start of ``code`` (an FS/GS override and a REX prefix
+    allowed), or None. KVM's instruction emulator has neither (its group 15 stops at
+    fxsave/fxrstor), and ``kernel_fpu_begin`` runs ``ldmxcsr`` where a kernel uses SIMD."""
+    i, segment, rex = 0, None, 0
+    if code[i:i + 1] and code[i] in _SEGMENT_PREFIXES:
+        segment = _SEGMENT_PREFIXES[code[i]]
+        i += 1
+    if code[i:i + 1] and 0x40 <= code[i] <= 0x4F:
+        rex = code[i]
+        i += 1
+    if code[i:i + 2] != b"\x0f\xae" or len(code) < i + 3:
+        return None
+    modrm = code[i + 2]
+    i += 3
+    mod, reg, rm = modrm >> 6, (modrm >> 3) & 7, modrm & 7
+    if mod == 3 or reg not in (2, 3):
+        return None  # a register form: the fences, or not an MXCSR access
+    base: str | None = _GPRS[rm | (rex & 1) << 3]
+    index, scale, rip_relative = None, 1, False
+    disp_size = {0: 0, 1: 1, 2: 4}[mod]
+    if rm == 4:
+        if len(code) <= i:
+            return None
+        sib = code[i]
+        i += 1
+        scale = 1 << (sib >> 6)
+        index_number = (sib >> 3) & 7 | (rex & 2) << 2
+        index = None if index_number == 4 else _GPRS[index_number]
+        base = _GPRS[(sib & 7) | (rex & 1) << 3]
+        if sib & 7 == 5 and mod == 0:
+            base, disp_size = None, 4
+    elif rm == 5 and mod == 0:
+        base, rip_relative, disp_size = None, True, 4
+    if len(code) < i + disp_size:
+        return None
+    displacement = int.from_bytes(code[i:i + disp_size], "little", signed=True)
+    return MxcsrAccess(reg == 3, base, index, scale, displacement, rip_relative, segment,
+                       i + disp_size)
+
+
+def complete_mxcsr(vcpu: VcpuRegisters, memory: GuestMemory, code: bytes) -> str | None:
+    """Run the MXCSR load or store at RIP for the guest and step over it: the fix-up's name,
+    or None when ``code`` is not one or its operand is not in guest RAM."""
+    access = decode_mxcsr(code)
+    if access is None:
+        return None
+    regs = vcpu.get_regs()
+    gpa = vcpu.translate(access.address(regs, vcpu.get_sregs()))
+    if gpa is None or (gpa & 0xFFF) > 0x1000 - 4 or not memory.contains(gpa, 4):
+        return None
+    fpu = vcpu.get_fpu()
+    if access.store:
+        memory.write(gpa, fpu.mxcsr.to_bytes(4, "little"))
+    else:
+        fpu.mxcsr = int.from_bytes(memory.read(gpa, 4), "little")
+        vcpu.set_fpu(fpu)
+    regs.rip += access.length
+    vcpu.set_regs(regs)
+    return "stmxcsr" if access.store else "ldmxcsr"
 
 
 MSR_STAR = 0xC000_0081

@@ -93,6 +93,11 @@ class Vcpu:
     def set_sregs(self, sregs: abi.KvmSregs) -> None:
         ioctl(self.fd, ioctls.KVM_SET_SREGS, sregs)
 
+    def get_fpu(self) -> abi.KvmFpu:
+        fpu = abi.KvmFpu()
+        ioctl(self.fd, ioctls.KVM_GET_FPU, fpu)
+        return fpu
+
     def set_fpu(self, fpu: abi.KvmFpu) -> None:
         ioctl(self.fd, ioctls.KVM_SET_FPU, fpu)
 
@@ -309,6 +314,11 @@ class VcpuLoop:
             return
         code = self.instruction_bytes()
         fixup = pvm.classify(code) if self.pvm_fixups else None
+        if fixup is None and self.pvm_fixups:
+            completed = pvm.complete_mxcsr(self.vcpu, self.memory, code)
+            if completed is not None:
+                self.fixups[completed] += 1
+                return
         if fixup is None:
             rip = self.vcpu.get_regs().rip
             self.stop.stop(

@@ -17,7 +17,7 @@ __all__ = ["VcpuProtocol", "VcpuRegisters"]
 
 @runtime_checkable
 class VcpuRegisters(Protocol):
-    """Register access: all the PVM syscall completer uses."""
+    """Register access: all the PVM work-arounds use."""
 
     def get_regs(self) -> abi.KvmRegs: ...
 
@@ -30,6 +30,10 @@ class VcpuRegisters(Protocol):
     def get_msr(self, index: int) -> int: ...
 
     def set_guest_debug(self, control: int, breakpoints: tuple[int, ...] = ()) -> None: ...
+
+    def get_fpu(self) -> abi.KvmFpu: ...
+
+    def set_fpu(self, fpu: abi.KvmFpu) -> None: ...
 
     def get_events(self) -> abi.KvmVcpuEvents: ...
 

@@ -13,6 +13,5 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 populate_busybox "$tmp/root"
 install -m 0755 "$here/init.sh" "$tmp/root/init"
-out_abs=$(realpath -m "$out")
-(cd "$tmp/root" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --quiet) > "$out_abs"
-echo "$out_abs"
+write_cpio "$tmp/root" "$out"
+realpath "$out"

@@ -2,16 +2,30 @@
 # Build the emulator's test guest kernel: Debian's linux-source-6.1, `make tinyconfig`, then the
 # project's fragment scripts/guest/kernel.config. The result is cached in
 #   ${VDISKFS_CACHE:-~/.cache/vdiskfs}/guest/kernel-<key>/{vmlinux,bzImage,config}
-# where <key> hashes the fragment and the source package version, so the kernel is rebuilt only
+# where <key> hashes the fragments and the source package version, so the kernel is rebuilt only
 # when one of them changes. Prints the vmlinux path on stdout (last line); progress on stderr.
 #
-#   scripts/guest/build-kernel.sh            build (or reuse) and print the vmlinux path
-#   scripts/guest/build-kernel.sh --print    print the path if cached, exit 1 otherwise
-#   JOBS=4 scripts/guest/build-kernel.sh     parallel make (default 2)
+# With --modules, the "modules" variant: kernel-modules.config on top of kernel.config (virtio and
+# virtio_blk as loadable modules, like a distribution kernel), built in a source tree of its own
+# and cached apart, with its modules installed under kernel-<key>/modules/lib/modules/<version>/
+# (depmod'ed) for scripts/guest/build-stock-initramfs.sh.
+#
+#   scripts/guest/build-kernel.sh [--modules]            build (or reuse), print the vmlinux path
+#   scripts/guest/build-kernel.sh [--modules] --print    print the path if cached, else exit 1
+#   JOBS=4 scripts/guest/build-kernel.sh                 parallel make (default 2)
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
-fragment=$here/kernel.config
+fragments=("$here/kernel.config")
+variant=
+print=
+for arg in "$@"; do
+  case $arg in
+    --modules) variant=modules; fragments+=("$here/kernel-modules.config") ;;
+    --print) print=1 ;;
+    *) echo "usage: build-kernel.sh [--modules] [--print]" >&2; exit 2 ;;
+  esac
+done
 cache=${VDISKFS_CACHE:-$HOME/.cache/vdiskfs}/guest
 jobs=${JOBS:-2}
 source_pkg=linux-source-6.1
@@ -37,29 +51,38 @@ source_version() {
 }
 
 cache_key() {
-  { cat "$fragment"; echo "$source_pkg $1"; } | sha256sum | cut -c1-16
+  # The default variant's key is what it was before variants existed: its cache stays valid.
+  { cat "${fragments[@]}"; echo "$source_pkg $1"; } | sha256sum | cut -c1-16
+}
+
+cached() {
+  [[ -f $out/vmlinux && -f $out/bzImage && ( -z $variant || -d $out/modules/lib/modules ) ]]
 }
 
 version=$(source_version)
-if [[ ${1:-} == --print ]]; then
+if [[ -n $print ]]; then
   [[ -n $version ]] || exit 1
   out=$cache/kernel-$(cache_key "$version")
-  [[ -f $out/vmlinux ]] || exit 1
+  cached || exit 1
   echo "$out/vmlinux"
   exit 0
 fi
 
-need_packages "$source_pkg" build-essential bc flex bison libelf-dev libssl-dev cpio xz-utils
+# kmod: depmod, which modules_install runs to write modules.dep.
+need_packages "$source_pkg" build-essential bc flex bison libelf-dev libssl-dev cpio xz-utils \
+  ${variant:+kmod}
 version=$(source_version)
 out=$cache/kernel-$(cache_key "$version")
-if [[ -f $out/vmlinux && -f $out/bzImage ]]; then
+if cached; then
   log "cached: $out"
   echo "$out/vmlinux"
   exit 0
 fi
 
 tarball=$(ls /usr/src/$source_pkg.tar.* | head -n 1)
-build=$cache/build
+# Each variant builds in a tree of its own: switching one tree between configurations would
+# rebuild nearly everything (CONFIG_MODULES reaches most headers) every time.
+build=$cache/build${variant:+/$variant}
 src=$build/$source_pkg
 if [[ ! -f $src/.vdiskfs-extracted || $(cat "$src/.vdiskfs-extracted") != "$version" ]]; then
   log "extracting $tarball"
@@ -70,32 +93,44 @@ if [[ ! -f $src/.vdiskfs-extracted || $(cat "$src/.vdiskfs-extracted") != "$vers
 fi
 
 cd "$src"
-log "configuring (tinyconfig + $fragment)"
+log "configuring (tinyconfig + ${fragments[*]})"
 make -s tinyconfig >&2
-scripts/kconfig/merge_config.sh -m .config "$fragment" >/dev/null
+scripts/kconfig/merge_config.sh -m .config "${fragments[@]}" >/dev/null
 make -s olddefconfig >&2
 # merge_config reports overrides but not options that Kconfig then changed (a dependency
-# missing, another option selecting one we turned off): check every line of the fragment.
-missing=()
+# missing, another option selecting one we turned off): check every option of the fragments,
+# the last fragment's value where several set it.
+declare -A want=()
 while IFS= read -r line; do
   if [[ $line =~ ^(CONFIG_[A-Z0-9_]+)=(.*)$ ]]; then
-    grep -qx "${BASH_REMATCH[1]}=${BASH_REMATCH[2]}" .config || missing+=("$line")
+    want[${BASH_REMATCH[1]}]=${BASH_REMATCH[2]}
   elif [[ $line =~ ^#\ (CONFIG_[A-Z0-9_]+)\ is\ not\ set$ ]]; then
-    ! grep -q "^${BASH_REMATCH[1]}=" .config || missing+=("${BASH_REMATCH[1]}=n")
+    want[${BASH_REMATCH[1]}]=n
   fi
-done < "$fragment"
+done < <(cat "${fragments[@]}")
+missing=()
+for option in "${!want[@]}"; do
+  if [[ ${want[$option]} == n ]]; then
+    ! grep -q "^$option=" .config || missing+=("$option=n")
+  else
+    grep -qx "$option=${want[$option]}" .config || missing+=("$option=${want[$option]}")
+  fi
+done
 if ((${#missing[@]})); then
   log "warning: not in the final .config: ${missing[*]}"
 fi
 
 log "building with make -j$jobs (about 8 minutes on 2 cores)"
 start=$(date +%s)
-make -s -j"$jobs" vmlinux bzImage >&2
+make -s -j"$jobs" vmlinux bzImage ${variant:+modules} >&2
 log "built in $(( $(date +%s) - start )) s"
 
 tmp=$out.tmp.$$
 rm -rf "$tmp"
 mkdir -p "$tmp"
+if [[ -n $variant ]]; then
+  make -s INSTALL_MOD_PATH="$tmp/modules" INSTALL_MOD_STRIP=1 modules_install >&2
+fi
 cp vmlinux "$tmp/vmlinux"
 cp arch/x86/boot/bzImage "$tmp/bzImage"
 cp .config "$tmp/config"

@@ -30,3 +30,10 @@ def root_disk(root_disk_template: RootDisk, tmp_path: Path) -> RootDisk:
     path = tmp_path / "root.raw"
     shutil.copyfile(root_disk_template.path, path)
     return RootDisk(path, root_disk_template.data_md5, root_disk_template.data_offset)
+
+
+@pytest.fixture(scope="session")
+def modules_kernel(guest_kernel: Path) -> Path:
+    """The test kernel's "modules" variant (virtio_mmio, virtio_blk as modules); its modules
+    are under ``modules_kernel.parent / "modules"``."""
+    return build_kernel(modules=True)

@@ -33,10 +33,11 @@ def is_pvm() -> bool:
     return os.path.isdir("/sys/module/kvm_pvm")
 
 
-def build_kernel() -> Path:
-    """The test kernel's vmlinux (built on first use, ~8 minutes; then cached)."""
-    proc = subprocess.run([str(GUEST_SCRIPTS / "build-kernel.sh")], capture_output=True,
-                          text=True)
+def build_kernel(*, modules: bool = False) -> Path:
+    """The test kernel's vmlinux (built on first use, ~8 minutes; then cached); with
+    ``modules``, its variant with virtio as modules (scripts/guest/kernel-modules.config)."""
+    proc = subprocess.run([str(GUEST_SCRIPTS / "build-kernel.sh"),
+                           *(["--modules"] if modules else [])], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"build-kernel.sh failed:\n{proc.stderr[-3000:]}")
     return Path(proc.stdout.strip().splitlines()[-1])

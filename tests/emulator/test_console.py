@@ -58,6 +58,24 @@ def test_long_lines_are_bounded() -> None:
     assert len(out) == 100_001 and monitor.lines == 1
 
 
+def test_an_initramfs_boot_is_timed_at_each_step() -> None:
+    """The kernel's lines and those of scripts/guest/initramfs-init.sh (a stock kernel's boot)."""
+    monitor, _, _ = feed([
+        b"[    0.000000] Linux version 6.1.0-57-cloud-amd64 (debian-kernel@lists.debian.org)\n",
+        b"[   30.1] Run /init as init process\n",
+        b"vdiskfs-initramfs: virtio_blk loaded (41.20 s)\n",
+        b"vdiskfs-initramfs: modules loaded (41.30 s)\n",
+        b"[   41.0] virtio_blk virtio0: [vda] 53248 512-byte logical blocks (27.3 MB/26.0 MiB)\n",
+        b"[   41.1]  vda: vda1 vda2\n",
+        b"vdiskfs-initramfs: found root /dev/vda1 (root=UUID=0b1e) (42.00 s)\n",
+        b"vdiskfs-initramfs: switching root to /sbin/init (43.00 s)\n",
+        b"VDISKFS-GUEST: init running as pid 1\n",
+    ])
+    assert list(monitor.milestones) == [
+        "console", "run_init", "initramfs_modules_loaded", "devices_found",
+        "partitions_read", "initramfs_root_found", "initramfs_switch_root", "user_space"]
+
+
 def test_guest_marks_are_milestones_with_counts() -> None:
     out = bytearray()
     counts = iter([10, 25])

@@ -20,6 +20,7 @@ class FakeVcpu:
         self.state = abi.KvmRun.from_buffer(self._page)
         self.regs = abi.KvmRegs()
         self.sregs = abi.KvmSregs()
+        self.fpu = abi.KvmFpu(mxcsr=0x1F80)
         self.events: list[abi.KvmVcpuEvents] = []
         self.msrs: dict[int, int] = {}
         self.debug: list[tuple[int, tuple[int, ...]]] = []
@@ -51,6 +52,12 @@ class FakeVcpu:
     def set_sregs(self, sregs: abi.KvmSregs) -> None:
         ctypes.memmove(ctypes.addressof(self.sregs), ctypes.addressof(sregs),
                        ctypes.sizeof(sregs))
+
+    def get_fpu(self) -> abi.KvmFpu:
+        return abi.KvmFpu.from_buffer_copy(self.fpu)
+
+    def set_fpu(self, fpu: abi.KvmFpu) -> None:
+        self.fpu = abi.KvmFpu.from_buffer_copy(fpu)
 
     def get_events(self) -> abi.KvmVcpuEvents:
         return abi.KvmVcpuEvents()

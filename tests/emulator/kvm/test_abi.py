@@ -68,6 +68,35 @@ def test_no_fixup_for_other_instructions(code: bytes) -> None:
     assert pvm.classify(code) is None
 
 
+@pytest.mark.parametrize(
+    ("code", "store", "base", "index", "scale", "displacement", "rip_relative", "segment",
+     "length"),
+    [
+        # As objdump names them: ldmxcsr 0x4(%rsp) (kernel_fpu_begin), stmxcsr -0x8(%rbp),
+        # ldmxcsr 0x10(%rip), ldmxcsr %gs:0x1000, ldmxcsr 0x8(%r12,%rax,8).
+        (b"\x0f\xae\x54\x24\x04\x83", False, "rsp", None, 1, 4, False, None, 5),
+        (b"\x0f\xae\x5d\xf8", True, "rbp", None, 1, -8, False, None, 4),
+        (b"\x0f\xae\x15\x10\x00\x00\x00", False, None, None, 1, 0x10, True, None, 7),
+        (b"\x65\x0f\xae\x14\x25\x00\x10\x00\x00", False, None, None, 1, 0x1000, False, "gs",
+         9),
+        (b"\x41\x0f\xae\x54\xc4\x08", False, "r12", "rax", 8, 8, False, None, 6),
+    ],
+)
+def test_mxcsr_accesses_are_decoded(code: bytes, store: bool, base: str | None,
+                                    index: str | None, scale: int, displacement: int,
+                                    rip_relative: bool, segment: str | None,
+                                    length: int) -> None:
+    assert pvm.decode_mxcsr(code) == pvm.MxcsrAccess(store, base, index, scale, displacement,
+                                                     rip_relative, segment, length)
+
+
+@pytest.mark.parametrize("code", [b"\x0f\xae\xe8", b"\x0f\xae\xd0", b"\x0f\xae\x54\x24",
+                                  b"\x0f\xae\x04\x24", b"\x0f\xae", b""])
+def test_not_an_mxcsr_access(code: bytes) -> None:
+    """The fences, a register operand, a truncated one, fxsave (/0)."""
+    assert pvm.decode_mxcsr(code) is None
+
+
 def test_detect_flavor(tmp_path: Path) -> None:
     assert detect_flavor(str(tmp_path)).module == "unknown"
     (tmp_path / "kvm_intel").mkdir()

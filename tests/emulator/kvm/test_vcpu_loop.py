@@ -87,6 +87,33 @@ def test_unknown_instruction_ends_the_run_with_its_bytes() -> None:
     assert "RIP=0xffffffff81000000" in outcome.reason and "bytes cc" in outcome.reason
 
 
+def test_pvm_fixups_run_ldmxcsr_and_stmxcsr() -> None:
+    """kernel_fpu_begin's ``ldmxcsr 0x4(%rsp)``, then ``stmxcsr -0x8(%rbp)``: MXCSR moves
+    between guest memory and the vCPU, RIP steps over each."""
+    loop, vcpu, _, _ = make_loop(pvm_fixups=True)
+    vcpu.page_table[0xFFFF_C900_0000_0000] = 0x8000  # the stack page
+    vcpu.regs.rip = 0x1000
+    vcpu.regs.rsp = vcpu.regs.rbp = 0xFFFF_C900_0000_0100
+    loop.memory.write(0x8104, (0x1F80 | 0x40).to_bytes(4, "little"))  # DAZ set
+    vcpu.script = [emulation_failure(b"\x0f\xae\x54\x24\x04"),
+                   emulation_failure(b"\x0f\xae\x5d\xf8"), plain(abi.KVM_EXIT_SHUTDOWN)]
+    loop.run()
+    assert loop.fixups == {"ldmxcsr": 1, "stmxcsr": 1}
+    assert vcpu.fpu.mxcsr == 0x1FC0
+    assert loop.memory.read(0x80F8, 4) == (0x1FC0).to_bytes(4, "little")
+    assert vcpu.regs.rip == 0x1000 + 5 + 4
+
+
+def test_an_mxcsr_operand_outside_ram_stops_the_guest() -> None:
+    loop, vcpu, _, _ = make_loop(pvm_fixups=True)
+    vcpu.regs.rsp = 0xFFFF_C900_0000_0100  # not mapped
+    vcpu.script = [emulation_failure(b"\x0f\xae\x54\x24\x04")]
+    loop.run()
+    assert loop.fixups == {}
+    outcome = loop.stop.outcome
+    assert outcome is not None and "bytes 0f ae 54 24 04" in outcome.reason
+
+
 def test_pvm_fixups_complete_int3_and_fwait() -> None:
     loop, vcpu, _, _ = make_loop(pvm_fixups=True)
     vcpu.regs.rip = 0x1000

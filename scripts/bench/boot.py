@@ -215,8 +215,9 @@ def boot_report(stats: dict[str, Any], marks: dict[str, float], status: int,
         "host_s_to_run_init": round(marks.get("run_init", float("nan")), 2),
         "vcpu_s_to_run_init": seconds.get("run_init"),
         "host_s_total": round(marks["end"], 2),
-        "milestones_host_s": {name: round(marks[name], 2) for name in MILESTONES
-                              if name in marks},
+        # In the order reached (marks are added as the lines arrive).
+        "milestones_host_s": {name: round(at, 2) for name, at in marks.items()
+                              if name in MILESTONES},
         "vmm_setup_s": vm.get("setup_s"),
         "boot_find_s": vm.get("boot_find_s"),
         "reached": f"{reached} at {seconds[reached]} s" if reached else "nothing",

@@ -18,7 +18,8 @@ that scripts/guest/build-stock-initramfs.sh builds from those modules (the root 
 Where KVM is emulated the stock kernel takes minutes (``--stock --until partitions_read``).
 Each boot prints its milestones on stderr as the console lines arrive (not with ``--json``);
 ``--until MILESTONE`` stops the guest once the console shows it (a success), ``--log FILE``
-writes the console to FILE as it comes, each line after its host time. Printed per boot:
+writes the console to FILE as it comes, each line after its host time (and ``== KERNEL``
+before each boot's lines where there are several). Printed per boot:
 
 - host seconds from starting the VMM to "VFS: Mounted root" and to "Run /sbin/init", and to
   every milestone of emulator/console.py the console showed;
@@ -309,10 +310,9 @@ def print_text(result: dict[str, Any]) -> None:
     width = max(len(k) for k in shown)
     for key, value in shown.items():
         print(f"{key:<{width}}  {value}")
-    print("milestones (host seconds):", ", ".join(
-        f"{k} {v}" for k, v in result["milestones_host_s"].items()))
-    print("milestones (vCPU seconds):", ", ".join(
-        f"{k} {v}" for k, v in result["milestones_vcpu_s"].items()))
+    for clock in ("host", "vCPU"):
+        print(f"milestones ({clock} seconds):", ", ".join(
+            f"{k} {v}" for k, v in result[f"milestones_{clock.lower()}_s"].items()) or "none")
     for phase in result["phases"]:
         kinds = ", ".join(f"{k} {v}" for k, v in phase["exits_by_kind"].items())
         print(f"  {phase['phase']:<48} {phase['s']:>9.3f} s {phase['exits']:>9} exits"

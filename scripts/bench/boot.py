@@ -9,16 +9,29 @@ that the guest's init reads sequentially with ``dd bs=1M`` (``vdiskfs.readbench=
 before powering off. ``--cloud-image`` adds a boot without ``--kernel``: the kernel, initrd
 and command line read from the image itself (by default the test disk with the test kernel
 and a grub.cfg in its /boot, scripts/guest/build-cloud-image.sh; or a given IMAGE such as a
-Debian cloud image, booted over a throwaway overlay). Printed per boot:
+Debian cloud image, booted over a throwaway overlay).
 
-- host seconds from starting the VMM to "VFS: Mounted root" and to "Run /sbin/init";
+With ``--initramfs-from DEB_OR_MODULES_DIR`` the ``--kernel`` boots go through the initramfs
+that scripts/guest/build-stock-initramfs.sh builds from those modules (the root found by
+``root=UUID=``); ``--stock`` boots Debian's stock cloud kernel that way
+(scripts/guest/fetch-cloud-kernel.sh), the kernel and modules of one .deb, in 128M by default.
+Where KVM is emulated the stock kernel takes minutes (``--stock --until partitions_read``).
+Each boot prints its milestones on stderr as the console lines arrive (not with ``--json``);
+``--until MILESTONE`` stops the guest once the console shows it (a success), ``--log FILE``
+writes the console to FILE as it comes, each line after its host time (and ``== KERNEL``
+before each boot's lines where there are several). Printed per boot:
+
+- host seconds from starting the VMM to "VFS: Mounted root" and to "Run /sbin/init", and to
+  every milestone of emulator/console.py the console showed;
 - the VMM's setup (disks opened, kernel found in the image and loaded) before the vCPU runs;
 - the milestones on the vCPU's clock -- kernel entry (the vCPU starts), console (the banner),
-  devices found (vda attached), partitions read, a file system mounted, root mounted, init
+  the initramfs's modules loaded, devices found (vda attached), partitions read, a file
+  system mounted, the initramfs's root found and switch_root, root mounted, init, user space
   -- and per phase between two of them the seconds, the VM exits and what they were (by exit
   reason, and port/MMIO accesses by device: ``pio:serial`` is the console's cost), the last
-  phase running to the end of the run; a boot that does not end within ``--timeout`` is
-  stopped and reports how far it got and what it did since;
+  phase running to the end of the run; a boot that does not end within ``--timeout`` (the
+  deadline holds whether or not the guest prints) is stopped and reports how far it got and
+  what it did since;
 - the guest's read throughput, through the page cache and with O_DIRECT (timed by the VMM
   between the guest's start/end marks), the requests the device saw and their average size;
 - VM exits during the read, per MiB read (with ioeventfd and irqfd, a request costs the two
@@ -31,6 +44,10 @@ emulation failure), so the figures are absolute. Usage:
 
     scripts/bench/boot.py [--data-mib 8] [--format raw|qcow2] [--memory 64M] [--json]
                           [--kernel K]... [--cloud-image [IMAGE]] [--timeout S]
+                          [--initramfs-from DEB_OR_MODULES_DIR] [--until MILESTONE]
+                          [--log FILE]
+    scripts/bench/boot.py --stock [--until partitions_read] [--timeout 900] [--log FILE]
+    scripts/bench/boot.py --kernel VMLINUX --initramfs-from DEB_OR_MODULES_DIR
 """
 
 from __future__ import annotations
@@ -39,6 +56,7 @@ import argparse
 import itertools
 import json
 import os
+import queue
 import re
 import signal
 import subprocess
@@ -55,6 +73,9 @@ MiB = 1 << 20
 #: Exit kinds shown per phase, the largest first.
 TOP_KINDS = 4
 
+sys.path.insert(0, str(REPO))
+from emulator.console import MILESTONES  # noqa: E402  (the checkout's, not an installed one)
+
 
 def _script(name: str, *args: str) -> str:
     proc = subprocess.run([str(GUEST / name), *args], capture_output=True, text=True)
@@ -63,47 +84,91 @@ def _script(name: str, *args: str) -> str:
     return proc.stdout
 
 
-def _boot(args: list[str], timeout: float) -> tuple[dict[str, float], str, str, int]:
+def _last_line(text: str) -> str:
+    return text.strip().splitlines()[-1]
+
+
+def _root_uuid(disk: Path) -> str:
+    """The UUID of the ext4 on partition 1 (1 MiB in) of build-rootfs.sh's disk."""
+    return subprocess.run(["blkid", "-p", "-O", str(MiB), "-o", "value", "-s", "UUID",
+                           str(disk)], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the VMM's group (it writes its statistics and closes its images), then KILL."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _boot(args: list[str], timeout: float, until: str | None, quiet: bool,
+          log: Path | None) -> tuple[dict[str, float], str, str, int]:
     """Run the VMM, timestamping console lines on the host; (marks, output, stderr, status).
-    Past ``timeout`` it is stopped with SIGTERM, so that it still writes its statistics."""
+    Stops the guest at milestone ``until`` or at the deadline, whichever comes first, with
+    SIGTERM, so that the VMM still writes its statistics. The console is timed as it arrives
+    (on stderr unless ``quiet``) and appended to ``log``."""
     cmd = [sys.executable, "-m", "emulator", *args]
     start = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, start_new_session=True)
-    marks: dict[str, float] = {}
-    lines: list[str] = []
+    lines_in: queue.Queue[bytes | None] = queue.Queue()
     errors: list[bytes] = []
 
     def read_console() -> None:
         assert proc.stdout is not None
         for raw in proc.stdout:
-            line = raw.decode(errors="replace").rstrip()
-            lines.append(line)
-            now = time.monotonic() - start
-            for name, pattern in (("root_mounted", "VFS: Mounted root"),
-                                  ("run_init", " as init process")):
-                if pattern in line:
-                    marks.setdefault(name, now)
+            lines_in.put(raw)
+        lines_in.put(None)
 
     def read_errors() -> None:
         assert proc.stderr is not None
         errors.append(proc.stderr.read())
 
-    # Threads: a guest that stops printing must not keep the deadline from being seen.
-    readers = [threading.Thread(target=read_console), threading.Thread(target=read_errors)]
+    # Threads: a guest that stops printing must not keep the deadline from being seen (the
+    # console reader feeds a queue that is waited on with the time left), and a VMM that
+    # writes much to stderr must not block on a full pipe.
+    readers = [threading.Thread(target=read_console, daemon=True),
+               threading.Thread(target=read_errors, daemon=True)]
     for reader in readers:
         reader.start()
+    marks: dict[str, float] = {}
+    lines: list[str] = []
+    ended = False
+    log_file = open(log, "a") if log is not None else None  # noqa: SIM115 (closed below)
     try:
-        status = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            status = proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            status = proc.wait()
+        while (left := timeout - (time.monotonic() - start)) > 0:
+            try:
+                raw = lines_in.get(timeout=left)
+            except queue.Empty:
+                break
+            if raw is None:
+                ended = True
+                break
+            now = time.monotonic() - start
+            lines.append(raw.decode(errors="replace").rstrip())
+            if log_file is not None:
+                log_file.write(f"{now:8.1f} {lines[-1]}\n")
+                log_file.flush()
+            for name, pattern in MILESTONES.items():
+                if pattern in raw and name not in marks:
+                    marks[name] = now
+                    if not quiet:
+                        print(f"boot: {now:7.1f} s  {name}", file=sys.stderr, flush=True)
+            if until is not None and until in marks:
+                break
+    finally:
+        _stop(proc)
+        if log_file is not None:
+            log_file.close()
+    status = proc.wait()
     for reader in readers:
         reader.join()
+    # The console reader may have queued lines after the loop stopped: keep them.
+    while not ended and (raw := lines_in.get()) is not None:
+        lines.append(raw.decode(errors="replace").rstrip())
     marks["end"] = time.monotonic() - start
     return marks, "\n".join(lines), b"".join(errors).decode(errors="replace"), status
 
@@ -136,7 +201,8 @@ def phases(vm: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def boot_report(stats: dict[str, Any], marks: dict[str, float], status: int) -> dict[str, Any]:
+def boot_report(stats: dict[str, Any], marks: dict[str, float], status: int,
+                until: str | None) -> dict[str, Any]:
     """What every boot reports: milestones and phases, whether or not it reached init."""
     vm = stats["vm"]
     seconds = vm.get("console_milestones_s", {})
@@ -145,10 +211,14 @@ def boot_report(stats: dict[str, Any], marks: dict[str, float], status: int) -> 
         "kvm_module": vm["kvm_module"],
         "status": status,
         "outcome": (vm.get("outcome") or {}).get("reason"),
+        "stopped_at": until if until is not None and until in marks else "end",
         "host_s_to_root_mounted": round(marks.get("root_mounted", float("nan")), 2),
         "host_s_to_run_init": round(marks.get("run_init", float("nan")), 2),
         "vcpu_s_to_run_init": seconds.get("run_init"),
         "host_s_total": round(marks["end"], 2),
+        # In the order reached (marks are added as the lines arrive).
+        "milestones_host_s": {name: round(at, 2) for name, at in marks.items()
+                              if name in MILESTONES},
         "vmm_setup_s": vm.get("setup_s"),
         "boot_find_s": vm.get("boot_find_s"),
         "reached": f"{reached} at {seconds[reached]} s" if reached else "nothing",
@@ -188,43 +258,61 @@ def read_report(stats: dict[str, Any], output: str, data_mib: int) -> dict[str, 
     return result
 
 
+def _how_far(marks: dict[str, float], timeout: float) -> str:
+    """For a run without statistics: the milestones its console showed, and those it did not."""
+    lines = [f"boot: stopped after {marks['end']:.1f} s (time limit {timeout:.0f} s)"]
+    lines += [f"  {name:<26} host {marks[name]:7.1f} s" for name in MILESTONES if name in marks]
+    missed = [name for name in MILESTONES if name not in marks]
+    if missed:
+        lines.append(f"  not reached: {', '.join(missed)}")
+    return "\n".join(lines)
+
+
 def run_one(work: Path, name: str, boot_args: list[str], data: Path,
-            args: argparse.Namespace) -> dict[str, Any] | None:
+            args: argparse.Namespace, header: str | None) -> dict[str, Any] | None:
+    """One boot and its report; None where the VMM wrote no statistics."""
     stats_path = work / f"stats-{name}.json"
+    if args.log is not None and header is not None:
+        with open(args.log, "a") as log:
+            log.write(f"== {header}\n")
     marks, output, stderr, status = _boot([
         *boot_args, "--memory", args.memory,
         "--disk", f"{data},format={args.format},readonly=on",
         "--stats", str(stats_path),
-    ], args.timeout)
+    ], args.timeout, args.until, args.json, args.log)
     if not stats_path.exists():
         print(output[-3000:])
         sys.stderr.write(stderr[-3000:])
+        print(_how_far(marks, args.timeout), file=sys.stderr)
         return None
     stats = json.loads(stats_path.read_text())
-    if status != 0:
+    if status != 0 and args.until not in marks:
         sys.stderr.write(stderr[-3000:])
     chosen = stats["vm"].get("boot")
     result: dict[str, Any] = {
         "kernel": chosen["kernel"] if chosen else boot_args[boot_args.index("--kernel") + 1],
+        "initramfs_from": args.initramfs_from if "--initrd" in boot_args else None,
         "memory": args.memory,
         "data_disk": f"{args.data_mib} MiB {args.format}",
     }
     if chosen:
         result["chosen_by"] = chosen["chosen_by"]
         result["cmdline"] = chosen["cmdline"]
-    result.update(boot_report(stats, marks, status))
+    result.update(boot_report(stats, marks, status, args.until))
     if "data" in stats:
         result.update(read_report(stats, output, args.data_mib))
     return result
 
 
 def print_text(result: dict[str, Any]) -> None:
-    shown = {k: v for k, v in result.items() if k not in ("phases", "milestones_vcpu_s")}
+    tables = ("phases", "milestones_vcpu_s", "milestones_host_s")
+    shown = {k: v for k, v in result.items() if k not in tables}
     width = max(len(k) for k in shown)
     for key, value in shown.items():
         print(f"{key:<{width}}  {value}")
-    print("milestones (vCPU seconds):", ", ".join(
-        f"{k} {v}" for k, v in result["milestones_vcpu_s"].items()))
+    for clock in ("host", "vCPU"):
+        print(f"milestones ({clock} seconds):", ", ".join(
+            f"{k} {v}" for k, v in result[f"milestones_{clock.lower()}_s"].items()) or "none")
     for phase in result["phases"]:
         kinds = ", ".join(f"{k} {v}" for k, v in phase["exits_by_kind"].items())
         print(f"  {phase['phase']:<48} {phase['s']:>9.3f} s {phase['exits']:>9} exits"
@@ -236,20 +324,41 @@ def main() -> int:
     parser.add_argument("--data-mib", type=int, default=8, help="size of the disk read (MiB)")
     parser.add_argument("--format", choices=("raw", "qcow2"), default="raw",
                         help="format of the data disk")
-    parser.add_argument("--memory", default="64M")
+    parser.add_argument("--memory", help="guest RAM (default 64M, 128M with --stock)")
     parser.add_argument("--kernel", action="append",
                         help="kernel to boot (default: the test kernel); repeatable")
     parser.add_argument("--cloud-image", nargs="?", const="", metavar="IMAGE",
                         help="also boot without --kernel, the kernel found in the image: IMAGE "
                         "(over a throwaway overlay), or the test disk with the test kernel "
                         "and a grub.cfg in /boot")
-    parser.add_argument("--timeout", type=float, default=600,
-                        help="stop a boot after this many seconds and report how far it got")
+    parser.add_argument("--initramfs-from", metavar="DEB_OR_MODULES_DIR",
+                        help="boot each --kernel through the initramfs built from these "
+                        "modules (scripts/guest/build-stock-initramfs.sh), root=UUID=")
+    parser.add_argument("--stock", action="store_true",
+                        help="boot Debian's stock cloud kernel with the initramfs from its .deb")
+    parser.add_argument("--until", choices=list(MILESTONES), metavar="MILESTONE",
+                        help="stop the guest once it reaches MILESTONE, a success (one of: "
+                        f"{', '.join(MILESTONES)})")
+    parser.add_argument("--timeout", type=float, default=600, metavar="S",
+                        help="stop a boot after this many seconds and report how far it got "
+                        "(default 600)")
+    parser.add_argument("--log", type=Path, metavar="FILE",
+                        help="write the console to FILE as it comes, each line after its host "
+                        "time in seconds")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args()
+    if args.stock and (args.kernel or args.initramfs_from):
+        parser.error("--stock brings its own kernel and modules: no --kernel, --initramfs-from")
 
-    test_kernel = _script("build-kernel.sh").strip().splitlines()[-1]
-    kernels = args.kernel or [test_kernel]
+    if args.stock:
+        args.kernel = [_last_line(_script("fetch-cloud-kernel.sh"))]
+        args.initramfs_from = _last_line(_script("fetch-cloud-kernel.sh", "--deb"))
+    args.memory = args.memory or ("128M" if args.stock else "64M")
+    need_test_kernel = not args.kernel or args.cloud_image == ""
+    test_kernel = _last_line(_script("build-kernel.sh")) if need_test_kernel else None
+    kernels: list[str] = args.kernel or [test_kernel]
+    if args.log is not None:
+        args.log.write_text("")
     results: list[dict[str, Any] | None] = []
     with tempfile.TemporaryDirectory(prefix="vdiskfs-bench-boot-") as tmp:
         work = Path(tmp)
@@ -264,28 +373,39 @@ def main() -> int:
             subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(data),
                             str(converted)], check=True)
             data = converted
+        initrd_args: list[str] = []
+        root_arg = "root=/dev/vda1"
+        if args.initramfs_from:
+            initrd_args = ["--initrd", _last_line(_script("build-stock-initramfs.sh",
+                                                          args.initramfs_from))]
+            root_arg = f"root=UUID={_root_uuid(root)}"
+        several = len(kernels) + (args.cloud_image is not None) > 1
         for index, kernel in enumerate(kernels):
             results.append(run_one(work, f"k{index}", [
-                "--kernel", kernel, "--disk", f"{root},format=raw,readonly=on",
-                "--append", "root=/dev/vda1 ro vdiskfs.readbench=/dev/vdb"], data, args))
+                "--kernel", kernel, *initrd_args, "--disk", f"{root},format=raw,readonly=on",
+                "--append", f"{root_arg} ro vdiskfs.readbench=/dev/vdb"], data, args,
+                kernel if several else None))
         if args.cloud_image is not None:
             image = args.cloud_image
             if not image:
+                assert test_kernel is not None
                 image = str(work / "cloud.qcow2")
                 _script("build-cloud-image.sh", image, str(Path(test_kernel).parent))
             results.append(run_one(work, "cloud", [
                 "--disk", f"{image},overlay={work / 'cloud-run.qcow2'}",
-                "--append", "vdiskfs.readbench=/dev/vdb"], data, args))
+                "--append", "vdiskfs.readbench=/dev/vdb"], data, args,
+                f"cloud image {image}" if several else None))
 
     done = [r for r in results if r is not None]
     if args.json:
-        print(json.dumps(done[0] if len(results) == 1 else done, indent=2))
+        print(json.dumps(done[0] if len(results) == 1 and done else done, indent=2))
     else:
         for index, result in enumerate(done):
             if len(results) > 1:
                 print(f"{'' if index == 0 else chr(10)}== {result['kernel']}")
             print_text(result)
-    return 0 if len(done) == len(results) and all(r["status"] == 0 for r in done) else 1
+    ok = all(r["status"] == 0 or r["stopped_at"] == args.until for r in done)
+    return 0 if len(done) == len(results) and ok else 1
 
 
 if __name__ == "__main__":

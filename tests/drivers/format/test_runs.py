@@ -14,6 +14,7 @@ import trio.testing
 from vdiskfs.block.context import OpenContext, OpenOptions
 from vdiskfs.block.format import FormatNode
 from vdiskfs.block.node import BlockNode, BlockStatus, Buffer, NodeKind
+from vdiskfs.drivers.format import runs as runs_module
 from vdiskfs.drivers.format.runs import (
     MAX_FANOUT,
     LruCache,
@@ -29,6 +30,14 @@ from vdiskfs.drivers.format.runs import (
 from vdiskfs.errors import FormatError, HostIOError
 
 DATA, ZERO, BACKING, COMPRESSED = RunKind.DATA, RunKind.ZERO, RunKind.BACKING, RunKind.COMPRESSED
+
+
+@pytest.fixture
+def unhurried(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reads that do not wait stay inline however loaded the machine is: the executor decides
+    by the time a piece took (INLINE_SECONDS, 50 us), and a preempted test process can take
+    longer than that without waiting for anything."""
+    monkeypatch.setattr(runs_module, "INLINE_SECONDS", 1.0)
 
 
 class MemoryNode(BlockNode):
@@ -169,7 +178,7 @@ def test_run_status_and_its_extent() -> None:
 # -- read_runs -------------------------------------------------------------------------------------
 
 
-async def test_one_data_run_hands_back_the_childs_buffer() -> None:
+async def test_one_data_run_hands_back_the_childs_buffer(unhurried: None) -> None:
     file = MemoryNode(_pattern(8192))
     node = RunsNode(file, 4096)
     got = await read_runs(node, [Run(DATA, 0, 4096, 1000)])
@@ -178,7 +187,7 @@ async def test_one_data_run_hands_back_the_childs_buffer() -> None:
     assert node.counters.fanout_requests == 0
 
 
-async def test_every_kind_of_run_into_one_buffer() -> None:
+async def test_every_kind_of_run_into_one_buffer(unhurried: None) -> None:
     image = _pattern(64 * 1024, 3)
     base = _pattern(20_000, 9)
     file = MemoryNode(image)
@@ -249,7 +258,7 @@ async def test_runs_are_read_concurrently_and_bounded(
     assert node.counters.data_reads == 20
 
 
-async def test_runs_that_do_not_wait_are_read_inline() -> None:
+async def test_runs_that_do_not_wait_are_read_inline(unhurried: None) -> None:
     """Reads that return at once (page-cache hits) are not worth a nursery."""
     file = MemoryNode(_pattern(64 * 4096))
     node = RunsNode(file, 8 * 4096)

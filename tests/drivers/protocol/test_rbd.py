@@ -5,10 +5,12 @@ sees it, snapshots, the exclusive lock, and clear errors."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import json
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -370,6 +372,20 @@ async def test_cancelled_request_is_abandoned(ceph_cluster: Cluster) -> None:
         await node.aclose()
 
 
+def _wait_all_threads_stopped(pid: int, timeout: float = 10.0) -> None:
+    """Until every thread of ``pid`` is in the stopped state (``T`` in /proc/PID/task/*/stat)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        states = []
+        for stat_file in Path(f"/proc/{pid}/task").glob("*/stat"):
+            with contextlib.suppress(OSError):  # a thread that ended meanwhile
+                states.append(stat_file.read_text().rpartition(")")[2].split()[0])
+        if states and all(state in ("T", "t") for state in states):
+            return
+        assert time.monotonic() < deadline, f"process {pid} did not stop: {states}"
+        time.sleep(0.01)
+
+
 async def test_stopped_osd_gives_an_error_then_reads_resume(ceph_cluster: Cluster) -> None:
     """The OSD stopped (SIGSTOP) under a reader: the read fails with ETIMEDOUT after
     rados_osd_op_timeout, never a hang or wrong bytes; once it runs again, reads resume."""
@@ -383,6 +399,9 @@ async def test_stopped_osd_gives_an_error_then_reads_resume(ceph_cluster: Cluste
         await node.pwrite(0, data)
         osd.send_signal(signal.SIGSTOP)
         try:
+            # SIGSTOP takes effect thread by thread: a read sent before every OSD thread has
+            # stopped can still be answered (CI saw one), so wait for the whole group.
+            _wait_all_threads_stopped(osd.pid)
             with pytest.raises(VdiskError) as info:
                 await node.pread(1 << 20, 4096)
             assert info.value.errno == errno.ETIMEDOUT

@@ -24,16 +24,15 @@ import trio
 from vdiskfs.errors import VdiskError
 from vdiskfs.fs.capabilities import pyfuse3_has_init_limits, pyfuse3_has_lseek_fallocate
 from vdiskfs.fs.operations import VdiskOperations
-from vdiskfs.fs.session import FuseSession
+from vdiskfs.fs.session import FSTYPE, FuseSession
 
 __all__ = ["MountInfo", "find_mount", "process_alive", "serve", "unmount"]
 
 log = logging.getLogger(__name__)
 
-FSTYPE = "fuse.vdiskfs"
-#: Concurrent FUSE requests in flight (pyfuse3 worker tasks): a queue depth of 64 reaches the
-#: stack whole. Each worker holds a receive buffer of up to 1 MiB (a write's payload), so this
-#: also bounds what the kernel can make the daemon hold.
+#: Concurrent FUSE requests in flight (worker tasks of either session): a queue depth of 64
+#: reaches the stack whole. Each worker holds a receive buffer of up to 1 MiB (a write's
+#: payload), so this also bounds what the kernel can make the daemon hold.
 #:
 #: The kernel sends a FUSE daemon at most ``max_background`` asynchronous requests (reads ahead,
 #: O_DIRECT aio) at once, 12 by default: a queue depth of 16 or 64 would reach the daemon as 12.
@@ -80,8 +79,7 @@ async def serve(
                                   allow_other=allow_other, debug=debug, task_status=task_status)
         return
     session = FuseSession(operations, mountpoint, read_only=read_only, allow_other=allow_other,
-                          debug=debug)
-    session.max_workers = MAX_TASKS
+                          debug=debug, max_workers=MAX_TASKS)
     session.mount()
     _session = session
     try:

@@ -129,14 +129,13 @@ def _c_string(payload: Payload) -> bytes:
 class FuseSession:
     """One mount of a :class:`VdiskOperations`, served from /dev/fuse by worker tasks."""
 
-    #: Worker tasks at most: how many requests can be in the handlers at once. A queue depth of
-    #: 64 reaches the stack whole; each worker's receive buffer is mapped memory that only a
-    #: large write makes resident.
-    max_workers = 64
-
     def __init__(self, operations: VdiskOperations, mountpoint: str, *, read_only: bool,
-                 allow_other: bool, debug: bool = False) -> None:
+                 allow_other: bool, debug: bool = False, max_workers: int = 64) -> None:
         self.operations = operations
+        #: Worker tasks at most: how many requests can be in the handlers at once. A queue
+        #: depth of 64 reaches the stack whole; each worker's receive buffer is mapped memory
+        #: that only a large write makes resident.
+        self.max_workers = max_workers
         self.mountpoint = mountpoint
         self.read_only = read_only
         self.allow_other = allow_other

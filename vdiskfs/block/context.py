@@ -34,7 +34,6 @@ from vdiskfs.block.registry import (
     get_driver,
     is_bare_scheme,
     is_network_name,
-    is_self_cached,
     looks_like_url,
     probe,
     protocol_opener,
@@ -42,6 +41,7 @@ from vdiskfs.block.registry import (
     redact_reference,
     redact_url,
     url_scheme,
+    wants_read_cache,
 )
 from vdiskfs.drivers.filter.cache import CacheNode
 from vdiskfs.drivers.protocol.file import FileNode
@@ -376,7 +376,7 @@ async def _open_file(path: str, *, read_only: bool, locking: bool,
     if scheme is not None:
         options = _with_read_only(options or OpenOptions(), read_only)
         node = await protocol_opener(scheme)(path, options)
-        if not options.cache or is_self_cached(scheme):
+        if not options.cache or not wants_read_cache(scheme):
             return node
         # Every request to a remote node is a round trip: a read cache sits under the format.
         try:

@@ -27,7 +27,7 @@ import h11
 import trio
 
 from vdiskfs.block.stats import Counters
-from vdiskfs.drivers.protocol._streams import receive_exactly_into
+from vdiskfs.drivers.protocol._streams import StreamIO, acquire
 from vdiskfs.errors import VdiskError
 
 __all__ = ["ConnectionPool", "HttpCounters", "HttpError", "Response", "Signer"]
@@ -88,7 +88,12 @@ class Response:
 class _Connection:
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
+        #: The socket, read and written without scheduler passes where the kernel need not
+        #: wait (see :mod:`vdiskfs.drivers.protocol._streams`).
+        self.io = StreamIO(stream)
         self.h11 = h11.Connection(h11.CLIENT)
+        #: What the socket gives h11 is read into (h11 copies it into its own buffer).
+        self.buffer = bytearray(RECEIVE_SIZE)
         #: Whether it already served a request (an idle connection the server may have closed).
         self.used = False
 
@@ -176,7 +181,8 @@ class ConnectionPool:
                     body_limit: int | None) -> Response:
         # The timeout starts once a connection slot is ours: waiting behind other requests of
         # a deep queue is not the server being slow.
-        async with self._slots:
+        await acquire(self._slots)
+        try:
             with trio.fail_after(self.timeout):
                 conn = self._idle.pop() if self._idle else await self._connect()
                 reused = conn.used
@@ -193,6 +199,8 @@ class ConnectionPool:
                         self._idle.append(conn)
                     else:
                         await conn.aclose()
+        finally:
+            self._slots.release()
 
     async def _connect(self) -> _Connection:
         try:
@@ -232,8 +240,10 @@ class ConnectionPool:
         self.counters.requests += 1
         try:
             # One send (no body: EndOfMessage adds nothing but h11's state change).
-            await conn.stream.send_all(conn.h11.send(request)
-                                       + conn.h11.send(h11.EndOfMessage()))
+            message = [conn.h11.send(request) + conn.h11.send(h11.EndOfMessage())]
+            sent = conn.io.try_send(message)
+            if sent < len(message[0]):
+                await conn.io.send_rest(message, sent)
             head = await self._next_event(conn)
             while isinstance(head, h11.InformationalResponse):
                 head = await self._next_event(conn)
@@ -287,7 +297,7 @@ class ConnectionPool:
         got = min(len(leftover), length)
         view[:got] = memoryview(leftover)[:got]
         try:
-            await receive_exactly_into(conn.stream, view[got:])
+            await conn.io.receive_exactly_into(view[got:])
         except trio.BrokenResourceError as exc:
             raise _ConnectionLost(ConnectionError("connection closed in the body"),
                                   reused=False) from exc
@@ -304,10 +314,9 @@ class ConnectionPool:
         while True:
             event = conn.h11.next_event()
             if event is h11.NEED_DATA:
-                data = await conn.stream.receive_some(RECEIVE_SIZE)
-                # b"": the server closed its side. h11 declares bytes, yet only appends the
-                # data to its bytearray buffer: a bytearray from an SSL stream is taken as it
-                # is rather than copied.
-                conn.h11.receive_data(data)  # type: ignore[arg-type]
+                view = memoryview(conn.buffer)
+                got = await conn.io.receive_into(view)
+                # 0: the server closed its side (h11 takes b"" as the end).
+                conn.h11.receive_data(view[:got])  # type: ignore[arg-type]
                 continue
             return event

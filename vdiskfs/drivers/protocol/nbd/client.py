@@ -34,7 +34,7 @@ from typing import Any
 
 import trio
 
-from vdiskfs.drivers.protocol._streams import receive_exactly_into
+from vdiskfs.drivers.protocol._streams import StreamIO, acquire
 from vdiskfs.drivers.protocol.nbd import wire
 from vdiskfs.drivers.protocol.nbd.uri import NbdAddress
 from vdiskfs.drivers.protocol.nbd.wire import ExportInfo, NbdProtocolError
@@ -75,21 +75,25 @@ class NbdRequest:
     #: The first error: (NBD error, message, offset).
     error: tuple[int, str, int | None] | None = None
     failure: VdiskError | None = None
+    #: When the watchdog gives up on the reply (trio clock).
+    deadline: float = 0.0
 
 
 class _Reader:
     """Exactly-n reads over a trio stream, with a buffer (replies arrive in pieces)."""
 
-    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
-        self.stream = stream
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.io = StreamIO(stream)
         self.buffer = bytearray()
+        self._chunk = bytearray(1 << 16)
 
     async def read(self, n: int) -> bytes:
         while len(self.buffer) < n:
-            chunk = await self.stream.receive_some(max(n - len(self.buffer), 1 << 16))
-            if not chunk:
+            view = memoryview(self._chunk)
+            got = await self.io.receive_into(view)
+            if not got:
                 raise trio.BrokenResourceError("the server closed the connection")
-            self.buffer += chunk
+            self.buffer += view[:got]
         data = bytes(self.buffer[:n])
         del self.buffer[:n]
         return data
@@ -100,7 +104,7 @@ class _Reader:
         n = min(len(self.buffer), len(view))
         view[:n] = self.buffer[:n]
         del self.buffer[:n]
-        await receive_exactly_into(self.stream, view[n:])
+        await self.io.receive_exactly_into(view[n:])
 
 
 class NbdConnection:
@@ -122,7 +126,9 @@ class NbdConnection:
         self._pending: dict[int, NbdRequest] = {}
         self._broken: VdiskError | None = None
         self._closed = False
+        self._io = reader.io
         self._reader_scope = trio.CancelScope()
+        self._watchdog_scope = trio.CancelScope()
         #: Counters the node shows: requests sent, most in flight at once.
         self.requests = 0
         self.max_in_flight = 0
@@ -161,6 +167,7 @@ class NbdConnection:
             raise
         conn = cls(stream, reader, label, info, structured, context_id, address.timeout)
         trio.lowlevel.spawn_system_task(conn._read_replies, name=f"nbd reader {label}")
+        trio.lowlevel.spawn_system_task(conn._watch_deadlines, name=f"nbd watchdog {label}")
         return conn
 
     # -- requests --------------------------------------------------------------------------------
@@ -168,25 +175,28 @@ class NbdConnection:
     async def request(self, command: int, offset: int = 0, length: int = 0, *, flags: int = 0,
                       data: bytes | bytearray | memoryview | None = None) -> NbdRequest:
         """Send one request and wait for its whole reply; raises on an error reply
-        (:class:`NbdRequestError`) or a lost connection (:class:`ConnectionLost`)."""
+        (:class:`NbdRequestError`) or a lost connection (:class:`ConnectionLost`).
+
+        A request that finds a free slot and an idle socket is sent without yielding (module
+        docstring), and then waits once, for its reply; its timeout is kept by the
+        connection's watchdog, not by a cancel scope of its own."""
         if self._broken is not None:
             raise _fresh(self._broken)
-        async with self._slots:
+        slots = self._slots
+        await acquire(slots)
+        try:
             req = NbdRequest(command, offset, length)
             if command == wire.CMD_READ:
                 req.buffer = bytearray(length)
             try:
                 await self._send(req, flags, data)
-                with trio.move_on_after(self.timeout) as waited:
-                    await req.done.wait()
-                if waited.cancelled_caught:
-                    self._fail(ConnectionLost(
-                        f"{wire.CMD_NAMES[command]}: no answer within {self.timeout:g} s",
-                        path=self.label, offset=offset))
+                await req.done.wait()
             finally:
                 if not req.done.is_set():
                     # Cancelled while waiting: the reader drops the reply when it comes.
                     req.buffer = None
+        finally:
+            slots.release()
         if req.failure is not None:
             raise _fresh(req.failure)
         if req.error is not None:
@@ -203,29 +213,37 @@ class NbdConnection:
     async def _send(self, req: NbdRequest, flags: int,
                     data: bytes | bytearray | memoryview | None) -> None:
         """Register ``req`` under a new cookie and send it. Waiting for the socket can be
-        cancelled (nothing is sent yet); the send itself is shielded, because a half-sent
-        request would desynchronise the stream (module docstring)."""
-        async with self._send_lock:
+        cancelled (nothing is sent yet); the rest of a send that the kernel did not take at
+        once is shielded, because a half-sent request would desynchronise the stream (module
+        docstring)."""
+        lock = self._send_lock
+        await acquire(lock)
+        try:
             if self._broken is not None:
                 raise _fresh(self._broken)
             cookie = next(self._cookies)
             # Registered before the first byte goes out: the reply may come at once.
             self._pending[cookie] = req
+            req.deadline = trio.current_time() + self.timeout
             self.requests += 1
             self.max_in_flight = max(self.max_in_flight, len(self._pending))
             header = wire.pack_request(req.command, cookie, req.offset, req.length, flags)
-            with trio.CancelScope(shield=True):
-                try:
-                    with trio.fail_after(self.timeout):
-                        await self._stream.send_all(header)
-                        if data is not None:
-                            await self._stream.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError,
-                        trio.TooSlowError) as exc:
-                    self._fail(ConnectionLost(f"sending failed: {exc or type(exc).__name__}",
-                                              path=self.label))
-                    assert self._broken is not None
-                    raise _fresh(self._broken) from exc
+            parts: list[bytes | bytearray | memoryview] = [header]
+            if data is not None:
+                parts.append(data)
+            try:
+                sent = self._io.try_send(parts)
+                if sent < len(header) + (len(data) if data is not None else 0):
+                    with trio.CancelScope(shield=True), trio.fail_after(self.timeout):
+                        await self._io.send_rest(parts, sent)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError,
+                    trio.TooSlowError) as exc:
+                self._fail(ConnectionLost(f"sending failed: {exc or type(exc).__name__}",
+                                          path=self.label))
+                assert self._broken is not None
+                raise _fresh(self._broken) from exc
+        finally:
+            lock.release()
 
     def _fail(self, error: VdiskError) -> None:
         """Drop the connection: every request in flight, and every later one, gets ``error``."""
@@ -237,12 +255,32 @@ class NbdConnection:
             req.done.set()
         self._pending.clear()
         self._reader_scope.cancel()
+        self._watchdog_scope.cancel()
 
     @property
     def broken(self) -> bool:
         return self._broken is not None
 
-    # -- the reader task -------------------------------------------------------------------------
+    # -- the system tasks ------------------------------------------------------------------------
+
+    async def _watch_deadlines(self) -> None:
+        """Drop the connection when its oldest request has had no answer within the timeout.
+
+        One task sleeping until the oldest deadline costs one wake-up per timeout period
+        instead of a cancel scope per request; ``_pending`` keeps the order requests were
+        sent in, so its first entry is the oldest."""
+        with self._watchdog_scope:
+            while self._broken is None:
+                oldest = next(iter(self._pending.values()), None)
+                if oldest is None:
+                    await trio.sleep(self.timeout)
+                elif oldest.deadline > trio.current_time():
+                    await trio.sleep_until(oldest.deadline)
+                else:
+                    self._fail(ConnectionLost(
+                        f"{wire.CMD_NAMES[oldest.command]}: no answer within "
+                        f"{self.timeout:g} s", path=self.label, offset=oldest.offset))
+
 
     async def _read_replies(self) -> None:
         with self._reader_scope:

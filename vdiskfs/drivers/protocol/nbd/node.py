@@ -352,7 +352,7 @@ def _status(state: int) -> BlockStatus:
     return BlockStatus.DATA | BlockStatus.ALLOCATED
 
 
-@register_protocol("nbd", "nbd+unix", "nbds", "nbds+unix")
+@register_protocol("nbd", "nbd+unix", "nbds", "nbds+unix", read_cache=False)
 async def open_nbd(url: str, options: OpenOptions) -> BlockNode:
     """Open the export that ``url`` names (``nbds`` schemes: over TLS)."""
     node = NbdNode(url, read_only=options.read_only)

@@ -483,7 +483,7 @@ class RbdNode(BlockNode):
 # scripts/bench/rbd.py (2 cores, loaded): with the filter, 4 KiB random reads at qd1 and qd16
 # went at 0.20-0.24x and 0.08-0.11x of QSD's rbd driver and 1 MiB sequential ones at
 # 0.40-0.68x; without it, 0.77-1.00x, 0.25x and 0.72-1.09x.
-@register_protocol("rbd", bare=True, self_cached=True)
+@register_protocol("rbd", bare=True, read_cache=False)
 async def open_rbd(name: str, options: OpenOptions) -> BlockNode:
     """Open the RBD image that ``name`` (``rbd:POOL/IMAGE...``) names."""
     node = await opened(RbdNode(name, read_only=options.read_only))

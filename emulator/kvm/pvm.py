@@ -25,6 +25,7 @@ On hardware KVM none of this is applied.
 from __future__ import annotations
 
 import struct
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -196,8 +197,12 @@ PAGE_FAULT_VECTOR = 14
 PF_USER = 1 << 2
 PF_INSTRUCTION = 1 << 4
 X86_CR0_PG = 1 << 31
-#: Exits between checks that the breakpoint still sits on the guest's page-fault entry.
-RECHECK_EVERY = 4096
+#: Seconds between checks that the breakpoint still sits on the guest's page-fault entry. A
+#: time, not a count of exits: the kernel moves its page-fault entry once (x86-64's early
+#: ``early_idt_handler_array`` gate, then ``asm_exc_page_fault``), and a kernel booted with
+#: ``quiet`` (Debian's grub default) makes so few exits in between that a check every 4096
+#: exits never saw the move -- init died on its first system call.
+RECHECK_SECONDS = 0.05
 _IDT_GATE = struct.Struct("<HHBBHII")
 _PF_FRAME = struct.Struct("<6Q")  # error code, RIP, CS, RFLAGS, RSP, SS
 
@@ -216,7 +221,7 @@ class SyscallCompleter:
         #: The guest's page-fault entry point while a breakpoint is on it.
         self.handler: int | None = None
         self._stepping = False
-        self._polls = 0
+        self._next_check = 0.0
         self.completed = 0
         self.breakpoint_hits = 0
 
@@ -227,9 +232,12 @@ class SyscallCompleter:
     def poll(self) -> None:
         """After a VM exit: put the breakpoint on the page-fault entry once the guest kernel
         has its IDT (then re-check now and then)."""
-        self._polls += 1
-        if self._stepping or (self.handler is not None and self._polls % RECHECK_EVERY):
+        if self._stepping:
             return
+        now = time.monotonic()
+        if self.handler is not None and now < self._next_check:
+            return
+        self._next_check = now + RECHECK_SECONDS
         handler = self._page_fault_entry()
         if handler is not None and handler != self.handler:
             self.handler = handler

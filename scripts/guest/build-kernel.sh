@@ -41,8 +41,8 @@ need_packages() {
   if ((${#missing[@]})); then
     log "installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    flock /var/lock/vdiskfs-apt apt-get update -qq
+    flock /var/lock/vdiskfs-apt apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   fi
 }
 
@@ -68,11 +68,17 @@ if [[ -n $print ]]; then
   exit 0
 fi
 
-# kmod: depmod, which modules_install runs to write modules.dep.
+# kmod: depmod, which modules_install runs to write modules.dep. apt-get under a lock of the
+# project's (/var/lock/vdiskfs-apt): parallel test workers may install at once.
 need_packages "$source_pkg" build-essential bc flex bison libelf-dev libssl-dev cpio xz-utils \
   ${variant:+kmod}
 version=$(source_version)
 out=$cache/kernel-$(cache_key "$version")
+# The tests run in parallel workers (scripts/test.sh): one build at a time; whoever waited
+# finds it cached.
+mkdir -p "$cache"
+exec 9>"$cache/.build-kernel.lock"
+flock 9
 if cached; then
   log "cached: $out"
   echo "$out/vmlinux"

@@ -34,8 +34,8 @@ need_kmod() {
   if ! command -v depmod >/dev/null || ! command -v modprobe >/dev/null; then
     log "installing kmod"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends kmod >/dev/null
+    flock /var/lock/vdiskfs-apt apt-get update -qq
+    flock /var/lock/vdiskfs-apt apt-get install -y -qq --no-install-recommends kmod >/dev/null
   fi
 }
 

@@ -6,8 +6,8 @@ need_busybox() {
   if ! dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q "install ok installed"; then
     echo "guest: installing busybox-static" >&2
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends busybox-static >/dev/null
+    flock /var/lock/vdiskfs-apt apt-get update -qq
+    flock /var/lock/vdiskfs-apt apt-get install -y -qq --no-install-recommends busybox-static >/dev/null
   fi
   file -L /bin/busybox | grep -q "statically linked" \
     || { echo "guest: /bin/busybox is not static (install busybox-static)" >&2; exit 1; }

@@ -21,6 +21,9 @@ meta_dep=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null \
   | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
 [[ -n $meta_dep ]] || { echo "fetch-cloud-kernel: cannot resolve linux-image-cloud-amd64" >&2; exit 1; }
 out=$cache/cloud-${meta_dep#linux-image-}
+# Parallel test workers: one download at a time; whoever waited finds it there.
+exec 9>"$cache/.fetch-cloud-kernel.lock"
+flock 9
 if [[ -f $out/vmlinuz && -f $out/linux-image.deb ]]; then
   echo "$out/$want"
   exit 0

@@ -273,7 +273,8 @@ async def test_cancelled_reader_leaves_node_usable(image: tuple[Path, bytes]) ->
                 await node.pread(BS, 100)
         assert scope.cancelled_caught
         assert node.stats.in_flight == 0
-        # The fetch it started still belongs to the node: a new reader joins it.
+        # It fetched the block itself; cancelled, it handed the fetch to the node, which made
+        # it again: a new reader joins that one.
         async with trio.open_nursery() as nursery:
             async def read() -> None:
                 assert await node.pread(BS + 50, 100) == data[BS + 50 : BS + 150]
@@ -281,7 +282,7 @@ async def test_cancelled_reader_leaves_node_usable(image: tuple[Path, bytes]) ->
             nursery.start_soon(read)
             await trio.testing.wait_all_tasks_blocked()
             counting.gate.set()
-        assert counting.reads == [(BS, BS)]
+        assert counting.reads == [(BS, BS), (BS, BS)]
         assert await node.pread(BS, 100) == data[BS : BS + 100]
 
 
@@ -291,6 +292,7 @@ async def test_failed_fetch_raises_to_every_reader_and_caches_nothing(
     async with await _open(path, block_size=BS, readahead_blocks=0) as node:
         counting = _counting(node)
         counting.fail = HostIOError("boom", path="x")
+        counting.gate = trio.Event()
         errors: list[BaseException] = []
 
         async def reader() -> None:
@@ -302,7 +304,10 @@ async def test_failed_fetch_raises_to_every_reader_and_caches_nothing(
         async with trio.open_nursery() as nursery:
             for _ in range(3):
                 nursery.start_soon(reader)
+            await trio.testing.wait_all_tasks_blocked()
+            counting.gate.set()
         assert len(errors) == 3 and len(counting.reads) == 1
+        counting.gate = None
         counting.fail = None
         assert await node.pread(0, 10) == data[:10]
 

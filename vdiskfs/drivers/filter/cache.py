@@ -21,10 +21,12 @@ With ``cache_dir`` (``--cache-dir``), blocks also go to a sparse file there
 Last-Modified), and a later open of the same content reads them from there instead of the
 server.
 
-Fetches belong to the node, not to the reader that asked first: they run in a nursery that the
-node owns (hosted by a trio system task from :meth:`CacheNode.open` until :meth:`aclose`), so a
-cancelled reader only stops waiting, and the block it started still arrives for the others.
-A failed fetch is raised to every reader of it and caches nothing.
+Fetches belong to the node, not to the reader that asked first. A reader fetches the last run
+of its misses itself (no task to spawn for a random miss: that cost a spawn and a scheduler
+pass); readahead, its other runs and disk reads run in a nursery that the node owns (hosted by
+a trio system task from :meth:`CacheNode.open` until :meth:`aclose`). A reader cancelled while
+it fetches hands its run to that nursery, so the blocks still arrive for any other reader
+waiting for them. A failed fetch is raised to every reader of it and caches nothing.
 
 Counters (the node's ``stats/<n>-cache`` file): ``hits``, ``misses`` and ``waits`` (blocks
 found cached, fetched, or joined while another reader's fetch was in flight), ``bytes_fetched``,
@@ -143,6 +145,8 @@ class CacheNode(FilterNode):
         self._disk: BlockFile | None = None
         self._scope = trio.CancelScope()
         self._stopped = trio.Event()
+        #: The cancel scopes of the fetches that readers make themselves (see _fetch).
+        self._inline_fetches: set[trio.CancelScope] = set()
 
     # -- life cycle ------------------------------------------------------------------------------
 
@@ -184,6 +188,8 @@ class CacheNode(FilterNode):
         # Cancelled even when the host task has not started yet (an open that was cancelled
         # while waiting for it): it then enters a cancelled scope and ends at once.
         self._scope.cancel()
+        for fetch in self._inline_fetches:
+            fetch.cancel()
         # Shielded: a cancelled closer still waits for the fetches to end before the base
         # class closes the child under them.
         with trio.move_on_after(CLOSE_TIMEOUT) as wait:
@@ -212,6 +218,7 @@ class CacheNode(FilterNode):
         last = (offset + length - 1) // bs
         counters = self.counters
         parts: list[Buffer | _Load] = []
+        runs: list[list[_Load]] = []
         run: list[_Load] = []
         for index in range(first, last + 1):
             data = self._blocks.get(index)
@@ -231,17 +238,25 @@ class CacheNode(FilterNode):
             load = self._start_load(index, readahead=False)
             parts.append(load)
             if run and (run[-1].index != index - 1 or len(run) == MAX_RUN_BLOCKS):
-                self._fetch_soon(run)
+                runs.append(run)
                 run = []
             run.append(load)
         if run:
-            self._fetch_soon(run)
+            runs.append(run)
+        # The last run is fetched by this reader itself, the others (and a disk tier's reads)
+        # by tasks of the node: a task per random miss cost a spawn and a scheduler pass.
+        inline = runs.pop() if runs and self._disk is None and self._nursery is not None \
+            else None
+        for other in runs:
+            self._fetch_soon(other)
         if offset == self._next_offset:
             self._read_ahead(last + 1)
         self._next_offset = offset + length
 
+        if inline is not None:
+            await self._fetch(inline, inline=True)
         for part in parts:
-            if isinstance(part, _Load):
+            if isinstance(part, _Load) and not part.done.is_set():
                 await part.done.wait()
         if first == last:
             return self._piece(parts[0], first)[offset - first * bs : offset - first * bs + length]
@@ -339,8 +354,10 @@ class CacheNode(FilterNode):
         if run:
             self._fetch_soon(run)
 
-    async def _fetch(self, run: list[_Load]) -> None:
-        """One child read for the consecutive blocks of ``run``; runs in the node's nursery."""
+    async def _fetch(self, run: list[_Load], *, inline: bool = False) -> None:
+        """One child read for the consecutive blocks of ``run``: in the node's nursery, or
+        ``inline`` in the reader that wants them. A cancelled inline reader hands the run to
+        the nursery (another reader may be waiting for its blocks), which fetches it again."""
         bs = self.block_size
         start = run[0].index * bs
         end = min((run[-1].index + 1) * bs, self.size)
@@ -348,11 +365,22 @@ class CacheNode(FilterNode):
         error: BaseException = HostIOError("the cache was closed during the read",
                                            path=self.label, offset=start, errno=errno.EBADF)
         data: Buffer | None = None
+        # An inline fetch is cancelled by the node's closing too, as the nursery's fetches are.
+        closing = trio.CancelScope()
+        if inline:
+            self._inline_fetches.add(closing)
         try:
-            data = await self.file.pread(start, end - start)
+            with closing:
+                data = await self.file.pread(start, end - start)
         except Exception as exc:
             error = exc
+        except trio.Cancelled:
+            if inline:
+                self._fetch_soon(run)
+                run = []
+            raise
         finally:
+            self._inline_fetches.discard(closing)
             if data is not None:
                 self.counters.bytes_fetched += len(data)
                 view = memoryview(data)

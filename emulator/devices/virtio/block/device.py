@@ -394,13 +394,21 @@ class BlockDevice(VirtioDevice):
         """One request, as a task: its I/O, then its answer in guest memory, then its used
         element queued for the dispatcher's next batch."""
         written = 0
+        cancelled = False
         try:
             written = await self._execute(request, generation)
+        except trio.Cancelled:
+            cancelled = True
+            raise
         finally:
             # Also when cancelled (the VMM is stopping): the room is given back either way.
             self._finished(state, request.data_length)
-            state.done.append((head, written, generation))
-            state.wake()
+            # A cancelled request is not answered: the guest is stopping. Queued, it could
+            # still be published by a dispatcher that a wake-up made runnable just before the
+            # cancellation (CI saw it under load).
+            if not cancelled:
+                state.done.append((head, written, generation))
+                state.wake()
 
     def _publish(self, state: _QueueState) -> None:
         """Return every finished chain in one batch: one used-index store, at most one

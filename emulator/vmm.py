@@ -258,7 +258,7 @@ def _build_cmdline(config: VmConfig, choice: BootChoice | None, kernel: LoadedKe
         if not cmdline.has(key):
             cmdline.append(arg)
     if flavor.is_pvm:
-        for arg in pvm.CMDLINE_MASKS:
+        for arg in (*pvm.CMDLINE_MASKS, *pvm.CMDLINE_SPEED):
             if not cmdline.has(arg.split("=", 1)[0]):
                 cmdline.append(arg)
     # The ACPI tables describe the disks; this list is for kernels built without ACPI (with

@@ -180,6 +180,9 @@ log file = {d}/log/$name.log
 log to stderr = false
 err to stderr = false
 mon data = {d}/mon/$cluster-$id
+# The monitor refuses to start below 5% free space on its file system (14 GiB of this machine's
+# disk, which the tests' images fill that far when two workers run): it keeps little here.
+mon data avail crit = 0
 osd data = {d}/osd/$cluster-$id
 osd objectstore = memstore
 memstore device bytes = 2147483648

@@ -44,6 +44,10 @@ async def test_bytes_at_hand_move_without_a_checkpoint() -> None:
         view = memoryview(bytearray(16))
         assert await receiver.receive_into(view) == 6
     assert bytes(view[:6]) == b"header"
+    with trio.testing.assert_no_checkpoints():
+        await sender.send_all([b"again"])
+        assert await receiver.receive_into(view) == 5
+    assert bytes(view[:5]) == b"again"
 
 
 async def test_a_send_the_kernel_cannot_take_at_once_completes() -> None:

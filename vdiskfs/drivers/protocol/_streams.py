@@ -92,6 +92,14 @@ class StreamIO:
         except BlockingIOError:
             return 0
 
+    async def send_all(self, buffers: Sequence[bytes | bytearray | memoryview]) -> None:
+        """Send all of ``buffers``: at once when the kernel takes them (no scheduler pass),
+        else the rest as room comes. A caller that must not be cancelled half-way (NBD)
+        shields :meth:`send_rest` after :meth:`try_send` instead."""
+        sent = self.try_send(buffers)
+        if sent < sum(len(buffer) for buffer in buffers):
+            await self.send_rest(buffers, sent)
+
     async def send_rest(self, buffers: Sequence[bytes | bytearray | memoryview],
                         sent: int) -> None:
         """Send what is left of ``buffers`` after the first ``sent`` bytes, waiting for room."""

@@ -240,10 +240,7 @@ class ConnectionPool:
         self.counters.requests += 1
         try:
             # One send (no body: EndOfMessage adds nothing but h11's state change).
-            message = [conn.h11.send(request) + conn.h11.send(h11.EndOfMessage())]
-            sent = conn.io.try_send(message)
-            if sent < len(message[0]):
-                await conn.io.send_rest(message, sent)
+            await conn.io.send_all([conn.h11.send(request) + conn.h11.send(h11.EndOfMessage())])
             head = await self._next_event(conn)
             while isinstance(head, h11.InformationalResponse):
                 head = await self._next_event(conn)

@@ -29,6 +29,7 @@ watch -- or holds the lock makes the open fail with :class:`~vdiskfs.errors.Lock
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import functools
 import logging
@@ -82,6 +83,26 @@ class RbdCounters(Counters):
     wakeups: int = 0
 
 
+class _ThreadFlag(threading.local):
+    done = False
+
+
+_pinned = _ThreadFlag()
+
+
+def _pin_thread_state() -> None:
+    """Keep the calling thread's Python thread state for good.
+
+    librbd calls back on its own threads, and the binding takes the GIL there with
+    ``PyGILState_Ensure``, which creates a thread state when the thread has none and deletes it
+    again at the matching release: per completion a thread state, a 16 KiB frame stack mapped
+    and unmapped, and a ``gettid``. One more ``PyGILState_Ensure``, never released, keeps the
+    state: later callbacks only take the GIL. The thread state goes with the interpreter.
+    """
+    ctypes.pythonapi.PyGILState_Ensure()
+    _pinned.done = True
+
+
 @functools.cache
 def _bindings() -> tuple[Any, Any]:
     try:
@@ -130,6 +151,8 @@ class RbdNode(BlockNode):
         self._completed_lock = threading.Lock()
         self._features = 0
         self._facts: dict[str, Any] = {}
+        #: The binding's error class, looked up once (at open) rather than per request.
+        self._rbd_error: type[Exception] = Exception
 
     # -- life cycle ------------------------------------------------------------------------------
 
@@ -139,6 +162,7 @@ class RbdNode(BlockNode):
 
     async def open(self) -> None:
         rados, rbd = _bindings()
+        self._rbd_error = rbd.Error
         self._token = trio.lowlevel.current_trio_token()
         # Blocking librados calls (the monitors, the image header): in a thread that a
         # cancelled open abandons.
@@ -355,6 +379,8 @@ class RbdNode(BlockNode):
             # else. One wake-up of the trio loop per batch, not per completion: with many
             # requests in flight, completions arrive together, and each run_sync_soon is a
             # write to trio's wake-up socket and a pass of its loop.
+            if not _pinned.done:
+                _pin_thread_state()
             result = (completion.get_return_value(), data)
             with self._completed_lock:
                 self._completed.append((deliver, result))
@@ -371,10 +397,9 @@ class RbdNode(BlockNode):
             self.counters.abandoned += 1
             return trio.lowlevel.Abort.SUCCEEDED
 
-        _, rbd = _bindings()
         try:
             start(oncomplete)
-        except rbd.Error as exc:
+        except self._rbd_error as exc:
             raise self._error(exc, f"{what} at {offset}") from None
         self._in_flight += 1
         counters = self.counters

@@ -18,6 +18,7 @@ stopped answering should surface as an error, not as minutes of silent retries.
 from __future__ import annotations
 
 import errno
+import re
 import ssl
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -37,6 +38,47 @@ __all__ = ["ConnectionPool", "HttpCounters", "HttpError", "Response", "Signer"]
 #: read straight into the body's buffer (`_receive_body`). With 256 KiB, a 256 KiB range was
 #: copied four times on its way through h11.
 RECEIVE_SIZE = 16 * 1024
+
+
+#: What the head of a request written past h11 may hold: a token for a header's name, visible
+#: ASCII (and inner blanks) for a value and the target. A request with anything else goes
+#: through h11, which refuses what it must.
+_TOKEN = re.compile(r"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
+_VALUE = re.compile(r"([\x21-\x7e]([\x20\x09\x21-\x7e]*[\x21-\x7e])?)?")
+_TARGET = re.compile(r"[\x21-\x7e]+")
+
+
+def _format_request(method: str, target: str, headers: list[tuple[str, str]]) -> bytes | None:
+    """The bytes of a bodiless HTTP/1.1 request as h11 would write them, or None when a part
+    is not what h11 accepts (h11 then makes the error)."""
+    if not _TARGET.fullmatch(target):
+        return None
+    lines = [f"{method} {target} HTTP/1.1"]
+    for name, value in headers:
+        if not _TOKEN.fullmatch(name) or not _VALUE.fullmatch(value):
+            return None
+        lines.append(f"{name}: {value}")
+    lines.append("\r\n")
+    return "\r\n".join(lines).encode("ascii")
+
+
+def _parse_head(head: bytes) -> tuple[bytes, int, dict[str, str]] | None:
+    """A response's head (status line and headers, without the blank line): its version,
+    status and headers (names in lower case, a repeated one keeping its last value); None for
+    anything unusual (a folded line, a malformed field), which h11 then reads."""
+    status_line, *lines = head.split(b"\r\n")
+    version, _, rest = status_line.partition(b" ")
+    code = rest[:3]
+    if version not in (b"HTTP/1.1", b"HTTP/1.0") or not code.isdigit() \
+            or rest[3:4] not in (b"", b" "):
+        return None
+    headers: dict[str, str] = {}
+    for line in lines:
+        name, colon, value = line.partition(b":")
+        if not colon or not name or name != name.strip() or line[:1] in (b" ", b"\t"):
+            return None
+        headers[name.decode("latin-1").lower()] = value.strip(b" \t").decode("latin-1")
+    return version[5:], int(code), headers
 
 
 #: A hook that authenticates each request by its content (S3's Signature V4): given the method,
@@ -92,6 +134,9 @@ class _Connection:
         #: wait (see :mod:`vdiskfs.drivers.protocol._streams`).
         self.io = StreamIO(stream)
         self.h11 = h11.Connection(h11.CLIENT)
+        #: Whether h11 is at the start of a cycle with nothing buffered: a request may then
+        #: skip it (``ConnectionPool._exchange``).
+        self.fresh = True
         #: What the socket gives h11 is read into (h11 copies it into its own buffer).
         self.buffer = bytearray(RECEIVE_SIZE)
         #: Whether it already served a request (an idle connection the server may have closed).
@@ -161,9 +206,8 @@ class ConnectionPool:
         attempt = 0
         while True:
             sent = all_headers if self.sign is None else self.sign(method, target, all_headers)
-            request = h11.Request(method=method, target=target, headers=sent)
             try:
-                return await self._once(request, method, body_limit)
+                return await self._once(method, target, sent, body_limit)
             except trio.TooSlowError:
                 raise HttpError(f"{method} timed out after {self.timeout:g} s (no complete "
                                 "answer from the server)", path=self.name,
@@ -177,7 +221,7 @@ class ConnectionPool:
                 if not lost.reused:
                     await trio.sleep(self.backoff * 2 ** (attempt - 1))
 
-    async def _once(self, request: h11.Request, method: str,
+    async def _once(self, method: str, target: str, headers: list[tuple[str, str]],
                     body_limit: int | None) -> Response:
         # The timeout starts once a connection slot is ours: waiting behind other requests of
         # a deep queue is not the server being slow.
@@ -189,8 +233,8 @@ class ConnectionPool:
                 conn.used = True
                 keep = False
                 try:
-                    response, keep = await self._exchange(conn, request, method, body_limit,
-                                                          reused)
+                    response, keep = await self._exchange(conn, method, target, headers,
+                                                          body_limit, reused)
                     return response
                 finally:
                     # A cancelled or failed exchange leaves the connection in an unknown
@@ -235,28 +279,50 @@ class ConnectionPool:
             stream = tls
         return _Connection(stream)
 
-    async def _exchange(self, conn: _Connection, request: h11.Request, method: str,
-                        body_limit: int | None, reused: bool) -> tuple[Response, bool]:
+    async def _exchange(self, conn: _Connection, method: str, target: str,
+                        headers: list[tuple[str, str]], body_limit: int | None,
+                        reused: bool) -> tuple[Response, bool]:
+        """One request and its response on ``conn``; whether the connection may be kept.
+
+        A ranged GET on a fresh connection skips h11 (it cost more CPU than the rest of a
+        4 KiB read): the request is written here, and a ``206`` with a length is read here.
+        Any other answer is handed to h11 as it came, after the request was shown to it, and
+        read as before: h11 keeps the protocol's rules for everything unusual.
+        """
         self.counters.requests += 1
         try:
-            # One send (no body: EndOfMessage adds nothing but h11's state change).
-            await conn.io.send_all([conn.h11.send(request) + conn.h11.send(h11.EndOfMessage())])
+            data = _format_request(method, target, headers) \
+                if method == "GET" and conn.fresh else None
+            if data is not None:
+                await conn.io.send_all([data])
+                fast = await self._fast_response(conn, method, target, headers, body_limit,
+                                                 reused)
+                if fast is not None:
+                    return fast
+            else:
+                request = h11.Request(method=method, target=target, headers=headers)
+                conn.fresh = False
+                # One send (no body: EndOfMessage adds nothing but h11's state change).
+                await conn.io.send_all([conn.h11.send(request) + conn.h11.send(h11.EndOfMessage())])
             head = await self._next_event(conn)
             while isinstance(head, h11.InformationalResponse):
                 head = await self._next_event(conn)
             if not isinstance(head, h11.Response):
                 raise _ConnectionLost(ConnectionError("connection closed before a response"),
                                       reused)
-            headers = {name.decode("latin-1").lower(): value.decode("latin-1")
-                       for name, value in head.headers}
-            announced = headers.get("content-length")
+            response_headers = {name.decode("latin-1").lower(): value.decode("latin-1")
+                                for name, value in head.headers}
+            announced = response_headers.get("content-length")
             if body_limit is not None and announced is not None and announced.isdigit() \
                     and int(announced) > body_limit:
                 # Not read: the connection is closed instead.
-                return Response(head.status_code, headers, b""), False
+                return Response(head.status_code, response_headers, b""), False
             if head.status_code == 206 and announced is not None and announced.isdigit() \
-                    and "transfer-encoding" not in headers:
-                return await self._receive_body(conn, head, headers, int(announced))
+                    and "transfer-encoding" not in response_headers:
+                leftover, _closed = conn.h11.trailing_data
+                return await self._receive_body(conn, head.http_version, response_headers,
+                                                int(announced), leftover,
+                                                h11_done=conn.h11.our_state is h11.DONE)
             body = bytearray()
             while True:
                 event = await self._next_event(conn)
@@ -264,7 +330,7 @@ class ConnectionPool:
                     body += event.data
                     self.counters.bytes_fetched += len(event.data)
                     if body_limit is not None and len(body) > body_limit:
-                        return Response(head.status_code, headers, b""), False
+                        return Response(head.status_code, response_headers, b""), False
                 elif isinstance(event, h11.EndOfMessage):
                     break
                 else:
@@ -276,19 +342,58 @@ class ConnectionPool:
         keep = conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE
         if keep:
             conn.h11.start_next_cycle()
-        return Response(head.status_code, headers, body), keep
+            conn.fresh = not conn.h11.trailing_data[0]
+        return Response(head.status_code, response_headers, body), keep
 
-    async def _receive_body(self, conn: _Connection, head: h11.Response,
-                            headers: dict[str, str], length: int) -> tuple[Response, bool]:
+    async def _fast_response(self, conn: _Connection, method: str, target: str,
+                             headers: list[tuple[str, str]], body_limit: int | None,
+                             reused: bool) -> tuple[Response, bool] | None:
+        """Read the head of the response to a request sent past h11; a ``206`` with a length
+        is read whole and returned. Anything else: h11 is told the request, given the bytes
+        read so far, and None returned (the caller reads the rest through h11)."""
+        buffer = conn.buffer
+        view = memoryview(buffer)
+        filled = 0
+        end = -1
+        while filled < len(buffer):
+            got = await conn.io.receive_into(view[filled:])
+            if not got:
+                raise _ConnectionLost(ConnectionError("connection closed before a response"),
+                                      reused)
+            end = buffer.find(b"\r\n\r\n", max(0, filled - 3), filled + got)
+            filled += got
+            if end >= 0:
+                break
+        parsed = _parse_head(bytes(buffer[:end])) if end >= 0 else None
+        if parsed is not None:
+            version, status, response_headers = parsed
+            announced = response_headers.get("content-length")
+            if status == 206 and announced is not None and announced.isdigit() \
+                    and "transfer-encoding" not in response_headers:
+                if body_limit is not None and int(announced) > body_limit:
+                    return Response(status, response_headers, b""), False
+                return await self._receive_body(conn, version, response_headers,
+                                                int(announced), bytes(buffer[end + 4:filled]),
+                                                h11_done=True)
+        # The rest as before, through h11: it must see the request to read the response.
+        conn.fresh = False
+        conn.h11.send(h11.Request(method=method, target=target, headers=headers))
+        conn.h11.send(h11.EndOfMessage())
+        conn.h11.receive_data(bytes(buffer[:filled]))
+        return None
+
+    async def _receive_body(self, conn: _Connection, version: bytes,
+                            headers: dict[str, str], length: int, leftover: bytes, *,
+                            h11_done: bool) -> tuple[Response, bool]:
         """The body of a ``206`` of known length (the image's bytes: nearly all the traffic),
-        read past h11 straight into the buffer returned.
+        read past h11 straight into the buffer returned; ``leftover``: what came after the
+        head in the same read.
 
         Through h11 every piece is copied three times (into its buffer, out as an event, into
         ours), which cost more CPU than the rest of a 256 KiB read. h11 never sees this body,
-        so a connection that h11's rules keep alive (HTTP/1.1, no ``Connection: close``)
-        starts its next request with a fresh h11 state.
+        so a connection kept alive (HTTP/1.1, no ``Connection: close``) starts its next
+        request with a fresh h11 state.
         """
-        leftover, _closed = conn.h11.trailing_data
         body = bytearray(length)
         view = memoryview(body)
         got = min(len(leftover), length)
@@ -301,11 +406,12 @@ class ConnectionPool:
         self.counters.bytes_fetched += length
         tokens = {t.strip() for t in headers.get("connection", "").lower().split(",")}
         # Bytes past the body were never asked for (no pipelining): the stream is not ours.
-        keep = (conn.h11.our_state is h11.DONE and head.http_version >= b"1.1"
-                and "close" not in tokens and len(leftover) <= length)
-        if keep:
+        keep = (h11_done and version >= b"1.1" and "close" not in tokens
+                and len(leftover) <= length)
+        if keep and not conn.fresh:
             conn.h11 = h11.Connection(h11.CLIENT)
-        return Response(head.status_code, headers, body), keep
+            conn.fresh = True
+        return Response(206, headers, body), keep
 
     async def _next_event(self, conn: _Connection) -> Any:
         while True:

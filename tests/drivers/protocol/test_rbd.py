@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from tests.support.ceph import Cluster
 from tests.support.conformance import check_block_node
@@ -368,6 +369,42 @@ async def test_cancelled_request_is_abandoned(ceph_cluster: Cluster) -> None:
         assert scope.cancelled_caught
         assert node.counters.abandoned == 1
         assert bytes(await node.pread(0, 4096)) == bytes(4096)
+    finally:
+        await node.aclose()
+
+
+@pytest.mark.parametrize("cancelled", [(0,), (0, 1, 2), tuple(range(1, 16, 2))],
+                         ids=["collector", "collector-and-successors", "others"])
+async def test_cancelled_waiters_leave_the_rest_served(ceph_cluster: Cluster, tmp_path: Path,
+                                                       cancelled: tuple[int, ...]) -> None:
+    """Of 16 reads in flight, the first task watches librbd's completions for all
+    (``RbdNode._wait``); cancelling it, its successors or others leaves every other read
+    served with its bytes, and the node serving afterwards."""
+    data = random_bytes(16, 1 << 20)
+    source = tmp_path / "source.raw"
+    source.write_bytes(data)
+    image = _unique("takeover")
+    ceph_cluster.rbd("import", source, f"rbd/{image}")
+    node = await _open(ceph_cluster.qemu_name(f"rbd/{image}"))
+    try:
+        got: dict[int, bytes] = {}
+        scopes = [trio.CancelScope() for _ in range(16)]
+
+        async def read(i: int) -> None:
+            with scopes[i]:
+                got[i] = bytes(await node.pread(i * 65536, 4096))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(16):
+                nursery.start_soon(read, i)
+            await trio.testing.wait_all_tasks_blocked()
+            for i in cancelled:
+                scopes[i].cancel()
+        for i, block in got.items():
+            assert block == data[i * 65536 : i * 65536 + 4096], f"read {i}"
+        assert set(range(16)) - set(cancelled) <= set(got)
+        assert not node._waiting and not node._collecting
+        assert bytes(await node.pread(65536, 4096)) == data[65536 : 65536 + 4096]
     finally:
         await node.aclose()
 

@@ -10,9 +10,9 @@ cluster's release) is imported at the first open, so that vdiskfs works without 
 and opening are blocking librados calls and run in a thread (:func:`run_blocking`). Requests use
 librbd's asynchronous API (``aio_read``, ``aio_write``...): librbd runs them and calls back on
 one of its own threads, which queues the result for the trio thread and touches nothing else;
-one ``TrioToken.run_sync_soon`` wakes the trio loop for all the completions queued until it
-runs (the ``wakeups`` counter) -- so any number of requests are in flight with no thread per
-request, as QEMU's ``block/rbd.c`` does with its AIO completions.
+one write to the node's eventfd wakes the waiting task that watches it for all the completions
+queued until it runs (the ``wakeups`` counter) -- so any number of requests are in flight with
+no thread per request, as QEMU's ``block/rbd.c`` does with its AIO completions.
 
 A cancelled request is abandoned, not stopped (librbd cannot cancel one): the caller returns at
 once, librbd still owns the buffer (the binding keeps a reference) and the late completion is
@@ -39,7 +39,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import outcome
 import trio
 
 from vdiskfs.block.context import OpenOptions, run_blocking
@@ -120,6 +119,18 @@ def _errno(exc: BaseException) -> int:
     return abs(err) if isinstance(err, int) and err else errno.EIO
 
 
+class _Request:
+    """A librbd request in flight: the task that waits for it, and its completion's
+    ``(return value, data)`` once delivered (:meth:`RbdNode._wait`)."""
+
+    __slots__ = ("abandoned", "result", "task")
+
+    def __init__(self, task: trio.lowlevel.Task) -> None:
+        self.task = task
+        self.result: tuple[int, Any] | None = None
+        self.abandoned = False
+
+
 class RbdNode(BlockNode):
     """An RBD image (or one of its snapshots, read-only). ``label`` is the name as given: it
     carries no secret (:func:`~.spec.parse_spec` refuses ``key=``)."""
@@ -142,13 +153,19 @@ class RbdNode(BlockNode):
         self._cluster: Any = None
         self._ioctx: Any = None
         self._image: Any = None
-        self._token: trio.lowlevel.TrioToken | None = None
         self._in_flight = 0
         #: Completions that librbd's threads handed over and the trio thread has not delivered
-        #: yet, and whether a delivery of them is scheduled (both under ``_completed_lock``).
-        self._completed: list[tuple[Callable[[tuple[int, Any]], None], tuple[int, Any]]] = []
+        #: yet, and whether the event descriptor was written for them (both under
+        #: ``_completed_lock``).
+        self._completed: list[tuple[_Request, tuple[int, Any]]] = []
         self._delivery_pending = False
         self._completed_lock = threading.Lock()
+        #: Written by librbd's threads when completions wait (:meth:`_wait`); closed once the
+        #: image is closed, when librbd calls back no more.
+        self._events = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        #: Whether a waiting task watches ``_events``, and the other waiting tasks.
+        self._collecting = False
+        self._waiting: set[_Request] = set()
         self._features = 0
         self._facts: dict[str, Any] = {}
         #: The binding's error class, looked up once (at open) rather than per request.
@@ -163,7 +180,6 @@ class RbdNode(BlockNode):
     async def open(self) -> None:
         rados, rbd = _bindings()
         self._rbd_error = rbd.Error
-        self._token = trio.lowlevel.current_trio_token()
         # Blocking librados calls (the monitors, the image header): in a thread that a
         # cancelled open abandons.
         parent = self._view_of
@@ -332,12 +348,17 @@ class RbdNode(BlockNode):
         if self._view_of is not None:
             ioctx = cluster = None  # the image node's, which closes them
 
+        events, self._events = self._events, -1
+
         def close() -> None:
             # Image.close flushes librbd's cache, waits for requests still in flight and
             # releases the exclusive lock.
             try:
                 if image is not None:
                     image.close()
+                # librbd calls back no more: the descriptor its callbacks write can go (not
+                # before: its number could be another file's by then).
+                os.close(events)
             finally:
                 if ioctx is not None:
                     ioctx.close()
@@ -345,6 +366,7 @@ class RbdNode(BlockNode):
                     cluster.shutdown()
 
         if image is None and cluster is None:
+            os.close(events)
             return
         try:
             await run_blocking(close)
@@ -364,38 +386,22 @@ class RbdNode(BlockNode):
                       ) -> tuple[int, Any]:
         """Start a librbd request (``start(oncomplete)``) and wait for its completion: the
         ``(return value, data)`` it gave. A negative return value raises naming ``what``."""
-        token = self._token
-        assert token is not None and self._image is not None, "RbdNode used before open()"
-        task = trio.lowlevel.current_task()
-        abandoned = False
-
-        def deliver(result: tuple[int, Any]) -> None:  # on the trio thread
-            self._in_flight -= 1
-            if not abandoned:
-                trio.lowlevel.reschedule(task, outcome.Value(result))
+        assert self._image is not None, "RbdNode used before open()"
+        request = _Request(trio.lowlevel.current_task())
 
         def oncomplete(completion: Any, data: Any = None) -> None:
             # On a librados thread, maybe before start() returned: hand over, touch nothing
-            # else. One wake-up of the trio loop per batch, not per completion: with many
-            # requests in flight, completions arrive together, and each run_sync_soon is a
-            # write to trio's wake-up socket and a pass of its loop.
+            # else. One write to the event descriptor per batch, not per completion: with
+            # many requests in flight, completions arrive together.
             if not _pinned.done:
                 _pin_thread_state()
             result = (completion.get_return_value(), data)
             with self._completed_lock:
-                self._completed.append((deliver, result))
+                self._completed.append((request, result))
                 if self._delivery_pending:
                     return
                 self._delivery_pending = True
-            # RunFinishedError: the trio run is over, nobody waits for this any more.
-            with contextlib.suppress(trio.RunFinishedError):
-                token.run_sync_soon(self._deliver_completed)
-
-        def abort(_: Any) -> trio.lowlevel.Abort:
-            nonlocal abandoned
-            abandoned = True
-            self.counters.abandoned += 1
-            return trio.lowlevel.Abort.SUCCEEDED
+            os.eventfd_write(self._events, 1)
 
         try:
             start(oncomplete)
@@ -406,7 +412,7 @@ class RbdNode(BlockNode):
         counters.requests += 1
         if self._in_flight > counters.max_requests_in_flight:
             counters.max_requests_in_flight = self._in_flight
-        ret, data = await trio.lowlevel.wait_task_rescheduled(abort)
+        ret, data = await self._wait(request)
         if ret < 0:
             err = -ret
             if err == errno.EROFS and not self.read_only:
@@ -417,15 +423,66 @@ class RbdNode(BlockNode):
                               path=self.label, offset=offset, errno=err)
         return ret, data
 
+    async def _wait(self, request: _Request) -> tuple[int, Any]:
+        """Wait for ``request``'s completion. One waiting task at a time is the collector:
+        it waits on the event descriptor and delivers every completion handed over, its own
+        or not; the others sleep until theirs is delivered, or until the collector leaves and
+        one of them must take over. At depth 1 the one request's own task is woken by the
+        descriptor: no other task runs between librbd's callback and the reply (trio's
+        ``run_sync_soon`` cost a wake-up socket and a pass of its entry-queue task)."""
+
+        waiting = self._waiting
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            # Out of the set at once: nobody may reschedule a task that is being cancelled.
+            waiting.discard(request)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        try:
+            while request.result is None:
+                if self._collecting:
+                    waiting.add(request)
+                    try:
+                        await trio.lowlevel.wait_task_rescheduled(abort)
+                    finally:
+                        waiting.discard(request)
+                    continue
+                self._collecting = True
+                try:
+                    await trio.lowlevel.wait_readable(self._events)
+                finally:
+                    self._collecting = False
+                self._deliver_completed()
+        finally:
+            if request.result is None:  # cancelled: the completion is dropped when it comes
+                request.abandoned = True
+                self.counters.abandoned += 1
+            # Leaving (done or cancelled) while others wait: one of them collects now.
+            if not self._collecting and waiting:
+                successor = waiting.pop()
+                trio.lowlevel.reschedule(successor.task)
+        result = request.result
+        assert result is not None
+        return result
+
     def _deliver_completed(self) -> None:
-        """On the trio thread: wake the tasks of every completion handed over so far."""
+        """On the trio thread: deliver every completion handed over so far."""
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._events)
         with self._completed_lock:
-            # A completion after this point schedules the next delivery.
+            # A completion after this point writes the descriptor again.
             self._delivery_pending = False
             batch, self._completed = self._completed, []
         self.counters.wakeups += 1
-        for deliver, result in batch:
-            deliver(result)
+        waiting = self._waiting
+        for request, result in batch:
+            self._in_flight -= 1
+            if request.abandoned:
+                continue
+            request.result = result
+            if request in waiting:
+                waiting.discard(request)
+                trio.lowlevel.reschedule(request.task)
 
     async def _pread(self, offset: int, length: int) -> Buffer:
         data: bytes | None  # what librbd hands a read's callback

@@ -81,6 +81,16 @@ def _parse_head(head: bytes) -> tuple[bytes, int, dict[str, str]] | None:
     return version[5:], int(code), headers
 
 
+def _body_past_h11(status: int, headers: dict[str, str]) -> int | None:
+    """The length of a response body read past h11 (``_receive_body``): a ``206`` with a
+    Content-Length and no Transfer-Encoding; None for any other response."""
+    announced = headers.get("content-length")
+    if status == 206 and announced is not None and announced.isdigit() \
+            and "transfer-encoding" not in headers:
+        return int(announced)
+    return None
+
+
 #: A hook that authenticates each request by its content (S3's Signature V4): given the method,
 #: the target and every header (``Host`` included), the headers to send.
 Signer = Callable[[str, str, list[tuple[str, str]]], list[tuple[str, str]]]
@@ -317,11 +327,11 @@ class ConnectionPool:
                     and int(announced) > body_limit:
                 # Not read: the connection is closed instead.
                 return Response(head.status_code, response_headers, b""), False
-            if head.status_code == 206 and announced is not None and announced.isdigit() \
-                    and "transfer-encoding" not in response_headers:
+            length = _body_past_h11(head.status_code, response_headers)
+            if length is not None:
                 leftover, _closed = conn.h11.trailing_data
                 return await self._receive_body(conn, head.http_version, response_headers,
-                                                int(announced), leftover,
+                                                length, leftover,
                                                 h11_done=conn.h11.our_state is h11.DONE)
             body = bytearray()
             while True:
@@ -367,14 +377,12 @@ class ConnectionPool:
         parsed = _parse_head(bytes(buffer[:end])) if end >= 0 else None
         if parsed is not None:
             version, status, response_headers = parsed
-            announced = response_headers.get("content-length")
-            if status == 206 and announced is not None and announced.isdigit() \
-                    and "transfer-encoding" not in response_headers:
-                if body_limit is not None and int(announced) > body_limit:
+            length = _body_past_h11(status, response_headers)
+            if length is not None:
+                if body_limit is not None and length > body_limit:
                     return Response(status, response_headers, b""), False
-                return await self._receive_body(conn, version, response_headers,
-                                                int(announced), bytes(buffer[end + 4:filled]),
-                                                h11_done=True)
+                return await self._receive_body(conn, version, response_headers, length,
+                                                bytes(buffer[end + 4:filled]), h11_done=True)
         # The rest as before, through h11: it must see the request to read the response.
         conn.fresh = False
         conn.h11.send(h11.Request(method=method, target=target, headers=headers))

@@ -168,8 +168,6 @@ class RbdNode(BlockNode):
         self._waiting: set[_Request] = set()
         self._features = 0
         self._facts: dict[str, Any] = {}
-        #: The binding's error class, looked up once (at open) rather than per request.
-        self._rbd_error: type[Exception] = Exception
 
     # -- life cycle ------------------------------------------------------------------------------
 
@@ -179,7 +177,6 @@ class RbdNode(BlockNode):
 
     async def open(self) -> None:
         rados, rbd = _bindings()
-        self._rbd_error = rbd.Error
         # Blocking librados calls (the monitors, the image header): in a thread that a
         # cancelled open abandons.
         parent = self._view_of
@@ -403,9 +400,10 @@ class RbdNode(BlockNode):
                 self._delivery_pending = True
             os.eventfd_write(self._events, 1)
 
+        _, rbd = _bindings()
         try:
             start(oncomplete)
-        except self._rbd_error as exc:
+        except rbd.Error as exc:
             raise self._error(exc, f"{what} at {offset}") from None
         self._in_flight += 1
         counters = self.counters

@@ -53,12 +53,13 @@ BLOCK = 4096
 #: librbd.h's EVENT_TYPE_EVENTFD.
 EVENT_TYPE_EVENTFD = 2
 
+
 class CApiImage:
     """An image opened read-only through librbd's C API, its completions polled by the trio
     thread: ``read`` submits with ``rbd_aio_read`` and sleeps until the poller wakes it."""
 
     def __init__(self, conf: Path, pool: str, image: str) -> None:
-        rados = ctypes.CDLL("librados.so.2")
+        self.rados = rados = ctypes.CDLL("librados.so.2")
         self.lib = ctypes.CDLL("librbd.so.1")
         # The calls of the data path keep the GIL: none of them blocks.
         held = ctypes.PyDLL("librbd.so.1")
@@ -98,6 +99,12 @@ class CApiImage:
         self._results: dict[int, int] = {}
         self._keys = iter(range(1, 1 << 62))
         self._polled = (ctypes.c_void_p * 64)()
+
+    def close(self) -> None:
+        self.lib.rbd_close(self.image)
+        self.rados.rados_ioctx_destroy(self.ioctx)
+        self.rados.rados_shutdown(self.cluster)
+        os.close(self.events)
 
     async def poller(self) -> None:
         while True:
@@ -187,19 +194,21 @@ def main() -> None:
         raw.unlink()
         c_image = CApiImage(cluster.conf, "rbd", "paths")
         results: dict[tuple[str, int], list[tuple[float, float]]] = {}
-        for _ in range(args.repeat):
-            for depth in (1, 16):
-                reads = args.reads // (4 if depth == 1 else 1)
-                results.setdefault(("node", depth), []).append(
-                    node_reads(cluster, "paths", depth, reads))
-                results.setdefault(("c-api", depth), []).append(
-                    c_api_reads(c_image, depth, reads))
+        try:
+            for _ in range(args.repeat):
+                for depth in (1, 16):
+                    reads = args.reads // (4 if depth == 1 else 1)
+                    results.setdefault(("node", depth), []).append(
+                        node_reads(cluster, "paths", depth, reads))
+                    results.setdefault(("c-api", depth), []).append(
+                        c_api_reads(c_image, depth, reads))
+        finally:
+            c_image.close()
         print(f"4 KiB random reads of a {SIZE // MiB} MiB image, medians of {args.repeat}:")
         for (name, depth), runs in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0])):
             rate = statistics.median(r for r, _ in runs)
             cpu = statistics.median(c for _, c in runs)
             print(f"  qd{depth:<3} {name:6} {rate:8.0f} reads/s  {cpu * 1e6:6.1f} us CPU per read")
-        os._exit(0)  # librbd's threads of the ctypes handle: the process ends with them
 
 
 if __name__ == "__main__":

@@ -439,11 +439,10 @@ class RbdNode(BlockNode):
         try:
             while request.result is None:
                 if self._collecting:
+                    # Whoever wakes this task has taken it out of the set: the delivery, the
+                    # collector that left (pop), or the abort.
                     waiting.add(request)
-                    try:
-                        await trio.lowlevel.wait_task_rescheduled(abort)
-                    finally:
-                        waiting.discard(request)
+                    await trio.lowlevel.wait_task_rescheduled(abort)
                     continue
                 self._collecting = True
                 try:
